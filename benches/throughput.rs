@@ -1,0 +1,142 @@
+//! Throughput of baton against a raw exactly-once passthrough written with
+//! rdkafka: same broker, same commit interval, same records, same run.
+//!
+//! `cargo bench --bench throughput` (BATON_BENCH_RECORDS to change the size).
+//! Prints both figures and their ratio. A benchmark, not a test: it asserts
+//! nothing about speed.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::json;
+
+use baton::sample::SampleRecord;
+use common::{Baton, BatonOptions, Broker, Reader};
+
+const PARTITIONS: i32 = 6;
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Vision events with a result of about 1 KB, one per context.
+fn records(count: usize) -> Vec<SampleRecord> {
+    let filler = "x".repeat(900);
+    (0..count)
+        .map(|i| {
+            let context = format!("bench-{i}");
+            let value = json!({
+                "event_id": format!("{context}-vision"), "context_id": context,
+                "event": "tool.vision_analyze.completed", "server_id": "srv-vision", "tool": "vision_analyze",
+                "arguments": {}, "result": {"labels": ["sofa"], "notes": filler},
+                "usage": {"input_tokens": 100, "output_tokens": 20},
+            });
+            SampleRecord {
+                key: Some(context.into_bytes()),
+                value: value.to_string().into_bytes(),
+            }
+        })
+        .collect()
+}
+
+/// Consume, produce the same bytes, send offsets, commit every interval.
+fn raw_passthrough(broker: &Broker, input: &str, output: &str, expected: usize) -> (Duration, usize) {
+    let consumer: BaseConsumer = broker
+        .client_config()
+        .set("group.id", "raw-passthrough")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .expect("consumer");
+    let producer: BaseProducer = broker
+        .client_config()
+        .set("transactional.id", "raw-passthrough")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "500000")
+        .create()
+        .expect("producer");
+    producer.init_transactions(Duration::from_secs(30)).expect("init");
+    producer.begin_transaction().expect("begin");
+    consumer.subscribe(&[input]).expect("subscribe");
+    let mut first: Option<Instant> = None;
+    let mut done = 0;
+    let mut positions: std::collections::HashMap<i32, i64> = std::collections::HashMap::new();
+    let mut last_commit = Instant::now();
+    while done < expected {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(10)) {
+            first.get_or_insert_with(Instant::now);
+            let mut record = BaseRecord::<[u8], [u8]>::to(output).payload(message.payload().unwrap_or_default());
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            let mut pending = record;
+            loop {
+                match producer.send(pending) {
+                    Ok(()) => break,
+                    Err((_, returned)) => {
+                        producer.poll(Duration::from_millis(1));
+                        pending = returned;
+                    }
+                }
+            }
+            positions.insert(message.partition(), message.offset() + 1);
+            done += 1;
+        }
+        if last_commit.elapsed() >= COMMIT_INTERVAL || done == expected {
+            if !positions.is_empty() {
+                let mut offsets = TopicPartitionList::new();
+                for (partition, next) in positions.drain() {
+                    offsets
+                        .add_partition_offset(input, partition, Offset::Offset(next))
+                        .expect("offset");
+                }
+                let metadata = consumer.group_metadata().expect("group metadata");
+                producer
+                    .send_offsets_to_transaction(&offsets, &metadata, Duration::from_secs(30))
+                    .expect("send offsets");
+                producer.commit_transaction(Duration::from_secs(30)).expect("commit");
+                producer.begin_transaction().expect("begin");
+            }
+            last_commit = Instant::now();
+        }
+    }
+    (first.map(|f| f.elapsed()).unwrap_or_default(), done)
+}
+
+fn main() {
+    let count: usize = std::env::var("BATON_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let broker = Broker::start();
+    broker.create_baton_topics(PARTITIONS);
+    broker.create_topics(&[("raw.input", PARTITIONS), ("raw.output", PARTITIONS)]);
+    let inputs = records(count);
+    let bytes: usize = inputs.iter().map(|r| r.value.len()).sum();
+    eprintln!("producing {count} records of ~{} bytes twice", bytes / count.max(1));
+    broker.produce("raw.input", &inputs);
+    broker.produce("mcp.events.all", &inputs);
+
+    let (raw_elapsed, raw_done) = raw_passthrough(&broker, "raw.input", "raw.output", count);
+    let raw_rate = raw_done as f64 / raw_elapsed.as_secs_f64();
+
+    let baton = Baton::start(&broker, BatonOptions::new("bench-0"));
+    let mut reader = Reader::new(&broker, &["mcp.handover.researcher"]);
+    reader.wait_until("the first handover", Duration::from_secs(60), |r| !r.is_empty());
+    let started = Instant::now();
+    let first_seen = reader.records.len();
+    reader.wait_until("every handover", Duration::from_secs(600), |r| r.len() >= count);
+    let baton_elapsed = started.elapsed();
+    let baton_rate = (count - first_seen) as f64 / baton_elapsed.as_secs_f64();
+    drop(baton);
+
+    println!("records:                    {count} (~1 KB each, {PARTITIONS} partitions, commit every {COMMIT_INTERVAL:?})");
+    println!("raw EOS passthrough:        {raw_rate:>10.0} records/s");
+    println!("baton (decode, step, state, handover + changelog): {baton_rate:>10.0} records/s");
+    println!("ratio baton / passthrough:  {:>10.2}", baton_rate / raw_rate);
+}

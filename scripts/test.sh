@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# THE test command: formatting, lints, unit + integration tests, doc tests.
+#
+#   scripts/test.sh [EXTRA ARGS FOR THE TEST RUNNER]
+#
+# e.g. `scripts/test.sh -E 'test(/exactly_once/)'` (nextest filterset) or
+# `scripts/test.sh handover` (a name filter, under both nextest and cargo test).
+#
+# Works on a fresh Debian 12 machine with Rust installed, without stdin (CI=true),
+# from any directory. It installs only what is missing:
+#   - the apt packages the native dependencies build with (RocksDB, librdkafka);
+#   - the pinned tansu broker (scripts/broker.sh install), exported as BATON_TANSU_BIN;
+#   - the rustfmt and clippy components.
+#
+# Environment:
+#   CARGO_TARGET_DIR       default ~/.cache/baton/target, kept outside the clone:
+#                          RocksDB alone takes ~13 min to compile on 2 cores.
+#   BATON_TANSU_BIN        use this broker binary instead of the pinned one.
+#   BATON_TEST_BOOTSTRAP   run the integration tests against this Kafka instead.
+#
+# fmt and clippy are gates: the first failure stops the run. The test phases all
+# run, and the script fails at the end if any of them failed.
+set -euo pipefail
+
+REPO_ROOT="$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+export CI="${CI:-true}"
+export DEBIAN_FRONTEND=noninteractive
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-auto}"
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:-/root}/.cache/baton/target}"
+
+# Native builds: RocksDB (libclang for bindgen, cmake), librdkafka (SASL/GSSAPI, OpenSSL, zstd).
+readonly APT_PACKAGES=(libclang-dev cmake libsasl2-dev libzstd-dev libssl-dev pkg-config)
+
+if [[ -t 1 ]]; then
+    BOLD=$'\033[1m' RED=$'\033[1;31m' GREEN=$'\033[1;32m' RESET=$'\033[0m'
+else
+    BOLD="" RED="" GREEN="" RESET=""
+fi
+
+SCRIPT_START=$SECONDS
+PHASE_START=$SECONDS
+PHASE_NAME=""
+
+section() {
+    finish_phase
+    PHASE_NAME="$1"
+    PHASE_START=$SECONDS
+    printf '\n%s==> %s%s\n' "$BOLD" "$1" "$RESET"
+}
+
+finish_phase() {
+    if [[ -n "$PHASE_NAME" ]]; then
+        printf -- '--- %s: %ss\n' "$PHASE_NAME" "$((SECONDS - PHASE_START))"
+    fi
+    PHASE_NAME=""
+}
+
+die() {
+    printf 'test.sh: error: %s\n' "$*" >&2
+    exit 1
+}
+
+# ------------------------------------------------------------------ prerequisites
+install_apt_packages() {
+    if ! command -v dpkg >/dev/null 2>&1; then
+        echo "no dpkg: not a Debian system; make sure these are installed: ${APT_PACKAGES[*]}"
+        return 0
+    fi
+    local missing=() pkg
+    for pkg in "${APT_PACKAGES[@]}"; do
+        if ! dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed'; then
+            missing+=("$pkg")
+        fi
+    done
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        echo "apt packages already installed: ${APT_PACKAGES[*]}"
+        return 0
+    fi
+    local sudo=()
+    if [[ $(id -u) -ne 0 ]]; then
+        command -v sudo >/dev/null 2>&1 || die "missing packages (${missing[*]}) and not root; install them and retry"
+        sudo=(sudo -n)
+    fi
+    echo "installing: ${missing[*]}"
+    "${sudo[@]}" apt-get update -q
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+install_rust_components() {
+    command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (rustup) first"
+    local missing=()
+    cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
+    cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        command -v rustup >/dev/null 2>&1 || die "missing ${missing[*]} and no rustup to install them"
+        echo "installing rust components: ${missing[*]}"
+        rustup component add "${missing[@]}"
+    fi
+}
+
+install_broker() {
+    if [[ -n "${BATON_TANSU_BIN:-}" && -x "${BATON_TANSU_BIN}" ]]; then
+        echo "using BATON_TANSU_BIN=${BATON_TANSU_BIN} from the environment"
+        return 0
+    fi
+    BATON_TANSU_BIN="$(bash "$REPO_ROOT/scripts/broker.sh" install)"
+    export BATON_TANSU_BIN
+    echo "BATON_TANSU_BIN=${BATON_TANSU_BIN}"
+}
+
+section "prerequisites"
+install_apt_packages
+install_rust_components
+install_broker
+mkdir -p "$CARGO_TARGET_DIR"
+echo "CARGO_TARGET_DIR=${CARGO_TARGET_DIR}"
+rustc --version
+cargo --version
+
+LOCKED=()
+if [[ -f Cargo.lock ]]; then
+    LOCKED=(--locked)
+else
+    echo "warning: no Cargo.lock; building without --locked" >&2
+fi
+
+# Prints a section header naming the command, then runs it.
+phase() {
+    section "$*"
+    "$@"
+}
+
+# ------------------------------------------------------------------------- gates
+phase cargo fmt --all -- --check
+phase cargo clippy --all-targets "${LOCKED[@]}" -- -D warnings
+
+# ------------------------------------------------------------------------- tests
+FAILED=()
+PASSED_N=0 FAILED_N=0 SKIPPED_N=0
+RUN_LOG="$(mktemp "${TMPDIR:-/tmp}/baton-test.XXXXXX")"
+trap 'rm -f "$RUN_LOG"' EXIT
+
+# Like phase, but keeps a copy of the output to count the tests it ran.
+test_phase() {
+    section "$*"
+    "$@" 2>&1 | tee "$RUN_LOG"
+}
+
+strip_ansi() { sed -e 's/\x1b\[[0-9;]*[A-Za-z]//g'; }
+
+# Prints the number just before WORD in LINE ("3 passed" -> 3), or 0.
+number_before() {
+    if [[ "$2" =~ ([0-9]+)\ $1 ]]; then
+        printf '%s' "${BASH_REMATCH[1]}"
+    else
+        printf '0'
+    fi
+}
+
+# Adds up `cargo test` result lines: "test result: ok. 3 passed; 0 failed; 1 ignored; ...".
+count_cargo_test() {
+    local line
+    while IFS= read -r line; do
+        PASSED_N=$((PASSED_N + $(number_before passed "$line")))
+        FAILED_N=$((FAILED_N + $(number_before failed "$line")))
+        SKIPPED_N=$((SKIPPED_N + $(number_before ignored "$line")))
+    done < <(strip_ansi <"$RUN_LOG" | grep -E '^test result: ' || true)
+    return 0
+}
+
+# Reads nextest's summary: "Summary [ 1.2s] 40 tests run: 38 passed, 1 failed, 1 timed out, 2 skipped".
+count_nextest() {
+    local line
+    line="$(strip_ansi <"$RUN_LOG" | grep -E '^ *Summary \[' | tail -n1 || true)"
+    PASSED_N=$((PASSED_N + $(number_before passed "$line")))
+    FAILED_N=$((FAILED_N + $(number_before failed "$line") + $(number_before "timed out" "$line")))
+    SKIPPED_N=$((SKIPPED_N + $(number_before skipped "$line")))
+    return 0
+}
+
+if cargo nextest --version >/dev/null 2>&1; then
+    test_phase cargo nextest run --profile ci --no-fail-fast "${LOCKED[@]}" "$@" ||
+        FAILED+=("tests (nextest)")
+    count_nextest
+else
+    finish_phase
+    echo "cargo-nextest is not installed: falling back to cargo test"
+    # --tests: lib, bin and tests/ targets; the doc tests get their own phase below.
+    test_phase cargo test --tests --no-fail-fast "${LOCKED[@]}" "$@" ||
+        FAILED+=("tests (cargo test)")
+    count_cargo_test
+fi
+
+if [[ -f src/lib.rs ]]; then
+    test_phase cargo test --doc "${LOCKED[@]}" || FAILED+=("doc tests")
+    count_cargo_test
+fi
+
+finish_phase
+printf '\n'
+if [[ ${#FAILED[@]} -gt 0 ]]; then
+    printf '%sFAILED%s: %s (total %ss)\n' "$RED" "$RESET" "${FAILED[*]}" "$((SECONDS - SCRIPT_START))"
+else
+    printf '%sOK%s: fmt, clippy, tests and doc tests passed (total %ss)\n' "$GREEN" "$RESET" "$((SECONDS - SCRIPT_START))"
+fi
+# One closing line over every test phase (unit, integration, doc tests).
+printf 'total: %d passed, %d failed, %d skipped\n' "$PASSED_N" "$FAILED_N" "$SKIPPED_N"
+[[ ${#FAILED[@]} -eq 0 ]]

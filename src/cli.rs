@@ -1,0 +1,272 @@
+//! The command line. Every flag of `baton run` also reads a `BATON_*`
+//! variable, so pods are configured from their environment.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::RunConfig;
+use crate::http::{self, HttpState};
+use crate::kafka::KafkaSettings;
+use crate::runtime::{self, Readiness};
+use crate::sample;
+use crate::shutdown::Shutdown;
+use crate::topology::{Topology, describe};
+
+#[derive(Debug, Parser)]
+#[command(name = "baton", version, about = "Exactly-once orchestration for MCP agents")]
+pub struct Cli {
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, global = true, env = "BATON_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a baton pod: consume tool events, keep workflow state, hand over.
+    Run(RunArgs),
+    /// Validate or describe workflow definitions.
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+    /// Create the topics baton reads and writes.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+    /// Produce sample vision-research traffic (demos, load tests).
+    Simulate(SimulateArgs),
+}
+
+/// Flags of `baton run`. Optional where a config file or default may fill in.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "run")]
+pub struct RunArgs {
+    /// Kafka bootstrap servers, host:port[,host:port].
+    #[arg(long, env = "BATON_BOOTSTRAP_SERVERS")]
+    pub bootstrap_servers: Option<String>,
+    /// Names the consumer group, changelogs and transactional ids.
+    #[arg(long, env = "BATON_APPLICATION_ID")]
+    pub application_id: Option<String>,
+    /// This pod's stable id (defaults to the host name).
+    #[arg(long, env = "BATON_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Input topics, comma separated.
+    #[arg(long, env = "BATON_INPUT_TOPICS", value_delimiter = ',')]
+    pub input_topics: Vec<String>,
+    /// Workflow definitions: a file or a directory of `*.toml`.
+    #[arg(long, env = "BATON_TOPOLOGY")]
+    pub topology: Option<PathBuf>,
+    /// Where RocksDB stores live.
+    #[arg(long, env = "BATON_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Address of the HTTP server (metrics, health, state).
+    #[arg(long, env = "BATON_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// Milliseconds per transaction.
+    #[arg(long, env = "BATON_COMMIT_INTERVAL_MS")]
+    pub commit_interval_ms: Option<u64>,
+    /// librdkafka property KEY=VALUE, repeatable (SASL, TLS, tuning).
+    #[arg(long = "kafka-prop", env = "BATON_KAFKA_PROPS", value_delimiter = ',')]
+    pub kafka_props: Vec<String>,
+    /// Dead-letter topic.
+    #[arg(long, env = "BATON_DLQ_TOPIC")]
+    pub dlq_topic: Option<String>,
+    /// Records larger than this are dead-lettered.
+    #[arg(long, env = "BATON_MAX_RECORD_BYTES")]
+    pub max_record_bytes: Option<usize>,
+    /// How long start-up tries to reach Kafka before failing.
+    #[arg(long, env = "BATON_STARTUP_TIMEOUT_MS")]
+    pub startup_timeout_ms: Option<u64>,
+    /// Optional TOML file; flags and variables override it.
+    #[arg(long, env = "BATON_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopologyCommand {
+    /// Validate definitions; every problem is printed on its own line.
+    Check { path: PathBuf },
+    /// Print states and transitions as text and as a Mermaid diagram.
+    Describe {
+        path: PathBuf,
+        #[arg(long, default_value = "both")]
+        format: DescribeFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DescribeFormat {
+    Text,
+    Mermaid,
+    Both,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Create input, dead-letter and handover topics (existing ones are kept).
+    Create(TopicsCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TopicsCreateArgs {
+    #[arg(long, env = "BATON_BOOTSTRAP_SERVERS")]
+    pub bootstrap_servers: String,
+    #[arg(long, default_value_t = 6)]
+    pub partitions: i32,
+    #[arg(long, env = "BATON_TOPOLOGY", default_value = "topology")]
+    pub topology: PathBuf,
+    #[arg(long, env = "BATON_INPUT_TOPICS", value_delimiter = ',', default_value = crate::config::DEFAULT_INPUT_TOPIC)]
+    pub input_topics: Vec<String>,
+    #[arg(long, env = "BATON_DLQ_TOPIC", default_value = crate::dlq::DEFAULT_DLQ_TOPIC)]
+    pub dlq_topic: String,
+    #[arg(long = "kafka-prop", env = "BATON_KAFKA_PROPS", value_delimiter = ',')]
+    pub kafka_props: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    #[arg(long, env = "BATON_BOOTSTRAP_SERVERS")]
+    pub bootstrap_servers: String,
+    #[arg(long, default_value = crate::config::DEFAULT_INPUT_TOPIC)]
+    pub topic: String,
+    /// Contexts to run through the whole vision-research workflow.
+    #[arg(long, default_value_t = 10)]
+    pub contexts: usize,
+    /// Percentage of extra poison records mixed in.
+    #[arg(long, default_value_t = 0.0)]
+    pub poison_percent: f64,
+    /// Seed for the deterministic generator.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long = "kafka-prop", value_delimiter = ',')]
+    pub kafka_props: Vec<String>,
+}
+
+/// Runs the parsed command.
+pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Topology(TopologyCommand::Check { path }) => match Topology::load(&path) {
+            Ok(topology) => {
+                println!(
+                    "{}: {} workflow(s) valid",
+                    path.display(),
+                    topology.workflows().count()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Topology(TopologyCommand::Describe { path, format }) => {
+            let topology = Topology::load(&path)?;
+            match format {
+                DescribeFormat::Text => print!("{}", describe::text(&topology)),
+                DescribeFormat::Mermaid => print!("{}", describe::mermaid(&topology)),
+                DescribeFormat::Both => {
+                    print!("{}", describe::text(&topology));
+                    println!();
+                    print!("{}", describe::mermaid(&topology));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topics(TopicsCommand::Create(args)) => create_topics(args).await,
+        Command::Simulate(args) => simulate(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = match RunConfig::resolve(&args) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{err}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let topology = match Topology::load(&config.topology) {
+        Ok(topology) => Arc::new(topology),
+        Err(err) => {
+            eprintln!("{err}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let shutdown = Shutdown::new();
+    shutdown.listen_for_signals();
+    let readiness = Arc::new(Readiness::default());
+    let (bound, server) = http::bind(
+        config.http_addr,
+        Arc::new(HttpState {
+            readiness: Arc::clone(&readiness),
+        }),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+    tracing::info!(addr = %bound, "http server listening");
+    let server = tokio::spawn(server);
+    let result = runtime::run(config, topology, readiness, shutdown.clone()).await;
+    shutdown.trigger();
+    let _ = server.await;
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(err) => {
+            tracing::error!(cause = %err, "baton stopped");
+            eprintln!("error: {err}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn settings(bootstrap_servers: &str, props: &[String]) -> anyhow::Result<KafkaSettings> {
+    let mut properties = Vec::new();
+    for pair in props {
+        let (key, value) = pair
+            .split_once('=')
+            .with_context(|| format!("kafka_prop: `{pair}` is not KEY=VALUE"))?;
+        properties.push((key.to_string(), value.to_string()));
+    }
+    Ok(KafkaSettings {
+        bootstrap_servers: bootstrap_servers.to_string(),
+        properties,
+    })
+}
+
+async fn create_topics(args: TopicsCreateArgs) -> anyhow::Result<ExitCode> {
+    let topology = Topology::load(&args.topology)?;
+    let settings = settings(&args.bootstrap_servers, &args.kafka_props)?;
+    let mut topics: Vec<(String, i32, bool)> = args
+        .input_topics
+        .iter()
+        .map(|t| (t.clone(), args.partitions, false))
+        .collect();
+    topics.push((args.dlq_topic.clone(), args.partitions, false));
+    for topic in topology.output_topics() {
+        topics.push((topic, args.partitions, false));
+    }
+    runtime::create_topics(&settings, &topics).await?;
+    for (topic, partitions, _) in &topics {
+        println!("{topic} ({partitions} partitions)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn simulate(args: SimulateArgs) -> anyhow::Result<ExitCode> {
+    let settings = settings(&args.bootstrap_servers, &args.kafka_props)?;
+    let records = sample::vision_research_traffic(args.contexts, args.poison_percent, args.seed);
+    let count = records.len();
+    sample::produce(&settings, &args.topic, records).await?;
+    println!("produced {count} records to {}", args.topic);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,393 @@
+//! Run configuration: flags and `BATON_*` variables first, then an optional
+//! TOML file, then defaults; validated in one step that names every bad key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::RunArgs;
+use crate::codec::DecodeLimits;
+use crate::dlq::DEFAULT_DLQ_TOPIC;
+use crate::kafka::{self, KafkaSettings};
+
+pub const DEFAULT_INPUT_TOPIC: &str = "mcp.events.all";
+pub const DEFAULT_APPLICATION_ID: &str = "baton";
+
+/// The optional TOML file. Unknown keys are an error, not a silent typo.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub bootstrap_servers: Option<String>,
+    pub application_id: Option<String>,
+    pub instance_id: Option<String>,
+    pub input_topics: Option<Vec<String>>,
+    pub topology: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub http_addr: Option<String>,
+    pub commit_interval_ms: Option<u64>,
+    pub dlq_topic: Option<String>,
+    pub max_record_bytes: Option<usize>,
+    pub startup_timeout_ms: Option<u64>,
+    /// librdkafka properties, passed through as they are.
+    #[serde(default)]
+    pub kafka: BTreeMap<String, String>,
+}
+
+/// Everything `baton run` needs, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub kafka: KafkaSettings,
+    pub application_id: String,
+    pub instance_id: String,
+    pub input_topics: Vec<String>,
+    pub topology: PathBuf,
+    pub state_dir: PathBuf,
+    pub http_addr: SocketAddr,
+    pub commit_interval: Duration,
+    pub dlq_topic: String,
+    pub limits: DecodeLimits,
+    /// How long start-up keeps trying to reach the brokers before giving up.
+    pub startup_timeout: Duration,
+}
+
+impl RunConfig {
+    /// The pod's stable transactional id: a restart fences its predecessor.
+    pub fn transactional_id(&self) -> String {
+        format!("{}-{}", self.application_id, self.instance_id)
+    }
+
+    /// The consumer group all pods of one application share.
+    pub fn group_id(&self) -> &str {
+        &self.application_id
+    }
+}
+
+/// Every problem found, one per line, each naming its key.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "invalid configuration: {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn one(problem: String) -> Self {
+        ConfigError {
+            problems: vec![problem],
+        }
+    }
+}
+
+/// Reads the TOML file, reporting a parse error on one line with its key.
+pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| ConfigError::one(format!("config: cannot read {}: {err}", path.display())))?;
+    toml::from_str(&text).map_err(|err| {
+        let message = err.message().replace('\n', " ");
+        let location = err
+            .span()
+            .map(|span| {
+                let line = text[..span.start].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        ConfigError::one(format!("{}{location}: {message}", path.display()))
+    })
+}
+
+impl RunConfig {
+    /// Merges flags over the file over defaults, then validates everything.
+    pub fn resolve(args: &RunArgs) -> Result<RunConfig, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        let mut problems = Vec::new();
+
+        let bootstrap_servers = args
+            .bootstrap_servers
+            .clone()
+            .or(file.bootstrap_servers)
+            .unwrap_or_default();
+        if bootstrap_servers.trim().is_empty() {
+            problems.push(
+                "bootstrap_servers: required (--bootstrap-servers or BATON_BOOTSTRAP_SERVERS)".into(),
+            );
+        }
+
+        let application_id = args
+            .application_id
+            .clone()
+            .or(file.application_id)
+            .unwrap_or_else(|| DEFAULT_APPLICATION_ID.into());
+        check_name("application_id", &application_id, &mut problems);
+
+        let instance_id = args
+            .instance_id
+            .clone()
+            .or(file.instance_id)
+            .or_else(default_instance_id)
+            .unwrap_or_default();
+        check_name("instance_id", &instance_id, &mut problems);
+
+        let input_topics = if !args.input_topics.is_empty() {
+            args.input_topics.clone()
+        } else {
+            file.input_topics
+                .unwrap_or_else(|| vec![DEFAULT_INPUT_TOPIC.into()])
+        };
+        if input_topics.is_empty() {
+            problems.push("input_topics: at least one topic is required".into());
+        }
+        for topic in &input_topics {
+            if let Err(reason) = check_topic_name(topic) {
+                problems.push(format!("input_topics: `{topic}` {reason}"));
+            }
+        }
+
+        let topology = args
+            .topology
+            .clone()
+            .or(file.topology)
+            .unwrap_or_else(|| PathBuf::from("topology"));
+        if !topology.exists() {
+            problems.push(format!("topology: {} does not exist", topology.display()));
+        }
+
+        let state_dir = args
+            .state_dir
+            .clone()
+            .or(file.state_dir)
+            .unwrap_or_else(|| PathBuf::from("baton-state"));
+
+        let http_addr_text = args
+            .http_addr
+            .clone()
+            .or(file.http_addr)
+            .unwrap_or_else(|| "127.0.0.1:8080".into());
+        let http_addr = match http_addr_text.parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => {
+                problems.push(format!(
+                    "http_addr: `{http_addr_text}` is not an address like 0.0.0.0:8080"
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 8080))
+            }
+        };
+
+        let commit_interval_ms = args
+            .commit_interval_ms
+            .or(file.commit_interval_ms)
+            .unwrap_or(100);
+        if !(1..=60_000).contains(&commit_interval_ms) {
+            problems.push(format!(
+                "commit_interval_ms: {commit_interval_ms} is outside 1..=60000"
+            ));
+        }
+
+        let dlq_topic = args
+            .dlq_topic
+            .clone()
+            .or(file.dlq_topic)
+            .unwrap_or_else(|| DEFAULT_DLQ_TOPIC.into());
+        if let Err(reason) = check_topic_name(&dlq_topic) {
+            problems.push(format!("dlq_topic: `{dlq_topic}` {reason}"));
+        }
+
+        let max_record_bytes = args
+            .max_record_bytes
+            .or(file.max_record_bytes)
+            .unwrap_or(DecodeLimits::default().max_record_bytes);
+        if !(64..=64 * 1024 * 1024).contains(&max_record_bytes) {
+            problems.push(format!(
+                "max_record_bytes: {max_record_bytes} is outside 64..=67108864"
+            ));
+        }
+
+        let startup_timeout_ms = args
+            .startup_timeout_ms
+            .or(file.startup_timeout_ms)
+            .unwrap_or(30_000);
+        if !(100..=600_000).contains(&startup_timeout_ms) {
+            problems.push(format!(
+                "startup_timeout_ms: {startup_timeout_ms} is outside 100..=600000"
+            ));
+        }
+
+        let mut properties: Vec<(String, String)> = file.kafka.into_iter().collect();
+        for pair in &args.kafka_props {
+            match pair.split_once('=') {
+                Some((key, value)) if !key.trim().is_empty() => {
+                    properties.push((key.trim().to_string(), value.to_string()))
+                }
+                _ => problems.push(format!("kafka_prop: `{pair}` is not KEY=VALUE")),
+            }
+        }
+        for (key, value) in &properties {
+            if let Err(reason) = kafka::check_property(key, value) {
+                problems.push(format!("kafka_prop.{key}: {reason}"));
+            }
+        }
+
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        Ok(RunConfig {
+            kafka: KafkaSettings {
+                bootstrap_servers,
+                properties,
+            },
+            application_id,
+            instance_id,
+            input_topics,
+            topology,
+            state_dir,
+            http_addr,
+            commit_interval: Duration::from_millis(commit_interval_ms),
+            dlq_topic,
+            limits: DecodeLimits { max_record_bytes },
+            startup_timeout: Duration::from_millis(startup_timeout_ms),
+        })
+    }
+}
+
+/// The host name: in a StatefulSet it is the pod name, stable across restarts.
+fn default_instance_id() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+}
+
+fn check_name(key: &str, value: &str, problems: &mut Vec<String>) {
+    if value.is_empty() {
+        problems.push(format!("{key}: required"));
+    } else if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        problems.push(format!(
+            "{key}: `{value}` may only contain letters, digits, '-', '_' and '.'"
+        ));
+    }
+}
+
+/// Kafka's own topic-name rules.
+pub fn check_topic_name(topic: &str) -> Result<(), &'static str> {
+    if topic.is_empty() {
+        return Err("is empty");
+    }
+    if topic.len() > 249 {
+        return Err("is longer than 249 characters");
+    }
+    if topic == "." || topic == ".." {
+        return Err("is not a valid topic name");
+    }
+    if !topic
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err("may only contain letters, digits, '-', '_' and '.'");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn resolve(argv: &[&str]) -> Result<RunConfig, ConfigError> {
+        let mut full = vec!["run", "--topology", "."];
+        full.extend_from_slice(argv);
+        let args = RunArgs::try_parse_from(full).expect("flags parse");
+        RunConfig::resolve(&args)
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let config = resolve(&["--bootstrap-servers", "k:9092", "--instance-id", "pod-0"])
+            .expect("valid");
+        assert_eq!(config.input_topics, vec!["mcp.events.all".to_string()]);
+        assert_eq!(config.commit_interval, Duration::from_millis(100));
+        assert_eq!(config.transactional_id(), "baton-pod-0");
+    }
+
+    #[test]
+    fn each_problem_names_its_key_on_one_line() {
+        let err = resolve(&[
+            "--instance-id",
+            "pod 0",
+            "--commit-interval-ms",
+            "0",
+            "--kafka-prop",
+            "no.such.thing=1",
+            "--kafka-prop",
+            "novalue",
+        ])
+        .expect_err("invalid");
+        let text = err.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[0].contains("bootstrap_servers"));
+        assert!(lines[1].contains("instance_id"));
+        assert!(lines[2].contains("commit_interval_ms"));
+        assert!(lines[3].contains("kafka_prop: `novalue`"));
+        assert!(lines[4].contains("kafka_prop.no.such.thing"));
+    }
+
+    #[test]
+    fn file_rejects_unknown_keys_naming_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("baton.toml");
+        std::fs::write(&path, "bootstrap_servers = \"k:9092\"\ncommit_intervall_ms = 5\n")
+            .expect("write");
+        let err = read_file_config(&path).expect_err("unknown key");
+        let text = err.to_string();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("commit_intervall_ms"), "{text}");
+        assert!(text.contains("line 2"), "{text}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("baton.toml");
+        std::fs::write(
+            &path,
+            "bootstrap_servers = \"file:9092\"\ninstance_id = \"file-pod\"\ncommit_interval_ms = 250\n[kafka]\n\"linger.ms\" = \"10\"\n",
+        )
+        .expect("write");
+        let config = resolve(&[
+            "--config",
+            path.to_str().expect("utf8"),
+            "--bootstrap-servers",
+            "flag:9092",
+        ])
+        .expect("valid");
+        assert_eq!(config.kafka.bootstrap_servers, "flag:9092");
+        assert_eq!(config.instance_id, "file-pod");
+        assert_eq!(config.commit_interval, Duration::from_millis(250));
+        assert_eq!(
+            config.kafka.properties,
+            vec![("linger.ms".to_string(), "10".to_string())]
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! The standard handover record a downstream agent receives, and its
+//! deterministic id.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::event::ToolEvent;
+
+/// Where a handover stands. An enum on the wire, never free text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum HandoverStatus {
+    /// A normal step: the next agent is asked to work.
+    Queued,
+    /// The healer asked for the same step again.
+    Retrying,
+    /// The step moved to its alternate tool/agent.
+    Fallback,
+    /// The workflow moved to its PlanB route.
+    PlanB,
+    /// The token budget ran out; nothing further is dispatched.
+    BudgetExhausted,
+    /// The workflow reached a terminal failure.
+    Failed,
+}
+
+impl HandoverStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandoverStatus::Queued => "queued",
+            HandoverStatus::Retrying => "retrying",
+            HandoverStatus::Fallback => "fallback",
+            HandoverStatus::PlanB => "plan_b",
+            HandoverStatus::BudgetExhausted => "budget_exhausted",
+            HandoverStatus::Failed => "failed",
+        }
+    }
+}
+
+/// What the pure workflow step decides to hand over; the shell turns it into a
+/// [`Handover`] by adding ids, the snapshot URL and the time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverDraft {
+    pub topic: String,
+    pub agent: String,
+    pub intent: String,
+    pub workflow: String,
+    pub status: HandoverStatus,
+    /// Tokens left after this step; `None` where budgets are not tracked.
+    pub token_budget: Option<u64>,
+}
+
+/// The record written to `mcp.handover.{agent}`, keyed by `context_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Handover {
+    pub handover_id: String,
+    pub context_id: String,
+    pub intent: String,
+    pub agent: String,
+    pub workflow: String,
+    pub status: HandoverStatus,
+    pub last_tool_output: Value,
+    pub memory_snapshot_url: Option<String>,
+    pub token_budget: Option<u64>,
+    pub correlation_id: Option<String>,
+    /// The `event_id` of the input that caused this handover.
+    pub causation_id: String,
+    pub produced_at: String,
+}
+
+impl Handover {
+    pub fn from_draft(
+        draft: &HandoverDraft,
+        event: &ToolEvent,
+        memory_snapshot_url: Option<String>,
+        produced_at: String,
+    ) -> Handover {
+        Handover {
+            handover_id: handover_id(&event.event_id, &draft.agent, &draft.intent, draft.status),
+            context_id: event.context_id.clone(),
+            intent: draft.intent.clone(),
+            agent: draft.agent.clone(),
+            workflow: draft.workflow.clone(),
+            status: draft.status,
+            last_tool_output: event.result.clone(),
+            memory_snapshot_url,
+            token_budget: draft.token_budget,
+            correlation_id: event.correlation_id.clone(),
+            causation_id: event.event_id.clone(),
+            produced_at,
+        }
+    }
+}
+
+/// A handover id is a function of its cause: the input's `event_id` and what
+/// it asks of whom. A replay of the same input yields the same id, so
+/// downstream agents (and baton's own verifiers) can deduplicate.
+pub fn handover_id(causation_id: &str, agent: &str, intent: &str, status: HandoverStatus) -> String {
+    let mut hasher = Sha256::new();
+    for part in [causation_id, agent, intent, status.as_str()] {
+        hasher.update(part.as_bytes());
+        // A separator that cannot occur in UTF-8 text keeps ("ab","c") != ("a","bc").
+        hasher.update([0xff]);
+    }
+    let digest = hasher.finalize();
+    hex::encode(&digest[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handover_id_is_deterministic_and_separates_parts() {
+        let a = handover_id("e-1", "researcher", "enrich_reasoning", HandoverStatus::Queued);
+        assert_eq!(a, handover_id("e-1", "researcher", "enrich_reasoning", HandoverStatus::Queued));
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, handover_id("e-1", "researcher", "enrich_reasoning", HandoverStatus::Retrying));
+        assert_ne!(
+            handover_id("ab", "c", "i", HandoverStatus::Queued),
+            handover_id("a", "bc", "i", HandoverStatus::Queued)
+        );
+    }
+
+    #[test]
+    fn status_serialises_snake_case() {
+        let json = serde_json::to_string(&HandoverStatus::PlanB).expect("json");
+        assert_eq!(json, "\"plan_b\"");
+        assert_eq!(HandoverStatus::BudgetExhausted.as_str(), "budget_exhausted");
+    }
+}

@@ -1,0 +1,221 @@
+//! librdkafka configuration for every client baton owns.
+//!
+//! Defaults that exactly-once depends on are set here once; user properties
+//! (`--kafka-prop`) are layered on top so SASL and TLS work against real
+//! clusters. A property prefixed `consumer.`, `producer.` or `admin.` applies
+//! to that kind of client only.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::metadata::Metadata;
+use thiserror::Error;
+
+/// Which client a configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientRole {
+    Consumer,
+    Producer,
+    Admin,
+}
+
+impl ClientRole {
+    fn prefix(self) -> &'static str {
+        match self {
+            ClientRole::Consumer => "consumer.",
+            ClientRole::Producer => "producer.",
+            ClientRole::Admin => "admin.",
+        }
+    }
+}
+
+/// Connection settings shared by all clients of one process.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    /// `--kafka-prop` pairs, in the order given.
+    pub properties: Vec<(String, String)>,
+}
+
+impl KafkaSettings {
+    /// The base configuration for a client of `role`.
+    pub fn client_config(&self, role: ClientRole) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        // Java's murmur2 partitioner, so records baton writes land on the same
+        // partitions as records Java producers write for the same key.
+        if role == ClientRole::Producer {
+            config.set("partitioner", "murmur2_random");
+        }
+        for (key, value) in &self.properties {
+            match strip_role_prefix(key) {
+                Some((for_role, key)) if for_role == role => {
+                    config.set(key, value);
+                }
+                Some(_) => {}
+                None => {
+                    config.set(key, value);
+                }
+            }
+        }
+        config
+    }
+
+    /// Consumer for an exactly-once input: read_committed, no auto-commit,
+    /// cooperative rebalancing.
+    pub fn eos_consumer_config(&self, group_id: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.partition.eof", "false");
+        overlay(config, self.client_config(ClientRole::Consumer))
+    }
+
+    /// Transactional producer with a stable `transactional.id`: a restarted
+    /// pod fences its predecessor and closes whatever it left open.
+    pub fn transactional_producer_config(&self, transactional_id: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("transactional.id", transactional_id)
+            .set("enable.idempotence", "true")
+            .set("transaction.timeout.ms", "60000")
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "500000");
+        overlay(config, self.client_config(ClientRole::Producer))
+    }
+
+    /// A plain (non-transactional) idempotent producer, for tools and tests.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("enable.idempotence", "true");
+        overlay(config, self.client_config(ClientRole::Producer))
+    }
+}
+
+fn strip_role_prefix(key: &str) -> Option<(ClientRole, &str)> {
+    [ClientRole::Consumer, ClientRole::Producer, ClientRole::Admin]
+        .into_iter()
+        .find_map(|role| key.strip_prefix(role.prefix()).map(|rest| (role, rest)))
+}
+
+/// Applies every property of `top` over `base`; user settings win.
+fn overlay(mut base: ClientConfig, top: ClientConfig) -> ClientConfig {
+    for (key, value) in top.config_map() {
+        base.set(key, value);
+    }
+    base
+}
+
+/// Checks that librdkafka knows a property and accepts its value, so a typo
+/// is reported at start-up with its key instead of deep inside a client.
+pub fn check_property(key: &str, value: &str) -> Result<(), String> {
+    let key = strip_role_prefix(key).map_or(key, |(_, rest)| rest);
+    let mut config = ClientConfig::new();
+    config.set(key, value);
+    config
+        .create_native_config()
+        .map(|_| ())
+        .map_err(|err| match err {
+            KafkaError::ClientConfig(_, description, _, _) => description,
+            other => other.to_string(),
+        })
+}
+
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    #[error(
+        "cannot reach Kafka at {bootstrap} after {attempts} attempts over {elapsed:?}: {cause}"
+    )]
+    Unreachable {
+        bootstrap: String,
+        attempts: u32,
+        elapsed: Duration,
+        cause: String,
+    },
+    #[error("cannot create a Kafka client: {0}")]
+    Client(#[source] KafkaError),
+}
+
+/// Fetches cluster metadata, retrying with capped backoff until `deadline`.
+/// Blocking: call from a blocking thread.
+pub fn fetch_metadata_with_retry(
+    settings: &KafkaSettings,
+    deadline: Duration,
+) -> Result<Metadata, ConnectError> {
+    let consumer: BaseConsumer = settings
+        .client_config(ClientRole::Admin)
+        .create()
+        .map_err(ConnectError::Client)?;
+    let started = std::time::Instant::now();
+    let mut attempts = 0;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        attempts += 1;
+        let remaining = deadline.saturating_sub(started.elapsed());
+        let timeout = remaining.clamp(Duration::from_millis(100), Duration::from_secs(5));
+        match consumer.fetch_metadata(None, timeout) {
+            Ok(metadata) => return Ok(metadata),
+            Err(err) => {
+                let elapsed = started.elapsed();
+                if elapsed + backoff >= deadline {
+                    return Err(ConnectError::Unreachable {
+                        bootstrap: settings.bootstrap_servers.clone(),
+                        attempts,
+                        elapsed,
+                        cause: err.to_string(),
+                    });
+                }
+                tracing::warn!(attempt = attempts, cause = %err, "Kafka not reachable yet; retrying");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(props: &[(&str, &str)]) -> KafkaSettings {
+        KafkaSettings {
+            bootstrap_servers: "127.0.0.1:9".into(),
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn role_prefixed_properties_reach_only_their_client() {
+        let s = settings(&[
+            ("security.protocol", "SASL_SSL"),
+            ("producer.linger.ms", "20"),
+            ("consumer.session.timeout.ms", "6000"),
+        ]);
+        let producer = s.transactional_producer_config("app-0");
+        assert_eq!(producer.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(producer.get("linger.ms"), Some("20"));
+        assert_eq!(producer.get("session.timeout.ms"), None);
+        assert_eq!(producer.get("partitioner"), Some("murmur2_random"));
+        let consumer = s.eos_consumer_config("app");
+        assert_eq!(consumer.get("session.timeout.ms"), Some("6000"));
+        assert_eq!(consumer.get("isolation.level"), Some("read_committed"));
+        assert_eq!(consumer.get("linger.ms"), None);
+    }
+
+    #[test]
+    fn unknown_properties_are_reported() {
+        assert!(check_property("linger.ms", "5").is_ok());
+        let err = check_property("no.such.property", "1").expect_err("unknown key");
+        assert!(err.contains("no.such.property"), "{err}");
+    }
+}

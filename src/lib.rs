@@ -1,0 +1,38 @@
+//! baton: Kafka Streams-style, exactly-once orchestration for agents built on
+//! MCP tool servers.
+//!
+//! # Layout
+//!
+//! Each module is one room; a record travels through them in this order.
+//!
+//! - [`cli`]: the command line (`baton run`, `topology`, `state`, ...), parsed with clap.
+//! - [`config`]: run configuration from flags, `BATON_*` variables and an optional TOML file, validated in one place.
+//! - [`event`]: [`event::ToolEvent`], the one shape every input format decodes into.
+//! - [`codec`]: bytes to events and back; classifies every decode failure as poison or transient.
+//! - [`topology`]: workflow definitions from `topology/`, their loading, validation and diagrams.
+//! - [`workflow`]: per-context workflow state and the pure step `(state, event, definition) -> outcome`.
+//! - [`handover`]: the standard handover record and its deterministic id.
+//! - [`dlq`]: poison classes and the dead-letter record.
+//! - [`kafka`]: librdkafka client configuration shared by every producer and consumer baton owns.
+//! - [`runtime`]: the consumer group, one task per partition, and the exactly-once transaction loop.
+//! - [`http`]: the HTTP surface (metrics, health).
+//! - [`metrics`]: every Prometheus metric, defined once.
+//! - [`state`]: RocksDB stores per partition, their changelogs, checkpoints and restore.
+//! - [`sample`]: deterministic sample traffic for the demo, load tests and benchmarks.
+//! - [`shutdown`]: the one shutdown signal every task listens to.
+
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod dlq;
+pub mod event;
+pub mod handover;
+pub mod http;
+pub mod kafka;
+pub mod metrics;
+pub mod runtime;
+pub mod sample;
+pub mod state;
+pub mod shutdown;
+pub mod topology;
+pub mod workflow;

@@ -1,0 +1,337 @@
+//! The running pod: start-up checks, the consumer group, the coordinator
+//! thread that owns the transaction loop, and one task per partition.
+
+mod engine;
+pub mod processor;
+mod task;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::Consumer;
+use rdkafka::metadata::Metadata;
+use thiserror::Error;
+
+pub use engine::CommitOutcome;
+use engine::{BatonConsumer, Engine, EngineError, RebalanceHook};
+
+use crate::codec::DecodeLimits;
+use crate::config::RunConfig;
+use crate::kafka::{self, ClientRole, ConnectError, KafkaSettings};
+use crate::shutdown::Shutdown;
+use crate::state;
+use crate::topology::Topology;
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("{0}")]
+    MissingTopics(String),
+    #[error("input topics are not co-partitioned: {0}")]
+    NotCoPartitioned(String),
+    #[error("cannot create topic {topic}: {cause}")]
+    CreateTopic { topic: String, cause: String },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot create the consumer: {0}")]
+    Consumer(String),
+    #[error("cannot subscribe to {topics:?}: {cause}")]
+    Subscribe { topics: Vec<String>, cause: String },
+    #[error("the coordinator thread failed: {0}")]
+    Coordinator(String),
+}
+
+/// What every task of the pod shares.
+pub struct Pipeline {
+    pub topology: Arc<Topology>,
+    pub kafka: KafkaSettings,
+    pub application_id: String,
+    pub state_dir: PathBuf,
+    pub dlq_topic: String,
+    pub workflow_changelog: String,
+    pub limits: DecodeLimits,
+}
+
+/// What `/readyz` reports: joined the group, and no partition restoring.
+#[derive(Default)]
+pub struct Readiness {
+    joined: AtomicBool,
+    partitions: Mutex<BTreeMap<i32, bool>>,
+}
+
+impl Readiness {
+    pub fn set_joined(&self, joined: bool) {
+        self.joined.store(joined, Ordering::Relaxed);
+    }
+
+    fn partitions(&self) -> std::sync::MutexGuard<'_, BTreeMap<i32, bool>> {
+        self.partitions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn partition_restoring(&self, partition: i32) {
+        self.partitions().insert(partition, false);
+    }
+
+    pub fn partition_ready(&self, partition: i32) {
+        self.partitions().insert(partition, true);
+    }
+
+    pub fn partition_released(&self, partition: i32) {
+        self.partitions().remove(&partition);
+    }
+
+    /// Ready: in the group, and every assigned partition restored.
+    pub fn is_ready(&self) -> bool {
+        self.joined.load(Ordering::Relaxed) && self.partitions().values().all(|ready| *ready)
+    }
+
+    /// Partition numbers this pod owns, with whether each is restored.
+    pub fn owned(&self) -> BTreeMap<i32, bool> {
+        self.partitions().clone()
+    }
+}
+
+/// Runs the pod until `shutdown` fires. On shutdown the open transaction is
+/// committed, stores are flushed and the group is left.
+pub async fn run(
+    config: RunConfig,
+    topology: Arc<Topology>,
+    readiness: Arc<Readiness>,
+    shutdown: Shutdown,
+) -> Result<(), RunError> {
+    let settings = config.kafka.clone();
+    let deadline = config.startup_timeout;
+    let metadata = tokio::task::spawn_blocking(move || {
+        kafka::fetch_metadata_with_retry(&settings, deadline)
+    })
+    .await
+    .map_err(|err| RunError::Coordinator(err.to_string()))??;
+
+    let workflow_changelog = state::changelog_topic(&config.application_id, processor::WORKFLOW_STORE);
+    let partitions = check_topics(&config, &topology, &metadata)?;
+    if !metadata.topics().iter().any(|t| t.name() == workflow_changelog) {
+        create_compacted_topic(&config.kafka, &workflow_changelog, partitions).await?;
+    }
+
+    let pipeline = Arc::new(Pipeline {
+        topology,
+        kafka: config.kafka.clone(),
+        application_id: config.application_id.clone(),
+        state_dir: config.state_dir.clone(),
+        dlq_topic: config.dlq_topic.clone(),
+        workflow_changelog,
+        limits: config.limits,
+    });
+
+    let producer_config = config
+        .kafka
+        .transactional_producer_config(&config.transactional_id());
+    let transactional_id = config.transactional_id();
+    let runtime = tokio::runtime::Handle::current();
+    let engine_readiness = Arc::clone(&readiness);
+    let engine = tokio::task::spawn_blocking(move || {
+        Engine::new(pipeline, producer_config, transactional_id, runtime, engine_readiness)
+    })
+    .await
+    .map_err(|err| RunError::Coordinator(err.to_string()))??;
+    let engine = Arc::new(Mutex::new(engine));
+
+    let strategy = if config.input_topics.len() > 1 {
+        // Range assigns partition N of every topic to the same member, which
+        // co-partitioned state needs; cooperative-sticky does not promise it.
+        "range"
+    } else {
+        "cooperative-sticky"
+    };
+    let mut consumer_config = config.kafka.eos_consumer_config(config.group_id());
+    consumer_config.set("partition.assignment.strategy", strategy);
+    let consumer: BatonConsumer = consumer_config
+        .create_with_context(RebalanceHook::new(Arc::clone(&engine)))
+        .map_err(|err| RunError::Consumer(err.to_string()))?;
+    let consumer = Arc::new(consumer);
+    engine::lock(&engine).attach_consumer(&consumer);
+    engine::lock(&engine).start();
+    let topics: Vec<&str> = config.input_topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(|err| RunError::Subscribe {
+        topics: config.input_topics.clone(),
+        cause: err.to_string(),
+    })?;
+    tracing::info!(
+        transactional_id = %config.transactional_id(),
+        group = config.group_id(),
+        inputs = ?config.input_topics,
+        "baton is running"
+    );
+
+    let interval = config.commit_interval;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("baton-coordinator".into())
+        .spawn(move || {
+            let result = coordinate(engine, consumer, shutdown, interval);
+            let _ = done_tx.send(result);
+        })
+        .map_err(|err| RunError::Coordinator(err.to_string()))?;
+    done_rx
+        .await
+        .map_err(|_| RunError::Coordinator("the coordinator thread panicked".into()))?
+}
+
+/// The coordinator thread: polls the consumer (which runs the rebalance
+/// callbacks here) and commits every interval. Transactional calls block, so
+/// this thread has its own small runtime and never stalls the task workers.
+fn coordinate(
+    engine: Arc<Mutex<Engine>>,
+    consumer: Arc<BatonConsumer>,
+    shutdown: Shutdown,
+    interval: Duration,
+) -> Result<(), RunError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .map_err(|err| RunError::Coordinator(err.to_string()))?;
+    runtime.block_on(async {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break,
+                _ = ticker.tick() => {
+                    engine::lock(&engine).commit();
+                }
+                message = consumer.recv() => match message {
+                    // Every assigned partition has its own queue; a record
+                    // here means a queue was split too late. Rewinding it is
+                    // safer than dropping it.
+                    Ok(message) => {
+                        use rdkafka::Message;
+                        tracing::error!(topic = message.topic(), partition = message.partition(), offset = message.offset(), "record on the main queue; rewinding");
+                        let _ = consumer.seek(message.topic(), message.partition(), rdkafka::Offset::Offset(message.offset()), Duration::from_secs(5));
+                    }
+                    Err(err) => tracing::warn!(cause = %err, "consumer error"),
+                },
+            }
+        }
+        // Finish the open transaction, then leave the group.
+        let outcome = engine::lock(&engine).commit();
+        tracing::info!(?outcome, "final commit before shutdown");
+        engine::lock(&engine).stop_all();
+        consumer.unsubscribe();
+    });
+    drop(consumer);
+    tracing::info!("left the consumer group");
+    Ok(())
+}
+
+/// Checks that every topic baton reads or writes exists, and that the
+/// inputs share one partition count. Returns that count.
+fn check_topics(
+    config: &RunConfig,
+    topology: &Topology,
+    metadata: &Metadata,
+) -> Result<i32, RunError> {
+    let existing: BTreeMap<&str, usize> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name(), t.partitions().len()))
+        .collect();
+    let mut missing = Vec::new();
+    for topic in &config.input_topics {
+        if !existing.contains_key(topic.as_str()) {
+            missing.push(format!("input topic `{topic}`"));
+        }
+    }
+    if !existing.contains_key(config.dlq_topic.as_str()) {
+        missing.push(format!("dead-letter topic `{}`", config.dlq_topic));
+    }
+    for topic in topology.output_topics() {
+        if !existing.contains_key(topic.as_str()) {
+            missing.push(format!("handover topic `{topic}`"));
+        }
+    }
+    if !missing.is_empty() {
+        return Err(RunError::MissingTopics(format!(
+            "missing topics: {} (create them, e.g. with `baton topics create`)",
+            missing.join(", ")
+        )));
+    }
+    let counts: BTreeSet<usize> = config
+        .input_topics
+        .iter()
+        .filter_map(|t| existing.get(t.as_str()).copied())
+        .collect();
+    if counts.len() > 1 {
+        let detail: Vec<String> = config
+            .input_topics
+            .iter()
+            .map(|t| format!("{t}={}", existing.get(t.as_str()).copied().unwrap_or(0)))
+            .collect();
+        return Err(RunError::NotCoPartitioned(detail.join(", ")));
+    }
+    Ok(counts.into_iter().next().unwrap_or(1) as i32)
+}
+
+/// Creates a compacted topic (a changelog) with `partitions` partitions.
+pub async fn create_compacted_topic(
+    settings: &KafkaSettings,
+    topic: &str,
+    partitions: i32,
+) -> Result<(), RunError> {
+    create_topics(settings, &[(topic.to_string(), partitions, true)]).await
+}
+
+/// Creates topics, treating "already exists" as success.
+pub async fn create_topics(
+    settings: &KafkaSettings,
+    topics: &[(String, i32, bool)],
+) -> Result<(), RunError> {
+    let admin: AdminClient<DefaultClientContext> = settings
+        .client_config(ClientRole::Admin)
+        .create()
+        .map_err(|err| RunError::CreateTopic {
+            topic: "*".into(),
+            cause: err.to_string(),
+        })?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, partitions, compacted)| {
+            let topic = NewTopic::new(name, *partitions, TopicReplication::Fixed(-1));
+            if *compacted {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(|err| RunError::CreateTopic {
+            topic: "*".into(),
+            cause: err.to_string(),
+        })?;
+    for result in results {
+        match result {
+            Ok(_) => {}
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(RunError::CreateTopic {
+                    topic,
+                    cause: code.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}

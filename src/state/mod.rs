@@ -1,0 +1,268 @@
+//! Local state: one RocksDB instance per store and partition, backed by a
+//! compacted changelog topic.
+//!
+//! Writes made inside a transaction live in an in-memory overlay that reads
+//! see; RocksDB is written only after Kafka has committed, so local state
+//! never runs ahead of the committed input offsets. A checkpoint records the
+//! changelog offset the local copy has applied, so a restore only reads the
+//! tail.
+
+pub mod restore;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch};
+use thiserror::Error;
+
+use crate::event::SourceCoordinates;
+
+/// Header names on changelog records.
+pub mod headers {
+    pub use crate::dlq::headers::{SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC};
+    /// The version of the state the record holds; restore never lets an
+    /// older version overwrite a newer one.
+    pub const STATE_VERSION: &str = "baton.state.version";
+}
+
+const META_FAMILY: &str = "meta";
+const CHECKPOINT_KEY: &[u8] = b"changelog.next_offset";
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("cannot open the state store at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("cannot create the state directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state store I/O failed: {0}")]
+    Io(#[from] rocksdb::Error),
+    #[error("the state store's column family `{0}` is missing")]
+    MissingFamily(&'static str),
+    #[error("the blocking state task failed: {0}")]
+    Join(String),
+}
+
+/// The name of a store's changelog topic.
+pub fn changelog_topic(application_id: &str, store: &str) -> String {
+    format!("{application_id}-{store}-changelog")
+}
+
+/// Where a store's partition lives on disk.
+pub fn store_path(state_dir: &Path, application_id: &str, store: &str, partition: i32) -> PathBuf {
+    state_dir
+        .join(application_id)
+        .join(format!("{store}-{partition}"))
+}
+
+/// One store partition: RocksDB plus the uncommitted overlay.
+pub struct PartitionStore {
+    db: Arc<DB>,
+    /// Writes of the open transaction: `None` is a delete.
+    overlay: HashMap<String, Option<Vec<u8>>>,
+}
+
+/// A value written inside the open transaction, and the changelog record
+/// that makes it durable.
+pub struct ChangelogWrite {
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+    pub headers: OwnedHeaders,
+}
+
+impl PartitionStore {
+    /// Opens (or creates) the store. Blocking: call from a blocking thread.
+    pub fn open(path: &Path) -> Result<PartitionStore, StateError> {
+        std::fs::create_dir_all(path).map_err(|source| StateError::CreateDir {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let families = vec![
+            ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, Options::default()),
+            ColumnFamilyDescriptor::new(META_FAMILY, Options::default()),
+        ];
+        let db = DB::open_cf_descriptors(&options, path, families).map_err(|source| {
+            StateError::Open {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        Ok(PartitionStore {
+            db: Arc::new(db),
+            overlay: HashMap::new(),
+        })
+    }
+
+    /// Reads a value, seeing the open transaction's own writes first. Point
+    /// reads hit the memtable or block cache and take microseconds.
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        if let Some(value) = self.overlay.get(key) {
+            return Ok(value.clone());
+        }
+        Ok(self.db.get(key.as_bytes())?)
+    }
+
+    /// Records a write in the open transaction and returns the changelog
+    /// record that must be produced in the same transaction.
+    pub fn put(
+        &mut self,
+        key: &str,
+        value: Vec<u8>,
+        version: u64,
+        source: &SourceCoordinates,
+    ) -> ChangelogWrite {
+        self.overlay.insert(key.to_string(), Some(value.clone()));
+        ChangelogWrite {
+            key: key.to_string(),
+            value: Some(value),
+            headers: changelog_headers(source, version),
+        }
+    }
+
+    pub fn has_uncommitted(&self) -> bool {
+        !self.overlay.is_empty()
+    }
+
+    /// Forgets the open transaction's writes.
+    pub fn abort(&mut self) {
+        self.overlay.clear();
+    }
+
+    /// Makes the committed transaction's writes durable together with the
+    /// new checkpoint, atomically. Runs on the blocking pool.
+    pub async fn commit(&mut self, checkpoint: Option<i64>) -> Result<(), StateError> {
+        if self.overlay.is_empty() && checkpoint.is_none() {
+            return Ok(());
+        }
+        let overlay = std::mem::take(&mut self.overlay);
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || write_batch(&db, overlay, checkpoint))
+            .await
+            .map_err(|err| StateError::Join(err.to_string()))?
+    }
+
+    pub fn checkpoint(&self) -> Result<Option<i64>, StateError> {
+        read_checkpoint(&self.db)
+    }
+
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+
+    /// Iterates every committed key and value (for offline inspection).
+    pub fn scan(&self) -> impl Iterator<Item = (Box<[u8]>, Box<[u8]>)> + '_ {
+        self.db
+            .iterator(rocksdb::IteratorMode::Start)
+            .filter_map(Result::ok)
+    }
+}
+
+fn write_batch(
+    db: &DB,
+    overlay: HashMap<String, Option<Vec<u8>>>,
+    checkpoint: Option<i64>,
+) -> Result<(), StateError> {
+    let mut batch = WriteBatch::default();
+    for (key, value) in overlay {
+        match value {
+            Some(value) => batch.put(key.as_bytes(), value),
+            None => batch.delete(key.as_bytes()),
+        }
+    }
+    if let Some(offset) = checkpoint {
+        let meta = db
+            .cf_handle(META_FAMILY)
+            .ok_or(StateError::MissingFamily(META_FAMILY))?;
+        batch.put_cf(&meta, CHECKPOINT_KEY, offset.to_be_bytes());
+    }
+    db.write(batch)?;
+    Ok(())
+}
+
+pub(crate) fn read_checkpoint(db: &DB) -> Result<Option<i64>, StateError> {
+    let meta = db
+        .cf_handle(META_FAMILY)
+        .ok_or(StateError::MissingFamily(META_FAMILY))?;
+    Ok(db.get_cf(&meta, CHECKPOINT_KEY)?.and_then(|bytes| {
+        let array: [u8; 8] = bytes.as_slice().try_into().ok()?;
+        Some(i64::from_be_bytes(array))
+    }))
+}
+
+fn changelog_headers(source: &SourceCoordinates, version: u64) -> OwnedHeaders {
+    let partition = source.partition.to_string();
+    let offset = source.offset.to_string();
+    let version = version.to_string();
+    OwnedHeaders::new_with_capacity(4)
+        .insert(Header {
+            key: headers::SOURCE_TOPIC,
+            value: Some(source.topic.as_str()),
+        })
+        .insert(Header {
+            key: headers::SOURCE_PARTITION,
+            value: Some(partition.as_str()),
+        })
+        .insert(Header {
+            key: headers::SOURCE_OFFSET,
+            value: Some(offset.as_str()),
+        })
+        .insert(Header {
+            key: headers::STATE_VERSION,
+            value: Some(version.as_str()),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(offset: i64) -> SourceCoordinates {
+        SourceCoordinates {
+            topic: "mcp.events.all".into(),
+            partition: 0,
+            offset,
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_see_uncommitted_writes_and_abort_forgets_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = PartitionStore::open(dir.path()).expect("open");
+        store.put("c-1", b"one".to_vec(), 1, &source(0));
+        assert_eq!(store.get("c-1").expect("get"), Some(b"one".to_vec()));
+        store.abort();
+        assert_eq!(store.get("c-1").expect("get"), None);
+
+        store.put("c-1", b"two".to_vec(), 2, &source(1));
+        store.commit(Some(42)).await.expect("commit");
+        assert_eq!(store.get("c-1").expect("get"), Some(b"two".to_vec()));
+        assert_eq!(store.checkpoint().expect("checkpoint"), Some(42));
+        drop(store);
+
+        let reopened = PartitionStore::open(dir.path()).expect("reopen");
+        assert_eq!(reopened.get("c-1").expect("get"), Some(b"two".to_vec()));
+        assert_eq!(reopened.checkpoint().expect("checkpoint"), Some(42));
+    }
+
+    #[test]
+    fn paths_and_topics_are_per_store_and_partition() {
+        assert_eq!(changelog_topic("baton", "workflow"), "baton-workflow-changelog");
+        assert_eq!(
+            store_path(Path::new("/var/lib/baton"), "baton", "workflow", 3),
+            PathBuf::from("/var/lib/baton/baton/workflow-3")
+        );
+    }
+}

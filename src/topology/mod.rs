@@ -1,0 +1,427 @@
+//! Workflow definitions: the data in `topology/*.toml` that says which events
+//! move a context from state to state, whom each step hands over to, and what
+//! happens when a budget or the retries run out.
+//!
+//! Workflows are data so that adding one is a reviewed TOML file, not a
+//! release. Everything is validated when it is loaded, so the pure step in
+//! [`crate::workflow`] can trust a [`Topology`] and never meets an unknown
+//! state or an ambiguous trigger at run time.
+
+pub mod describe;
+mod validate;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+use thiserror::Error;
+
+/// One workflow, as written in a `topology/*.toml` file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowDefinition {
+    /// The name a context binds to and an event's `workflow` field asks for.
+    pub name: String,
+    /// One human sentence for `baton topology describe`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Where a freshly bound context starts.
+    pub initial: String,
+    /// Every state, declared, so a typo in a transition is an error rather
+    /// than a new state nobody can leave.
+    pub states: Vec<String>,
+    /// States that absorb every further event.
+    pub terminal: Vec<String>,
+    pub budget: BudgetPolicy,
+    pub retry: RetryPolicy,
+    pub transitions: Vec<Transition>,
+    /// The file it came from, so every problem can name it.
+    #[serde(skip)]
+    pub origin: Option<PathBuf>,
+}
+
+/// Token accounting for a context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetPolicy {
+    /// The budget of a context whose first event names none.
+    pub default_tokens: u64,
+    /// The terminal state a context moves to when its budget runs out.
+    pub exhausted_state: String,
+}
+
+/// What the DLQ healer may do when a step fails. The step itself only reads
+/// the alternates (their completion events stand in for the original).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Dispatches of one step before the healer gives up on it.
+    pub max_attempts: u32,
+    /// The terminal state of a workflow the healer parks.
+    pub failed_state: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alternates: Vec<Alternate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_b: Option<PlanB>,
+}
+
+/// Another agent that can do a failing tool's job; its completion event
+/// counts as the original tool's completion wherever a transition waits for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alternate {
+    /// The tool it replaces, as in `tool.{tool}.completed`.
+    pub tool: String,
+    pub agent: String,
+    pub intent: String,
+    pub topic: String,
+    /// The event the alternate's work ends with, e.g. `tool.fetch_page.completed`.
+    pub completion_event: String,
+}
+
+impl Alternate {
+    /// The event this alternate stands in for.
+    pub fn original_event(&self) -> String {
+        tool_completed_event(&self.tool)
+    }
+
+    pub fn target(&self) -> HandoverTarget {
+        HandoverTarget {
+            agent: self.agent.clone(),
+            intent: self.intent.clone(),
+            topic: self.topic.clone(),
+        }
+    }
+}
+
+/// The route of last resort before failing: a state and whom to tell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanB {
+    pub state: String,
+    pub handover: HandoverTarget,
+}
+
+/// Whom a handover goes to, what it asks and on which topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoverTarget {
+    pub agent: String,
+    pub intent: String,
+    pub topic: String,
+}
+
+/// A move from one of `from` to `to` once every event in `on` has arrived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transition {
+    /// The states it may fire from; a string or a list in TOML.
+    #[serde(deserialize_with = "one_or_many")]
+    pub from: Vec<String>,
+    /// Its trigger events; several make a join that fires once all have
+    /// arrived, in any order. A string or a list in TOML.
+    #[serde(deserialize_with = "one_or_many")]
+    pub on: Vec<String>,
+    pub to: String,
+    /// The agent that holds the context after this transition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handovers: Vec<HandoverTarget>,
+}
+
+impl Transition {
+    pub fn is_join(&self) -> bool {
+        self.on.len() > 1
+    }
+}
+
+/// A transition an event fires (or contributes to, for a join), and the
+/// trigger it counts as: the alternate's event counts as the original's.
+#[derive(Debug, Clone, Copy)]
+pub struct TriggerMatch<'a> {
+    pub index: usize,
+    pub transition: &'a Transition,
+    pub trigger: &'a str,
+}
+
+impl WorkflowDefinition {
+    pub fn is_terminal(&self, state: &str) -> bool {
+        self.terminal.iter().any(|terminal| terminal == state)
+    }
+
+    /// The transition from `state` that `event` belongs to. Validation makes
+    /// this unique: no event triggers two transitions from the same state.
+    pub fn match_trigger(&self, state: &str, event: &str) -> Option<TriggerMatch<'_>> {
+        self.transitions
+            .iter()
+            .enumerate()
+            .filter(|(_, transition)| transition.from.iter().any(|from| from == state))
+            .find_map(|(index, transition)| {
+                transition
+                    .on
+                    .iter()
+                    .find(|trigger| self.satisfies(event, trigger))
+                    .map(|trigger| TriggerMatch {
+                        index,
+                        transition,
+                        trigger,
+                    })
+            })
+    }
+
+    /// Whether `event` counts as `trigger`: it is the trigger, or the
+    /// completion event of an alternate for the trigger's tool.
+    pub fn satisfies(&self, event: &str, trigger: &str) -> bool {
+        event == trigger
+            || self
+                .retry
+                .alternates
+                .iter()
+                .any(|alternate| alternate.completion_event == event && alternate.original_event() == trigger)
+    }
+
+    /// Whether `event` can bind a fresh context to this workflow.
+    pub fn starts_with(&self, event: &str) -> bool {
+        self.match_trigger(&self.initial, event).is_some()
+    }
+
+    /// Every trigger that moves a context out of `state`, for error messages.
+    pub fn triggers_from(&self, state: &str) -> Vec<&str> {
+        self.transitions
+            .iter()
+            .filter(|transition| transition.from.iter().any(|from| from == state))
+            .flat_map(|transition| transition.on.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// Whether this workflow uses `event` as a trigger or a stand-in.
+    pub fn mentions(&self, event: &str) -> bool {
+        self.transitions
+            .iter()
+            .any(|transition| transition.on.iter().any(|trigger| trigger == event))
+            || self
+                .retry
+                .alternates
+                .iter()
+                .any(|alternate| alternate.completion_event == event)
+    }
+
+    /// Every topic this workflow may write a handover to.
+    pub fn output_topics(&self) -> impl Iterator<Item = &str> {
+        let transitions = self
+            .transitions
+            .iter()
+            .flat_map(|transition| transition.handovers.iter().map(|target| target.topic.as_str()));
+        let alternates = self.retry.alternates.iter().map(|alternate| alternate.topic.as_str());
+        let plan_b = self.retry.plan_b.iter().map(|plan_b| plan_b.handover.topic.as_str());
+        transitions.chain(alternates).chain(plan_b)
+    }
+
+    /// How problems name this definition: its file, else its name.
+    pub fn origin_label(&self) -> String {
+        match &self.origin {
+            Some(path) => path.display().to_string(),
+            None => format!("workflow `{}`", self.name),
+        }
+    }
+}
+
+/// The event name a tool's completion carries.
+pub fn tool_completed_event(tool: &str) -> String {
+    format!("tool.{tool}.completed")
+}
+
+/// Every workflow baton runs, by name, validated.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    workflows: BTreeMap<String, WorkflowDefinition>,
+}
+
+impl Topology {
+    /// Loads one `.toml` file, or every `*.toml` file directly in a directory
+    /// (sorted by name, so problems are reported in a stable order), and
+    /// validates them together. Every problem in every file is reported at once.
+    pub fn load(path: &Path) -> Result<Topology, TopologyError> {
+        let files = definition_files(path)?;
+        let mut definitions = Vec::with_capacity(files.len());
+        let mut problems = Vec::new();
+        for file in files {
+            let text = fs::read_to_string(&file).map_err(|source| TopologyError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            match parse_definition(&text, &file) {
+                Ok(definition) => definitions.push(definition),
+                Err(problem) => problems.push(problem),
+            }
+        }
+        problems.extend(validate::check(&definitions));
+        if problems.is_empty() {
+            Ok(Topology::assemble(definitions))
+        } else {
+            Err(TopologyError::Invalid { problems })
+        }
+    }
+
+    /// Validates definitions built in code, as tests and tools do.
+    pub fn from_definitions(definitions: Vec<WorkflowDefinition>) -> Result<Topology, TopologyError> {
+        let problems = validate::check(&definitions);
+        if problems.is_empty() {
+            Ok(Topology::assemble(definitions))
+        } else {
+            Err(TopologyError::Invalid { problems })
+        }
+    }
+
+    fn assemble(definitions: Vec<WorkflowDefinition>) -> Topology {
+        let workflows = definitions
+            .into_iter()
+            .map(|definition| (definition.name.clone(), definition))
+            .collect();
+        Topology { workflows }
+    }
+
+    pub fn workflow(&self, name: &str) -> Option<&WorkflowDefinition> {
+        self.workflows.get(name)
+    }
+
+    /// The workflows, ordered by name.
+    pub fn workflows(&self) -> impl Iterator<Item = &WorkflowDefinition> {
+        self.workflows.values()
+    }
+
+    /// The workflow a fresh context binds to when its first event names none.
+    /// Validation makes it unique.
+    pub fn starting_with(&self, event: &str) -> Option<&WorkflowDefinition> {
+        self.workflows().find(|definition| definition.starts_with(event))
+    }
+
+    /// Whether some workflow uses `event_name` as a trigger or a stand-in;
+    /// events no workflow mentions are counted and skipped, not dead-lettered.
+    pub fn mentions(&self, event_name: &str) -> bool {
+        self.workflows().any(|definition| definition.mentions(event_name))
+    }
+
+    /// Every topic a handover may be written to, so the shell can check
+    /// they exist before it starts.
+    pub fn output_topics(&self) -> BTreeSet<String> {
+        self.workflows()
+            .flat_map(WorkflowDefinition::output_topics)
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// One thing wrong with a definition: where, which key, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file (or, for definitions built in code, the workflow name).
+    pub origin: String,
+    /// The key path, e.g. `transitions[2].to`, or a line and column.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.origin, self.key, self.message)
+    }
+}
+
+/// Why a topology could not be loaded.
+#[derive(Debug, Error)]
+pub enum TopologyError {
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: no workflow definitions (*.toml files) found", path.display())]
+    Empty { path: PathBuf },
+    /// Every problem, one per line.
+    #[error("{}", render_problems(problems))]
+    Invalid { problems: Vec<Problem> },
+}
+
+impl TopologyError {
+    /// The validation problems, empty for I/O errors.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            TopologyError::Invalid { problems } => problems,
+            TopologyError::Read { .. } | TopologyError::Empty { .. } => &[],
+        }
+    }
+}
+
+fn render_problems(problems: &[Problem]) -> String {
+    problems.iter().map(Problem::to_string).collect::<Vec<_>>().join("\n")
+}
+
+/// The files a path stands for: itself, or the `*.toml` files directly in it.
+fn definition_files(path: &Path) -> Result<Vec<PathBuf>, TopologyError> {
+    let read_error = |source| TopologyError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let metadata = fs::metadata(path).map_err(read_error)?;
+    if !metadata.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in fs::read_dir(path).map_err(read_error)? {
+        let file = entry.map_err(read_error)?.path();
+        if file.is_file() && file.extension().is_some_and(|extension| extension == "toml") {
+            files.push(file);
+        }
+    }
+    if files.is_empty() {
+        return Err(TopologyError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Parses one definition; a syntax error or unknown key becomes one problem
+/// that names its line and column.
+fn parse_definition(text: &str, file: &Path) -> Result<WorkflowDefinition, Problem> {
+    match toml::from_str::<WorkflowDefinition>(text) {
+        Ok(mut definition) => {
+            definition.origin = Some(file.to_path_buf());
+            Ok(definition)
+        }
+        Err(error) => Err(Problem {
+            origin: file.display().to_string(),
+            key: error
+                .span()
+                .and_then(|span| line_and_column(text, span.start))
+                .unwrap_or_else(|| "document".to_owned()),
+            message: error.message().trim().replace('\n', " "),
+        }),
+    }
+}
+
+fn line_and_column(text: &str, byte_offset: usize) -> Option<String> {
+    let before = text.get(..byte_offset)?;
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |tail| tail.chars().count()) + 1;
+    Some(format!("line {line}, column {column}"))
+}
+
+/// Accepts `"A"` as well as `["A", "B"]`, since most transitions have one.
+fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "a string or a list of strings")]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
+}
+
+#[cfg(test)]
+mod tests;

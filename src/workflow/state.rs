@@ -1,0 +1,132 @@
+//! [`WorkflowState`], the registry entry of one context, and its versioned
+//! encoding: state written by an older baton must stay readable by a newer
+//! one, because it outlives deployments in RocksDB and the changelog.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+use crate::topology::WorkflowDefinition;
+
+/// The encoding version [`WorkflowState::encode`] writes. Bump it when a field
+/// changes meaning, and teach [`WorkflowState::decode`] the old layout.
+pub const STATE_ENCODING_VERSION: u64 = 1;
+
+/// How many recent `event_id`s a context remembers to drop upstream
+/// duplicates. Producers retry within seconds, so a short window is enough
+/// and keeps each entry small.
+pub const RECENT_EVENT_IDS: usize = 64;
+
+/// Where one context stands in its workflow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkflowState {
+    pub context_id: String,
+    /// The workflow the context bound to on its first event.
+    pub workflow: String,
+    pub state: String,
+    /// The agent that holds the context; `None` before the first dispatch and
+    /// once the workflow stopped dispatching.
+    pub locked_by: Option<String>,
+    /// Dispatches of the current step: a transition that hands over sets it to
+    /// 1, the healer's retries raise it, and it never falls within a step.
+    pub attempts: u32,
+    pub token_budget: u64,
+    /// May exceed `token_budget` when the last step overspent; see
+    /// [`WorkflowState::tokens_left`].
+    pub tokens_used: u64,
+    /// Bumped by one for every applied step.
+    pub version: u64,
+    /// Milliseconds since the epoch of the input record last applied.
+    pub updated_at: i64,
+    /// The join triggers of the current state that have already arrived
+    /// (an alternate's event is recorded as the trigger it stands in for).
+    /// Cleared whenever the state changes.
+    pub join_arrived: BTreeSet<String>,
+    /// The last [`RECENT_EVENT_IDS`] applied `event_id`s, oldest first.
+    pub recent_event_ids: VecDeque<String>,
+}
+
+/// Why stored state bytes could not be read back.
+#[derive(Debug, Error)]
+pub enum StateDecodeError {
+    #[error("workflow state is not valid JSON for its version: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("workflow state carries no encoding version `v`")]
+    MissingVersion,
+    #[error("workflow state has encoding version {found}; this baton reads up to {STATE_ENCODING_VERSION}")]
+    UnsupportedVersion { found: u64 },
+}
+
+/// The on-disk layout: the state's fields next to a version tag `v`.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    v: u64,
+    #[serde(flatten)]
+    state: &'a WorkflowState,
+}
+
+impl WorkflowState {
+    /// A context just bound to `definition`, before its first event is applied.
+    pub fn bind(context_id: &str, definition: &WorkflowDefinition, requested_budget: Option<u64>) -> WorkflowState {
+        WorkflowState {
+            context_id: context_id.to_owned(),
+            workflow: definition.name.clone(),
+            state: definition.initial.clone(),
+            locked_by: None,
+            attempts: 0,
+            token_budget: requested_budget.unwrap_or(definition.budget.default_tokens),
+            tokens_used: 0,
+            version: 0,
+            updated_at: 0,
+            join_arrived: BTreeSet::new(),
+            recent_event_ids: VecDeque::new(),
+        }
+    }
+
+    /// Tokens still to spend; zero, never negative, once the budget is used up.
+    pub fn tokens_left(&self) -> u64 {
+        self.token_budget.saturating_sub(self.tokens_used)
+    }
+
+    pub fn has_seen(&self, event_id: &str) -> bool {
+        self.recent_event_ids.iter().any(|seen| seen == event_id)
+    }
+
+    /// Records an applied `event_id`, forgetting the oldest beyond the window.
+    pub fn remember(&mut self, event_id: &str) {
+        if self.has_seen(event_id) {
+            return;
+        }
+        self.recent_event_ids.push_back(event_id.to_owned());
+        while self.recent_event_ids.len() > RECENT_EVENT_IDS {
+            self.recent_event_ids.pop_front();
+        }
+    }
+
+    /// JSON with a version tag: `{"v":1,"context_id":...}`.
+    pub fn encode(&self) -> Vec<u8> {
+        let envelope = Envelope {
+            v: STATE_ENCODING_VERSION,
+            state: self,
+        };
+        // Strings, integers, sets and lists of strings: serialising cannot fail.
+        serde_json::to_vec(&envelope).expect("WorkflowState serialises to JSON")
+    }
+
+    /// Reads bytes any released version of baton wrote.
+    pub fn decode(bytes: &[u8]) -> Result<WorkflowState, StateDecodeError> {
+        let value: Value = serde_json::from_slice(bytes)?;
+        let version = value
+            .get("v")
+            .ok_or(StateDecodeError::MissingVersion)?
+            .as_u64()
+            .ok_or(StateDecodeError::MissingVersion)?;
+        match version {
+            // Version 1 is today's layout; the tag itself is ignored as an unknown field.
+            1 => Ok(serde_json::from_value(value)?),
+            found => Err(StateDecodeError::UnsupportedVersion { found }),
+        }
+    }
+}

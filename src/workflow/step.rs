@@ -1,0 +1,425 @@
+//! The pure step: `(state, event, topology, time) -> outcome`.
+//!
+//! The rules, in the order they are checked:
+//!
+//! 1. An `event_id` the context already applied is a [`StepOutcome::Duplicate`].
+//! 2. An event no workflow mentions is [`StepOutcome::Unrouted`], bound or not:
+//!    unrelated tool calls share the input topics and are not errors.
+//! 3. An unbound context binds to the workflow its event names, or else to the
+//!    one whose initial state the event leaves; its budget is the event's
+//!    `token_budget`, or else the workflow default.
+//! 4. A terminal state absorbs: every event is [`StepOutcome::Invalid`].
+//! 5. A failed tool call never advances a workflow (see [`failed_tool`]).
+//! 6. The event must trigger a transition from the current state, or stand in
+//!    for a trigger through an alternate; otherwise it is invalid.
+//! 7. The step debits the tokens used, bumps `version`, and then either moves
+//!    to the budget-exhausted state (tokens used reached the budget), records a
+//!    join arrival, or fires the transition.
+
+use serde::{Deserialize, Serialize};
+
+use super::state::WorkflowState;
+use super::tokens::estimate_tokens;
+use crate::event::{ToolEvent, ToolStatus};
+use crate::handover::{HandoverDraft, HandoverStatus};
+use crate::topology::{HandoverTarget, Topology, Transition, WorkflowDefinition};
+
+/// Where a context stands after a step, as the UI shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContextStatus {
+    /// Handed over: an agent is working on it.
+    Queued,
+    /// Part of a join arrived; the rest has not.
+    Waiting,
+    /// A terminal state other than the budget and failure states.
+    Completed,
+    PlanB,
+    BudgetExhausted,
+    Failed,
+}
+
+impl ContextStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContextStatus::Queued => "queued",
+            ContextStatus::Waiting => "waiting",
+            ContextStatus::Completed => "completed",
+            ContextStatus::PlanB => "plan_b",
+            ContextStatus::BudgetExhausted => "budget_exhausted",
+            ContextStatus::Failed => "failed",
+        }
+    }
+}
+
+/// One state change, streamed to the UI ("Researcher is thinking...").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusUpdate {
+    pub context_id: String,
+    pub workflow: String,
+    /// The state before the step; `None` when the step bound the context.
+    pub from: Option<String>,
+    pub to: String,
+    /// The agent holding the context after the step.
+    pub agent: Option<String>,
+    pub status: ContextStatus,
+    pub message: String,
+    pub tokens_left: u64,
+    /// The input record's timestamp, in milliseconds.
+    pub at: i64,
+}
+
+/// What the shell must do with one event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutcome {
+    /// Write `state`, produce the handovers and status updates.
+    Applied {
+        state: WorkflowState,
+        handovers: Vec<HandoverDraft>,
+        status_updates: Vec<StatusUpdate>,
+    },
+    /// The `event_id` was already applied: nothing changes, nothing is emitted.
+    Duplicate,
+    /// No workflow mentions the event: count it and skip it.
+    Unrouted,
+    /// The event is impossible here: dead-letter it as `invalid_transition`;
+    /// the state is unchanged.
+    Invalid { reason: String },
+}
+
+/// Applies `event` to a context's `state` (`None` for a context never seen).
+/// `now_ms` is the input record's timestamp, so a replay computes the same result.
+pub fn step(state: Option<&WorkflowState>, event: &ToolEvent, topology: &Topology, now_ms: i64) -> StepOutcome {
+    match state {
+        Some(current) => step_bound(current, event, topology, now_ms),
+        None => step_unbound(event, topology, now_ms),
+    }
+}
+
+fn step_unbound(event: &ToolEvent, topology: &Topology, now_ms: i64) -> StepOutcome {
+    let definition = match event.workflow.as_deref() {
+        Some(name) => match topology.workflow(name) {
+            Some(definition) => definition,
+            None => {
+                return invalid(format!(
+                    "`{}` asks for workflow `{name}`, which the topology does not define",
+                    event.event
+                ));
+            }
+        },
+        None => match topology.starting_with(&event.event) {
+            Some(definition) => definition,
+            None if topology.mentions(&event.event) => {
+                return invalid(format!(
+                    "context `{}` is bound to no workflow, and `{}` starts none",
+                    event.context_id, event.event
+                ));
+            }
+            None => return StepOutcome::Unrouted,
+        },
+    };
+    if let Some(reason) = failed_tool(event) {
+        return invalid(reason);
+    }
+    let fresh = WorkflowState::bind(&event.context_id, definition, event.token_budget);
+    advance(&fresh, None, definition, event, now_ms)
+}
+
+fn step_bound(current: &WorkflowState, event: &ToolEvent, topology: &Topology, now_ms: i64) -> StepOutcome {
+    if current.has_seen(&event.event_id) {
+        return StepOutcome::Duplicate;
+    }
+    if !topology.mentions(&event.event) {
+        return StepOutcome::Unrouted;
+    }
+    let Some(definition) = topology.workflow(&current.workflow) else {
+        return invalid(format!(
+            "context `{}` is bound to workflow `{}`, which the topology no longer defines",
+            current.context_id, current.workflow
+        ));
+    };
+    if let Some(asked) = event.workflow.as_deref()
+        && asked != current.workflow
+    {
+        return invalid(format!(
+            "`{}` asks for workflow `{asked}`, but context `{}` is bound to `{}`",
+            event.event, current.context_id, current.workflow
+        ));
+    }
+    if definition.is_terminal(&current.state) {
+        return invalid(format!(
+            "context `{}` is in terminal state `{}` of workflow `{}`; terminal states absorb every event",
+            current.context_id, current.state, current.workflow
+        ));
+    }
+    if let Some(reason) = failed_tool(event) {
+        return invalid(reason);
+    }
+    advance(current, Some(&current.state), definition, event, now_ms)
+}
+
+/// A failed tool call must not count as its completion (a failed screenshot
+/// cannot complete the join), so it leaves the state unchanged.
+fn failed_tool(event: &ToolEvent) -> Option<String> {
+    (event.status == ToolStatus::Error).then(|| {
+        let detail = event.error.as_deref().map(|error| format!(" ({error})")).unwrap_or_default();
+        format!(
+            "tool call `{}` failed{detail}; a failed call does not advance the workflow",
+            event.event
+        )
+    })
+}
+
+/// Steps a bound context (`from` is `None` if it bound just now).
+fn advance(
+    current: &WorkflowState,
+    from: Option<&str>,
+    definition: &WorkflowDefinition,
+    event: &ToolEvent,
+    now_ms: i64,
+) -> StepOutcome {
+    let Some(matched) = definition.match_trigger(&current.state, &event.event) else {
+        return invalid(not_allowed(current, from, definition, event));
+    };
+    let transition = matched.transition;
+    let mut next = current.clone();
+    if transition.is_join() {
+        if current.join_arrived.contains(matched.trigger) {
+            return invalid(format!(
+                "`{}` (event_id `{}`) arrives a second time for the join in state `{}` of workflow `{}`",
+                matched.trigger, event.event_id, current.state, definition.name
+            ));
+        }
+        next.join_arrived.insert(matched.trigger.to_owned());
+    }
+    next.tokens_used = next.tokens_used.saturating_add(tokens_spent(event));
+    next.version = next.version.saturating_add(1);
+    next.updated_at = now_ms;
+    next.remember(&event.event_id);
+
+    if next.tokens_used >= next.token_budget {
+        return exhaust(next, from, definition, transition, now_ms);
+    }
+    let join_complete = transition.on.iter().all(|trigger| next.join_arrived.contains(trigger));
+    if transition.is_join() && !join_complete {
+        return wait(next, from, transition, now_ms);
+    }
+    fire(next, from, definition, transition, now_ms)
+}
+
+/// What the step used: the reported usage, else an estimate of the output.
+fn tokens_spent(event: &ToolEvent) -> u64 {
+    event
+        .usage
+        .map_or_else(|| estimate_tokens(&event.result), |usage| usage.total())
+}
+
+fn fire(
+    mut next: WorkflowState,
+    from: Option<&str>,
+    definition: &WorkflowDefinition,
+    transition: &Transition,
+    now_ms: i64,
+) -> StepOutcome {
+    next.state = transition.to.clone();
+    next.locked_by = transition.locked_by.clone();
+    next.join_arrived.clear();
+    // A new step: dispatched once if it hands over, not at all otherwise.
+    next.attempts = u32::from(!transition.handovers.is_empty());
+    let tokens_left = next.tokens_left();
+    let handovers = transition
+        .handovers
+        .iter()
+        .map(|target| draft(definition, target, HandoverStatus::Queued, tokens_left))
+        .collect();
+    let status = status_of(definition, &transition.to);
+    let message = match status {
+        ContextStatus::Completed => "Completed".to_owned(),
+        ContextStatus::Failed => "Failed".to_owned(),
+        _ => thinking_message(transition),
+    };
+    let update = status_update(&next, from, status, message, now_ms);
+    StepOutcome::Applied {
+        state: next,
+        handovers,
+        status_updates: vec![update],
+    }
+}
+
+/// A join arrival that leaves others outstanding: recorded, no handover.
+fn wait(next: WorkflowState, from: Option<&str>, transition: &Transition, now_ms: i64) -> StepOutcome {
+    let missing: Vec<&str> = transition
+        .on
+        .iter()
+        .filter(|trigger| !next.join_arrived.contains(*trigger))
+        .map(|trigger| tool_of(trigger))
+        .collect();
+    let message = format!("Waiting for {}", human_list(&missing));
+    // The step that dispatched the join is still running: `attempts` and
+    // `locked_by` stay as they are.
+    let update = status_update(&next, from, ContextStatus::Waiting, message, now_ms);
+    StepOutcome::Applied {
+        state: next,
+        handovers: Vec::new(),
+        status_updates: vec![update],
+    }
+}
+
+/// The budget ran out on this step. The workflow stops: one final handover,
+/// with status `budget_exhausted` and no tokens, goes to the first target of
+/// the transition the event belongs to (the one it fired, or the join it
+/// arrived for), so the agent that would have worked next learns why
+/// nothing comes. A transition without handovers emits only the status update.
+/// `attempts` is left as it was: the final handover asks for no work.
+fn exhaust(
+    mut next: WorkflowState,
+    from: Option<&str>,
+    definition: &WorkflowDefinition,
+    transition: &Transition,
+    now_ms: i64,
+) -> StepOutcome {
+    next.state = definition.budget.exhausted_state.clone();
+    next.locked_by = None;
+    next.join_arrived.clear();
+    let handovers = transition
+        .handovers
+        .first()
+        .map(|target| draft(definition, target, HandoverStatus::BudgetExhausted, next.tokens_left()))
+        .into_iter()
+        .collect();
+    let message = format!(
+        "Token budget exhausted: {} of {} tokens used",
+        next.tokens_used, next.token_budget
+    );
+    let update = status_update(&next, from, ContextStatus::BudgetExhausted, message, now_ms);
+    StepOutcome::Applied {
+        state: next,
+        handovers,
+        status_updates: vec![update],
+    }
+}
+
+fn draft(
+    definition: &WorkflowDefinition,
+    target: &HandoverTarget,
+    status: HandoverStatus,
+    tokens_left: u64,
+) -> HandoverDraft {
+    HandoverDraft {
+        topic: target.topic.clone(),
+        agent: target.agent.clone(),
+        intent: target.intent.clone(),
+        workflow: definition.name.clone(),
+        status,
+        token_budget: Some(tokens_left),
+    }
+}
+
+fn status_of(definition: &WorkflowDefinition, state: &str) -> ContextStatus {
+    if state == definition.budget.exhausted_state {
+        ContextStatus::BudgetExhausted
+    } else if state == definition.retry.failed_state {
+        ContextStatus::Failed
+    } else if definition.is_terminal(state) {
+        ContextStatus::Completed
+    } else if definition.retry.plan_b.as_ref().is_some_and(|plan_b| plan_b.state == state) {
+        ContextStatus::PlanB
+    } else {
+        ContextStatus::Queued
+    }
+}
+
+fn status_update(
+    next: &WorkflowState,
+    from: Option<&str>,
+    status: ContextStatus,
+    message: String,
+    now_ms: i64,
+) -> StatusUpdate {
+    StatusUpdate {
+        context_id: next.context_id.clone(),
+        workflow: next.workflow.clone(),
+        from: from.map(str::to_owned),
+        to: next.state.clone(),
+        agent: next.locked_by.clone(),
+        status,
+        message,
+        tokens_left: next.tokens_left(),
+        at: now_ms,
+    }
+}
+
+/// "Researcher is thinking...", or "Valuation and Playwright are thinking...".
+fn thinking_message(transition: &Transition) -> String {
+    let mut agents: Vec<String> = Vec::new();
+    for target in &transition.handovers {
+        let name = capitalised(&target.agent);
+        if !agents.contains(&name) {
+            agents.push(name);
+        }
+    }
+    if agents.is_empty() {
+        agents.extend(transition.locked_by.as_deref().map(capitalised));
+    }
+    match agents.as_slice() {
+        [] => format!("Moved to {}", transition.to),
+        [only] => format!("{only} is thinking..."),
+        several => {
+            let names: Vec<&str> = several.iter().map(String::as_str).collect();
+            format!("{} are thinking...", human_list(&names))
+        }
+    }
+}
+
+fn capitalised(name: &str) -> String {
+    let mut chars = name.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// "a", "a and b", "a, b and c".
+fn human_list(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [only] => (*only).to_owned(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// `browser_take_screenshot` for `tool.browser_take_screenshot.completed`.
+fn tool_of(event: &str) -> &str {
+    event
+        .strip_prefix("tool.")
+        .and_then(|rest| rest.strip_suffix(".completed"))
+        .unwrap_or(event)
+}
+
+fn not_allowed(
+    current: &WorkflowState,
+    from: Option<&str>,
+    definition: &WorkflowDefinition,
+    event: &ToolEvent,
+) -> String {
+    let waits = definition.triggers_from(&current.state);
+    let waits = if waits.is_empty() {
+        "nothing".to_owned()
+    } else {
+        waits.join(", ")
+    };
+    match from {
+        None => format!(
+            "context `{}` is new, and `{}` does not start workflow `{}` (it starts on {waits})",
+            current.context_id, event.event, definition.name
+        ),
+        Some(state) => format!(
+            "`{}` is not allowed in state `{state}` of workflow `{}` (it waits for {waits})",
+            event.event, definition.name
+        ),
+    }
+}
+
+fn invalid(reason: String) -> StepOutcome {
+    StepOutcome::Invalid { reason }
+}

@@ -1,0 +1,573 @@
+//! The integration-test harness: a real broker on a free loopback port, real
+//! baton processes, and readers that wait for conditions instead of sleeping.
+//!
+//! Every process the harness starts is killed when its guard drops (also on
+//! a failed assertion) and, through PR_SET_PDEATHSIG, if the test process
+//! itself dies.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Kills the child when the test's process dies, whatever the reason.
+fn die_with_parent(command: &mut Command) {
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Waits for `condition`, polling; panics with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+fn tansu_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("BATON_TANSU_BIN") {
+        return PathBuf::from(path);
+    }
+    let output = Command::new("bash")
+        .arg(Path::new(REPO).join("scripts/broker.sh"))
+        .arg("path")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("scripts/broker.sh runs");
+    assert!(output.status.success(), "scripts/broker.sh path failed");
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim().lines().last().unwrap_or_default())
+}
+
+/// A tansu broker on a free loopback port, killed on drop.
+pub struct Broker {
+    child: Child,
+    pub bootstrap: String,
+    /// Whether `read_committed` readers are shielded from aborted records.
+    pub hides_aborted: bool,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let binary = tansu_binary();
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut command = Command::new(&binary);
+        command
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        die_with_parent(&mut command);
+        let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let bootstrap = format!("127.0.0.1:{port}");
+        let mut broker = Broker {
+            child,
+            bootstrap,
+            hides_aborted: false,
+        };
+        wait_for("the broker to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        broker.hides_aborted = broker.probe_aborted_visibility();
+        broker
+    }
+
+    /// The conformance probe of BROKER.md: are aborted records hidden from
+    /// read_committed readers? Real Kafka: yes. tansu: no.
+    fn probe_aborted_visibility(&self) -> bool {
+        let topic = "baton.probe.aborted";
+        self.create_topics(&[(topic, 1)]);
+        let producer: rdkafka::producer::BaseProducer = self
+            .client_config()
+            .set("transactional.id", "baton-probe")
+            .create()
+            .expect("probe producer");
+        producer.init_transactions(Duration::from_secs(10)).expect("init");
+        producer.begin_transaction().expect("begin");
+        producer
+            .send(BaseRecord::<[u8], [u8]>::to(topic).payload(b"aborted".as_slice()))
+            .map_err(|(e, _)| e)
+            .expect("send");
+        producer.flush(Duration::from_secs(10)).expect("flush");
+        producer.abort_transaction(Duration::from_secs(10)).expect("abort");
+        producer.begin_transaction().expect("begin");
+        producer
+            .send(BaseRecord::<[u8], [u8]>::to(topic).payload(b"committed".as_slice()))
+            .map_err(|(e, _)| e)
+            .expect("send");
+        producer.commit_transaction(Duration::from_secs(10)).expect("commit");
+        let seen = self.read_all(topic);
+        let hides = !seen.iter().any(|r| r.value == b"aborted");
+        if hides {
+            eprintln!("broker conformance: aborted records are hidden; duplicates must be zero");
+        } else {
+            eprintln!("broker conformance: this broker shows aborted records to read_committed readers (BROKER.md gap 1); outputs are compared after deduplication by handover_id, and duplicates are reported, not required to be zero");
+        }
+        hides
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap);
+        config
+    }
+
+    pub fn create_topics(&self, topics: &[(&str, i32)]) {
+        let admin: AdminClient<DefaultClientContext> =
+            self.client_config().create().expect("admin client");
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+            .collect();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let results = runtime
+            .block_on(admin.create_topics(&new, &AdminOptions::new()))
+            .expect("create topics");
+        for result in results {
+            if let Err((topic, code)) = result {
+                assert_eq!(
+                    code,
+                    rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                    "creating {topic}"
+                );
+            }
+        }
+    }
+
+    /// The topics baton's vision-research topology needs.
+    pub fn create_baton_topics(&self, partitions: i32) {
+        self.create_topics(&[
+            ("mcp.events.all", partitions),
+            ("mcp.events.dlq", partitions),
+            ("mcp.handover.researcher", partitions),
+            ("mcp.handover.valuation", partitions),
+            ("mcp.handover.playwright", partitions),
+            ("mcp.handover.reporter", partitions),
+            ("mcp.handover.fetcher", partitions),
+        ]);
+    }
+
+    pub fn produce(&self, topic: &str, records: &[baton::sample::SampleRecord]) {
+        let producer: ThreadedProducer<DefaultProducerContext> = self
+            .client_config()
+            .set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer");
+        for record in records {
+            let mut base = BaseRecord::<[u8], [u8]>::to(topic).payload(&record.value);
+            if let Some(key) = &record.key {
+                base = base.key(key);
+            }
+            let mut pending = base;
+            loop {
+                match producer.send(pending) {
+                    Ok(()) => break,
+                    Err((_, returned)) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        pending = returned;
+                    }
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(30)).expect("flush");
+    }
+
+    /// Every committed record of `topic`, read up to the fetch-side end of
+    /// each partition.
+    pub fn read_all(&self, topic: &str) -> Vec<Record> {
+        let mut reader = Reader::new(self, &[topic]);
+        reader.poll_to_end();
+        reader.records
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One consumed record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Record {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.value).expect("record is JSON")
+    }
+}
+
+/// A read_committed reader of whole topics that keeps what it has read, so
+/// tests can wait for a condition over everything seen so far.
+pub struct Reader {
+    consumer: BaseConsumer,
+    pub records: Vec<Record>,
+}
+
+impl Reader {
+    pub fn new(broker: &Broker, topics: &[&str]) -> Reader {
+        let consumer: BaseConsumer = broker
+            .client_config()
+            .set("group.id", "baton-test-reader")
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create()
+            .expect("reader");
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .expect("metadata");
+        let mut assignment = TopicPartitionList::new();
+        for topic in topics {
+            let found = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == *topic)
+                .unwrap_or_else(|| panic!("topic {topic} exists"));
+            for partition in found.partitions() {
+                assignment
+                    .add_partition_offset(topic, partition.id(), Offset::Beginning)
+                    .expect("assign");
+            }
+        }
+        consumer.assign(&assignment).expect("assign");
+        Reader {
+            consumer,
+            records: Vec::new(),
+        }
+    }
+
+    /// Reads until every partition reported its end once.
+    pub fn poll_to_end(&mut self) {
+        let partitions = self.consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        let mut ended = std::collections::HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ended.len() < partitions && Instant::now() < deadline {
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(message)) => self.records.push(to_record(&message)),
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    ended.insert(p);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads whatever is available right now.
+    pub fn poll_available(&mut self) {
+        while let Some(result) = self.consumer.poll(Duration::from_millis(50)) {
+            if let Ok(message) = result {
+                self.records.push(to_record(&message));
+            }
+        }
+    }
+
+    /// Polls until `condition` holds over everything read so far.
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        condition: impl Fn(&[Record]) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.poll_available();
+            if condition(&self.records) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what} ({} records read)",
+                self.records.len()
+            );
+        }
+    }
+
+    pub fn topic(&self, topic: &str) -> Vec<&Record> {
+        self.records.iter().filter(|r| r.topic == topic).collect()
+    }
+}
+
+fn to_record(message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    let headers = message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_string(),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        topic: message.topic().to_string(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        headers,
+    }
+}
+
+/// A `baton run` process, SIGKILLed on drop unless it already exited.
+pub struct Baton {
+    child: Option<Child>,
+    pub instance_id: String,
+    pub state_dir: tempfile::TempDir,
+    pub http_port: u16,
+    log: PathBuf,
+}
+
+pub struct BatonOptions<'a> {
+    pub instance_id: &'a str,
+    pub topology: PathBuf,
+    pub extra_args: Vec<String>,
+    pub state_dir: Option<tempfile::TempDir>,
+}
+
+impl<'a> BatonOptions<'a> {
+    pub fn new(instance_id: &'a str) -> Self {
+        BatonOptions {
+            instance_id,
+            topology: Path::new(REPO).join("topology"),
+            extra_args: vec![],
+            state_dir: None,
+        }
+    }
+}
+
+impl Baton {
+    pub fn start(broker: &Broker, options: BatonOptions<'_>) -> Baton {
+        let state_dir = options
+            .state_dir
+            .unwrap_or_else(|| tempfile::tempdir().expect("state dir"));
+        let http_port = free_port();
+        let log = std::env::temp_dir().join(format!(
+            "baton-test-{}-{}-{}.log",
+            std::process::id(),
+            options.instance_id,
+            http_port
+        ));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_baton"));
+        command
+            .arg("run")
+            .args(["--bootstrap-servers", &broker.bootstrap])
+            .args(["--instance-id", options.instance_id])
+            .args(["--application-id", "baton-test"])
+            .arg("--topology")
+            .arg(&options.topology)
+            .arg("--state-dir")
+            .arg(state_dir.path())
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .args(["--kafka-prop", "consumer.session.timeout.ms=6000"])
+            .args(["--kafka-prop", "consumer.heartbeat.interval.ms=500"])
+            .args(&options.extra_args)
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .env_remove("BATON_BOOTSTRAP_SERVERS")
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file);
+        die_with_parent(&mut command);
+        let child = command.spawn().expect("baton starts");
+        Baton {
+            child: Some(child),
+            instance_id: options.instance_id.to_string(),
+            state_dir,
+            http_port,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit, up to `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET a path on the pod's HTTP server: (status, body).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut stream = TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+        Some((status, body))
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self.http_get("/readyz"), Some((200, _)))
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- log of baton {} ----\n{}", self.instance_id, self.log());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Handovers deduplicated by `handover_id`; panics if one id carries two
+/// different handovers (ids must be deterministic). Returns the map and the
+/// number of duplicates seen.
+pub fn dedup_handovers(records: &[&Record]) -> (BTreeMap<String, serde_json::Value>, usize) {
+    let mut unique: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut duplicates = 0;
+    for record in records {
+        let mut value = record.json();
+        let id = value["handover_id"].as_str().expect("handover_id").to_string();
+        // produced_at is wall-clock time; everything else must be identical.
+        if let Some(object) = value.as_object_mut() {
+            object.remove("produced_at");
+        }
+        if let Some(existing) = unique.get(&id) {
+            assert_eq!(existing, &value, "handover {id} differs between copies");
+            duplicates += 1;
+        } else {
+            unique.insert(id, value);
+        }
+    }
+    (unique, duplicates)
+}
+
+/// The reference model: the pure step folded over each context's events in
+/// order, giving the handovers and final states a correct run must produce.
+pub struct Reference {
+    pub handovers: BTreeMap<String, serde_json::Value>,
+    pub states: HashMap<String, baton::workflow::WorkflowState>,
+    pub dead_letters: usize,
+}
+
+pub fn reference(records: &[baton::sample::SampleRecord]) -> Reference {
+    use baton::codec::{self, DecodeLimits};
+    use baton::event::SourceCoordinates;
+    use baton::handover::Handover;
+    use baton::workflow::{self, StepOutcome};
+    let topology = baton::topology::Topology::load(&Path::new(REPO).join("topology"))
+        .expect("topology loads");
+    let mut states: HashMap<String, workflow::WorkflowState> = HashMap::new();
+    let mut handovers = BTreeMap::new();
+    let mut dead_letters = 0;
+    for (i, record) in records.iter().enumerate() {
+        // Sample records carry event ids, so coordinates do not matter here.
+        let source = SourceCoordinates {
+            topic: "mcp.events.all".into(),
+            partition: 0,
+            offset: i as i64,
+        };
+        let event = match codec::decode_event(Some(&record.value), &source, &DecodeLimits::default()) {
+            Ok(event) => event,
+            Err(_) => {
+                dead_letters += 1;
+                continue;
+            }
+        };
+        let current = states.get(&event.context_id);
+        match workflow::step(current, &event, &topology, 0) {
+            StepOutcome::Applied { state, handovers: drafts, .. } => {
+                for draft in &drafts {
+                    let handover = Handover::from_draft(draft, &event, None, String::new());
+                    let mut value = serde_json::to_value(&handover).expect("json");
+                    if let Some(object) = value.as_object_mut() {
+                        object.remove("produced_at");
+                    }
+                    handovers.insert(handover.handover_id.clone(), value);
+                }
+                states.insert(event.context_id.clone(), state);
+            }
+            StepOutcome::Invalid { .. } => dead_letters += 1,
+            StepOutcome::Duplicate | StepOutcome::Unrouted => {}
+        }
+    }
+    Reference {
+        handovers,
+        states,
+        dead_letters,
+    }
+}
+
+/// Output topics of the vision-research workflow.
+pub const HANDOVER_TOPICS: [&str; 5] = [
+    "mcp.handover.researcher",
+    "mcp.handover.valuation",
+    "mcp.handover.playwright",
+    "mcp.handover.reporter",
+    "mcp.handover.fetcher",
+];
