@@ -44,6 +44,29 @@ pub enum Command {
     Topics(TopicsCommand),
     /// Produce sample vision-research traffic (demos, load tests).
     Simulate(SimulateArgs),
+    /// Inspect workflow state.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Print a context's workflow state as JSON: from a running pod over
+    /// HTTP (`--url`), or offline from a stopped pod's state directory.
+    Get(StateGetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StateGetArgs {
+    pub context_id: String,
+    /// A running pod, e.g. http://baton-0.baton-headless:8080.
+    #[arg(long, conflicts_with = "state_dir")]
+    pub url: Option<String>,
+    /// A state directory to read offline (the pod must be stopped).
+    #[arg(long, env = "BATON_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[arg(long, env = "BATON_APPLICATION_ID", default_value = crate::config::DEFAULT_APPLICATION_ID)]
+    pub application_id: String,
 }
 
 /// Flags of `baton run`. Optional where a config file or default may fill in.
@@ -184,6 +207,47 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Topics(TopicsCommand::Create(args)) => create_topics(args).await,
         Command::Simulate(args) => simulate(args).await,
+        Command::State(StateCommand::Get(args)) => state_get(args).await,
+    }
+}
+
+async fn state_get(args: StateGetArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &args.url {
+        let encoded = percent_encoding::utf8_percent_encode(
+            &args.context_id,
+            percent_encoding::NON_ALPHANUMERIC,
+        );
+        let target = format!("{}/contexts/{encoded}", url.trim_end_matches('/'));
+        let (status, body) = http::get(&target).await?;
+        println!("{body}");
+        return Ok(if status == 200 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let state_dir = args
+        .state_dir
+        .context("give --url of a running pod or --state-dir of a stopped one")?;
+    match crate::state::get_offline(
+        &state_dir,
+        &args.application_id,
+        crate::runtime::processor::WORKFLOW_STORE,
+        &args.context_id,
+    )? {
+        Some((partition, bytes)) => {
+            let state = crate::workflow::WorkflowState::decode(&bytes)?;
+            let mut value = serde_json::to_value(&state)?;
+            if let Some(object) = value.as_object_mut() {
+                object.insert("partition".into(), serde_json::json!(partition));
+            }
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            eprintln!("no workflow state for context `{}` in {}", args.context_id, state_dir.display());
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 
@@ -205,10 +269,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::new();
     shutdown.listen_for_signals();
     let readiness = Arc::new(Readiness::default());
+    let stores = Arc::new(crate::state::OpenStores::default());
     let (bound, server) = http::bind(
         config.http_addr,
         Arc::new(HttpState {
             readiness: Arc::clone(&readiness),
+            stores: Arc::clone(&stores),
         }),
         shutdown.clone(),
     )
@@ -216,7 +282,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     .with_context(|| format!("cannot listen on {}", config.http_addr))?;
     tracing::info!(addr = %bound, "http server listening");
     let server = tokio::spawn(server);
-    let result = runtime::run(config, topology, readiness, shutdown.clone()).await;
+    let result = runtime::run(config, topology, readiness, stores, shutdown.clone()).await;
     shutdown.trigger();
     let _ = server.await;
     match result {

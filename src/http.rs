@@ -1,4 +1,4 @@
-//! The HTTP surface: `/metrics`, `/healthz`, `/readyz`.
+//! The HTTP surface: `/metrics`, `/healthz`, `/readyz`, `/contexts/{id}`.
 //!
 //! Errors are JSON with a code and a message, so agents and operators can
 //! act on them without scraping text.
@@ -19,6 +19,8 @@ use tokio::net::TcpListener;
 
 use crate::metrics;
 use crate::runtime::Readiness;
+use crate::state::OpenStores;
+use crate::workflow::WorkflowState;
 use crate::shutdown::Shutdown;
 
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -26,6 +28,7 @@ pub type HttpResponse = Response<Full<Bytes>>;
 /// State every request handler can see.
 pub struct HttpState {
     pub readiness: Arc<Readiness>,
+    pub stores: Arc<OpenStores>,
 }
 
 /// Binds `addr` (so a taken port fails start-up loudly) and returns the
@@ -109,11 +112,42 @@ async fn route(state: &HttpState, request: Request<Incoming>) -> HttpResponse {
             };
             json_response(status, &json!({"ready": ready, "partitions": owned}))
         }
-        other => error(
+        path => match path.strip_prefix("/contexts/") {
+            Some(id) if !id.is_empty() && !id.contains('/') => context(state, id),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no route for {path}"),
+            ),
+        },
+    }
+}
+
+/// The committed workflow state of a context this pod owns.
+fn context(state: &HttpState, raw_id: &str) -> HttpResponse {
+    // Context ids may hold any character; clients percent-encode them.
+    let id = percent_encoding::percent_decode_str(raw_id)
+        .decode_utf8_lossy()
+        .into_owned();
+    match state.stores.get(&id) {
+        Ok(Some((partition, bytes))) => match WorkflowState::decode(&bytes) {
+            Ok(workflow_state) => match serde_json::to_value(&workflow_state) {
+                Ok(mut value) => {
+                    if let Some(object) = value.as_object_mut() {
+                        object.insert("partition".into(), json!(partition));
+                    }
+                    json_response(StatusCode::OK, &value)
+                }
+                Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, "encoding", &err.to_string()),
+            },
+            Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, "corrupt_state", &err.to_string()),
+        },
+        Ok(None) => error(
             StatusCode::NOT_FOUND,
-            "not_found",
-            &format!("no route for {other}"),
+            "unknown_context",
+            &format!("no workflow state for context `{id}` on this pod"),
         ),
+        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, "state_store", &err.to_string()),
     }
 }
 
@@ -133,3 +167,28 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> HttpRes
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
+
+/// A GET with hyper's client: (status, body). For `baton state get` and
+/// forwarding between pods.
+pub async fn get(url: &str) -> Result<(u16, String), HttpClientError> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|err: hyper::http::uri::InvalidUri| HttpClientError(format!("{url}: {err}")))?;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), client.get(uri))
+        .await
+        .map_err(|_| HttpClientError(format!("{url}: timed out")))?
+        .map_err(|err| HttpClientError(format!("{url}: {err}")))?;
+    let status = response.status().as_u16();
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .map_err(|err| HttpClientError(format!("{url}: {err}")))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("http request failed: {0}")]
+pub struct HttpClientError(String);

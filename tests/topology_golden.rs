@@ -16,8 +16,12 @@ fn assert_golden(name: &str, actual: &str) {
         std::fs::write(&path, actual).expect("write golden file");
         return;
     }
-    let expected = std::fs::read_to_string(&path)
-        .unwrap_or_else(|error| panic!("{}: {error}; run with UPDATE_GOLDEN=1 to create it", path.display()));
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|error| {
+        panic!(
+            "{}: {error}; run with UPDATE_GOLDEN=1 to create it",
+            path.display()
+        )
+    });
     assert!(
         actual == expected,
         "{} differs from the output; run with UPDATE_GOLDEN=1 if the change is intended\n--- expected\n{expected}\n--- actual\n{actual}",
@@ -26,7 +30,8 @@ fn assert_golden(name: &str, actual: &str) {
 }
 
 fn shipped() -> Topology {
-    Topology::load(&repo_path("topology/vision-research.toml")).expect("the shipped topology is valid")
+    Topology::load(&repo_path("topology/vision-research.toml"))
+        .expect("the shipped topology is valid")
 }
 
 #[test]

@@ -56,6 +56,8 @@ pub struct Pipeline {
     pub dlq_topic: String,
     pub workflow_changelog: String,
     pub limits: DecodeLimits,
+    /// Open store partitions, readable by the HTTP surface.
+    pub stores: Arc<state::OpenStores>,
 }
 
 /// What `/readyz` reports: joined the group, and no partition restoring.
@@ -105,6 +107,7 @@ pub async fn run(
     config: RunConfig,
     topology: Arc<Topology>,
     readiness: Arc<Readiness>,
+    stores: Arc<state::OpenStores>,
     shutdown: Shutdown,
 ) -> Result<(), RunError> {
     let settings = config.kafka.clone();
@@ -129,6 +132,7 @@ pub async fn run(
         dlq_topic: config.dlq_topic.clone(),
         workflow_changelog,
         limits: config.limits,
+        stores,
     });
 
     let producer_config = config

@@ -118,6 +118,7 @@ impl PartitionProcessor {
                 return wait_for_stop(control, partition).await;
             }
         };
+        pipeline.stores.register(partition, Arc::clone(store.db()));
         Some(PartitionProcessor {
             pipeline: Arc::clone(pipeline),
             partition,
@@ -275,6 +276,7 @@ impl PartitionProcessor {
     }
 
     pub async fn close(self) {
+        self.pipeline.stores.unregister(self.partition);
         let db = Arc::clone(self.store.db());
         drop(self.store);
         // Flushing the memtable on close makes the next open fast.

@@ -64,6 +64,89 @@ pub fn store_path(state_dir: &Path, application_id: &str, store: &str, partition
         .join(format!("{store}-{partition}"))
 }
 
+/// The store partitions open in this pod, so the HTTP surface can read
+/// committed state without going through a task.
+#[derive(Default)]
+pub struct OpenStores {
+    stores: std::sync::RwLock<std::collections::BTreeMap<i32, Arc<DB>>>,
+}
+
+impl OpenStores {
+    pub fn register(&self, partition: i32, db: Arc<DB>) {
+        self.write().insert(partition, db);
+    }
+
+    pub fn unregister(&self, partition: i32) {
+        self.write().remove(&partition);
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, std::collections::BTreeMap<i32, Arc<DB>>> {
+        self.stores
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The committed value of `key` in whichever open partition holds it.
+    pub fn get(&self, key: &str) -> Result<Option<(i32, Vec<u8>)>, StateError> {
+        let stores = self
+            .stores
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (partition, db) in stores.iter() {
+            if let Some(value) = db.get(key.as_bytes())? {
+                return Ok(Some((*partition, value)));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn partitions(&self) -> Vec<i32> {
+        self.stores
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+}
+
+/// Looks `key` up in a state directory offline, read-only, across every
+/// partition of `store`. For `baton state get` on a stopped pod.
+pub fn get_offline(
+    state_dir: &Path,
+    application_id: &str,
+    store: &str,
+    key: &str,
+) -> Result<Option<(i32, Vec<u8>)>, StateError> {
+    let dir = state_dir.join(application_id);
+    let entries = std::fs::read_dir(&dir).map_err(|source| StateError::CreateDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let prefix = format!("{store}-");
+    let mut partitions: Vec<(i32, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let partition = name.strip_prefix(&prefix)?.parse().ok()?;
+            Some((partition, entry.path()))
+        })
+        .collect();
+    partitions.sort();
+    for (partition, path) in partitions {
+        let families = [rocksdb::DEFAULT_COLUMN_FAMILY_NAME, META_FAMILY];
+        let db = DB::open_cf_for_read_only(&Options::default(), &path, families, false)
+            .map_err(|source| StateError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        if let Some(value) = db.get(key.as_bytes())? {
+            return Ok(Some((partition, value)));
+        }
+    }
+    Ok(None)
+}
+
 /// One store partition: RocksDB plus the uncommitted overlay.
 pub struct PartitionStore {
     db: Arc<DB>,

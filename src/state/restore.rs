@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -83,8 +84,11 @@ pub fn restore(db: &DB, request: &RestoreRequest<'_>) -> Result<RestoreReport, R
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
         .set("fetch.max.bytes", "52428800")
-        .set("max.partition.fetch.bytes", "10485760");
-    let consumer: BaseConsumer = config.create().map_err(kafka_error)?;
+        .set("max.partition.fetch.bytes", "10485760")
+        .set("fetch.wait.max.ms", "50");
+    let consumer: BaseConsumer<RestoreContext> = config
+        .create_with_context(RestoreContext)
+        .map_err(kafka_error)?;
     let checkpoint = read_checkpoint(db)?;
     let start = checkpoint.map_or(Offset::Beginning, Offset::Offset);
     let mut assignment = TopicPartitionList::new();
@@ -237,6 +241,22 @@ impl ChangelogMeta {
         })
     }
 }
+
+/// The restore consumer's context: reaching the end of the changelog is the
+/// goal, not an error worth a log line.
+struct RestoreContext;
+
+impl ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error {
+            KafkaError::PartitionEOF(_)
+            | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {}
+            other => tracing::warn!(cause = %other, reason, "changelog reader error"),
+        }
+    }
+}
+
+impl ConsumerContext for RestoreContext {}
 
 /// A cancellation flag shared between a task and its blocking restore.
 pub fn cancel_flag() -> Arc<AtomicBool> {

@@ -103,7 +103,12 @@ fn state_roles(definition: &WorkflowDefinition, state: &str) -> Vec<&'static str
     if definition.is_terminal(state) {
         roles.push("terminal");
     }
-    if definition.retry.plan_b.as_ref().is_some_and(|plan_b| plan_b.state == state) {
+    if definition
+        .retry
+        .plan_b
+        .as_ref()
+        .is_some_and(|plan_b| plan_b.state == state)
+    {
         roles.push("plan B");
     }
     if definition.budget.exhausted_state == state {
@@ -120,7 +125,11 @@ fn target_text(target: &HandoverTarget) -> String {
 }
 
 /// The triggers, each with the alternates' events that stand in for it.
-fn triggers_label(definition: &WorkflowDefinition, transition: &Transition, separator: &str) -> String {
+fn triggers_label(
+    definition: &WorkflowDefinition,
+    transition: &Transition,
+    separator: &str,
+) -> String {
     transition
         .on
         .iter()
@@ -157,7 +166,12 @@ fn workflow_mermaid(definition: &WorkflowDefinition, out: &mut String) {
     let id = |state: &str| format!("{workflow_id}__{}", mermaid_id(state));
     let _ = writeln!(out, "    state {workflow_id} {{");
     for state in &definition.states {
-        let _ = writeln!(out, "        state \"{}\" as {}", mermaid_text(state), id(state));
+        let _ = writeln!(
+            out,
+            "        state \"{}\" as {}",
+            mermaid_text(state),
+            id(state)
+        );
     }
     let _ = writeln!(out, "        [*] --> {}", id(&definition.initial));
     for transition in &definition.transitions {
@@ -165,7 +179,11 @@ fn workflow_mermaid(definition: &WorkflowDefinition, out: &mut String) {
         if transition.is_join() {
             label.push_str(", any order");
         }
-        let agents: Vec<&str> = transition.handovers.iter().map(|target| target.agent.as_str()).collect();
+        let agents: Vec<&str> = transition
+            .handovers
+            .iter()
+            .map(|target| target.agent.as_str())
+            .collect();
         if !agents.is_empty() {
             let _ = write!(label, " / {}", agents.join(", "));
         }
@@ -191,7 +209,11 @@ fn workflow_mermaid(definition: &WorkflowDefinition, out: &mut String) {
             mermaid_text(&plan_b.handover.intent)
         );
     }
-    let _ = writeln!(out, "        {} : token budget exhausted", id(&definition.budget.exhausted_state));
+    let _ = writeln!(
+        out,
+        "        {} : token budget exhausted",
+        id(&definition.budget.exhausted_state)
+    );
     let _ = writeln!(
         out,
         "        {} : healer gave up after {} attempts",

@@ -176,11 +176,9 @@ impl WorkflowDefinition {
     /// completion event of an alternate for the trigger's tool.
     pub fn satisfies(&self, event: &str, trigger: &str) -> bool {
         event == trigger
-            || self
-                .retry
-                .alternates
-                .iter()
-                .any(|alternate| alternate.completion_event == event && alternate.original_event() == trigger)
+            || self.retry.alternates.iter().any(|alternate| {
+                alternate.completion_event == event && alternate.original_event() == trigger
+            })
     }
 
     /// Whether `event` can bind a fresh context to this workflow.
@@ -211,12 +209,22 @@ impl WorkflowDefinition {
 
     /// Every topic this workflow may write a handover to.
     pub fn output_topics(&self) -> impl Iterator<Item = &str> {
-        let transitions = self
-            .transitions
+        let transitions = self.transitions.iter().flat_map(|transition| {
+            transition
+                .handovers
+                .iter()
+                .map(|target| target.topic.as_str())
+        });
+        let alternates = self
+            .retry
+            .alternates
             .iter()
-            .flat_map(|transition| transition.handovers.iter().map(|target| target.topic.as_str()));
-        let alternates = self.retry.alternates.iter().map(|alternate| alternate.topic.as_str());
-        let plan_b = self.retry.plan_b.iter().map(|plan_b| plan_b.handover.topic.as_str());
+            .map(|alternate| alternate.topic.as_str());
+        let plan_b = self
+            .retry
+            .plan_b
+            .iter()
+            .map(|plan_b| plan_b.handover.topic.as_str());
         transitions.chain(alternates).chain(plan_b)
     }
 
@@ -267,7 +275,9 @@ impl Topology {
     }
 
     /// Validates definitions built in code, as tests and tools do.
-    pub fn from_definitions(definitions: Vec<WorkflowDefinition>) -> Result<Topology, TopologyError> {
+    pub fn from_definitions(
+        definitions: Vec<WorkflowDefinition>,
+    ) -> Result<Topology, TopologyError> {
         let problems = validate::check(&definitions);
         if problems.is_empty() {
             Ok(Topology::assemble(definitions))
@@ -296,13 +306,15 @@ impl Topology {
     /// The workflow a fresh context binds to when its first event names none.
     /// Validation makes it unique.
     pub fn starting_with(&self, event: &str) -> Option<&WorkflowDefinition> {
-        self.workflows().find(|definition| definition.starts_with(event))
+        self.workflows()
+            .find(|definition| definition.starts_with(event))
     }
 
     /// Whether some workflow uses `event_name` as a trigger or a stand-in;
     /// events no workflow mentions are counted and skipped, not dead-lettered.
     pub fn mentions(&self, event_name: &str) -> bool {
-        self.workflows().any(|definition| definition.mentions(event_name))
+        self.workflows()
+            .any(|definition| definition.mentions(event_name))
     }
 
     /// Every topic a handover may be written to, so the shell can check
@@ -335,7 +347,10 @@ impl fmt::Display for Problem {
 #[derive(Debug, Error)]
 pub enum TopologyError {
     #[error("{}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: no workflow definitions (*.toml files) found", path.display())]
     Empty { path: PathBuf },
     /// Every problem, one per line.
@@ -354,7 +369,11 @@ impl TopologyError {
 }
 
 fn render_problems(problems: &[Problem]) -> String {
-    problems.iter().map(Problem::to_string).collect::<Vec<_>>().join("\n")
+    problems
+        .iter()
+        .map(Problem::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The files a path stands for: itself, or the `*.toml` files directly in it.
@@ -370,7 +389,11 @@ fn definition_files(path: &Path) -> Result<Vec<PathBuf>, TopologyError> {
     let mut files = Vec::new();
     for entry in fs::read_dir(path).map_err(read_error)? {
         let file = entry.map_err(read_error)?.path();
-        if file.is_file() && file.extension().is_some_and(|extension| extension == "toml") {
+        if file.is_file()
+            && file
+                .extension()
+                .is_some_and(|extension| extension == "toml")
+        {
             files.push(file);
         }
     }
@@ -405,7 +428,11 @@ fn parse_definition(text: &str, file: &Path) -> Result<WorkflowDefinition, Probl
 fn line_and_column(text: &str, byte_offset: usize) -> Option<String> {
     let before = text.get(..byte_offset)?;
     let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |tail| tail.chars().count()) + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |tail| tail.chars().count())
+        + 1;
     Some(format!("line {line}, column {column}"))
 }
 

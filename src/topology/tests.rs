@@ -7,7 +7,8 @@ fn repo_path(relative: &str) -> PathBuf {
 }
 
 fn shipped() -> Topology {
-    Topology::load(&repo_path("topology/vision-research.toml")).expect("the shipped topology is valid")
+    Topology::load(&repo_path("topology/vision-research.toml"))
+        .expect("the shipped topology is valid")
 }
 
 /// The problems of an invalid test topology, with the origin stripped so the
@@ -25,26 +26,43 @@ fn problems_of(file: &str) -> Vec<String> {
         })
         .collect();
     let rendered = error.to_string();
-    assert_eq!(rendered.lines().count(), problems.len(), "one problem per line:\n{rendered}");
+    assert_eq!(
+        rendered.lines().count(),
+        problems.len(),
+        "one problem per line:\n{rendered}"
+    );
     problems
 }
 
 #[test]
 fn loads_the_shipped_vision_research_contract() {
     let topology = shipped();
-    let workflow = topology.workflow("vision-research").expect("vision-research");
+    let workflow = topology
+        .workflow("vision-research")
+        .expect("vision-research");
     assert_eq!(workflow.initial, "VisionAnalyzing");
     assert_eq!(workflow.budget.default_tokens, 20_000);
     assert_eq!(workflow.retry.max_attempts, 3);
-    assert_eq!(workflow.terminal, ["Completed", "BudgetExhausted", "Failed"]);
+    assert_eq!(
+        workflow.terminal,
+        ["Completed", "BudgetExhausted", "Failed"]
+    );
 
-    let first = workflow.match_trigger("VisionAnalyzing", "tool.vision_analyze.completed").expect("first");
+    let first = workflow
+        .match_trigger("VisionAnalyzing", "tool.vision_analyze.completed")
+        .expect("first");
     assert_eq!(first.transition.to, "ResearcherQueued");
     assert_eq!(
         first.transition.handovers,
-        [target("researcher", "enrich_reasoning", "mcp.handover.researcher")]
+        [target(
+            "researcher",
+            "enrich_reasoning",
+            "mcp.handover.researcher"
+        )]
     );
-    let second = workflow.match_trigger("ResearcherQueued", "tool.research_enrich.completed").expect("second");
+    let second = workflow
+        .match_trigger("ResearcherQueued", "tool.research_enrich.completed")
+        .expect("second");
     assert_eq!(second.transition.to, "DownstreamQueued");
     assert_eq!(
         second.transition.handovers,
@@ -53,18 +71,35 @@ fn loads_the_shipped_vision_research_contract() {
             target("playwright", "capture_evidence", "mcp.handover.playwright"),
         ]
     );
-    let join = workflow.match_trigger("DownstreamQueued", "tool.valuation_estimate.completed").expect("join");
+    let join = workflow
+        .match_trigger("DownstreamQueued", "tool.valuation_estimate.completed")
+        .expect("join");
     assert!(join.transition.is_join());
     assert_eq!(join.transition.to, "Completed");
-    assert_eq!(join.transition.handovers, [target("reporter", "summarize", "mcp.handover.reporter")]);
+    assert_eq!(
+        join.transition.handovers,
+        [target("reporter", "summarize", "mcp.handover.reporter")]
+    );
 
-    let stand_in = workflow.match_trigger("DownstreamQueued", "tool.fetch_page.completed").expect("stand-in");
+    let stand_in = workflow
+        .match_trigger("DownstreamQueued", "tool.fetch_page.completed")
+        .expect("stand-in");
     assert_eq!(stand_in.trigger, "tool.browser_take_screenshot.completed");
     assert_eq!(stand_in.index, join.index);
-    assert_eq!(workflow.retry.alternates[0].target(), target("fetcher", "fetch_page", "mcp.handover.fetcher"));
+    assert_eq!(
+        workflow.retry.alternates[0].target(),
+        target("fetcher", "fetch_page", "mcp.handover.fetcher")
+    );
     let plan_b = workflow.retry.plan_b.as_ref().expect("plan B");
     assert_eq!(plan_b.state, "PlanB");
-    assert_eq!(plan_b.handover, target("researcher", "plan_b_manual_review", "mcp.handover.researcher"));
+    assert_eq!(
+        plan_b.handover,
+        target(
+            "researcher",
+            "plan_b_manual_review",
+            "mcp.handover.researcher"
+        )
+    );
 }
 
 fn target(agent: &str, intent: &str, topic: &str) -> HandoverTarget {
@@ -83,10 +118,16 @@ fn mentions_triggers_and_stand_ins_only() {
     assert!(topology.mentions("tool.fetch_page.completed"));
     assert!(!topology.mentions("tool.calendar_lookup.completed"));
     assert_eq!(
-        topology.starting_with("tool.vision_analyze.completed").map(|w| w.name.as_str()),
+        topology
+            .starting_with("tool.vision_analyze.completed")
+            .map(|w| w.name.as_str()),
         Some("vision-research")
     );
-    assert!(topology.starting_with("tool.research_enrich.completed").is_none());
+    assert!(
+        topology
+            .starting_with("tool.research_enrich.completed")
+            .is_none()
+    );
 }
 
 #[test]
@@ -114,7 +155,10 @@ fn loads_a_directory_ignoring_other_files() {
 #[test]
 fn loads_several_files_from_a_directory() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for file in ["topology/vision-research.toml", "tests/topologies/no-fallback.toml"] {
+    for file in [
+        "topology/vision-research.toml",
+        "tests/topologies/no-fallback.toml",
+    ] {
         let source = repo_path(file);
         let name = source.file_name().expect("file name");
         std::fs::copy(&source, dir.path().join(name)).expect("copy");
@@ -122,7 +166,14 @@ fn loads_several_files_from_a_directory() {
     let topology = Topology::load(dir.path()).expect("both are valid together");
     let names: Vec<&str> = topology.workflows().map(|w| w.name.as_str()).collect();
     assert_eq!(names, ["linear-review", "vision-research"]);
-    assert!(topology.workflow("linear-review").expect("linear").retry.plan_b.is_none());
+    assert!(
+        topology
+            .workflow("linear-review")
+            .expect("linear")
+            .retry
+            .plan_b
+            .is_none()
+    );
 }
 
 #[test]
@@ -142,18 +193,27 @@ fn a_missing_path_is_a_read_error() {
 
 #[test]
 fn the_same_workflow_twice_is_an_error() {
-    let definition = shipped().workflow("vision-research").cloned().expect("definition");
+    let definition = shipped()
+        .workflow("vision-research")
+        .cloned()
+        .expect("definition");
     let mut twin = definition.clone();
     twin.origin = Some(PathBuf::from("elsewhere.toml"));
     let error = Topology::from_definitions(vec![definition, twin]).expect_err("twice");
     let problems: Vec<String> = error.problems().iter().map(Problem::to_string).collect();
     assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(problems[0].starts_with("elsewhere.toml: name: workflow `vision-research` is also defined in"));
+    assert!(
+        problems[0]
+            .starts_with("elsewhere.toml: name: workflow `vision-research` is also defined in")
+    );
 }
 
 #[test]
 fn two_workflows_starting_on_the_same_event_are_ambiguous() {
-    let original = shipped().workflow("vision-research").cloned().expect("definition");
+    let original = shipped()
+        .workflow("vision-research")
+        .cloned()
+        .expect("definition");
     let mut copy = original.clone();
     copy.name = "vision-copy".into();
     copy.origin = None;
@@ -183,7 +243,9 @@ fn reports_unknown_states_and_what_they_make_unreachable() {
 fn reports_unreachable_states() {
     assert_eq!(
         problems_of("invalid-unreachable.toml"),
-        ["states[3]: `Archived` is unreachable: no chain of transitions leads to it from `Drafting` or a policy state"]
+        [
+            "states[3]: `Archived` is unreachable: no chain of transitions leads to it from `Drafting` or a policy state"
+        ]
     );
 }
 
@@ -191,7 +253,9 @@ fn reports_unreachable_states() {
 fn reports_duplicate_triggers() {
     assert_eq!(
         problems_of("invalid-duplicate-trigger.toml"),
-        ["transitions[2].on[0]: duplicate trigger `tool.draft_write.completed` from state `Drafting` (also transitions[0])"]
+        [
+            "transitions[2].on[0]: duplicate trigger `tool.draft_write.completed` from state `Drafting` (also transitions[0])"
+        ]
     );
 }
 
@@ -211,14 +275,19 @@ fn reports_a_missing_topic_with_its_line() {
     let problems = problems_of("invalid-missing-topic.toml");
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(problems[0].starts_with("line 20, column"), "{problems:?}");
-    assert!(problems[0].contains("missing field `topic`"), "{problems:?}");
+    assert!(
+        problems[0].contains("missing field `topic`"),
+        "{problems:?}"
+    );
 }
 
 #[test]
 fn reports_a_join_listing_an_event_twice() {
     assert_eq!(
         problems_of("invalid-join-twice.toml"),
-        ["transitions[1].on[1]: join can never complete: `tool.review_check.completed` is listed twice"]
+        [
+            "transitions[1].on[1]: join can never complete: `tool.review_check.completed` is listed twice"
+        ]
     );
 }
 
@@ -269,14 +338,22 @@ fn reports_an_undeclared_initial_state() {
 fn rejects_unknown_keys() {
     let problems = problems_of("invalid-unknown-key.toml");
     assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(problems[0].starts_with("line 13, column 1: unknown field `retries`"), "{problems:?}");
+    assert!(
+        problems[0].starts_with("line 13, column 1: unknown field `retries`"),
+        "{problems:?}"
+    );
 }
 
 #[test]
 fn a_stand_in_that_is_also_a_trigger_is_ambiguous() {
-    let mut definition = shipped().workflow("vision-research").cloned().expect("definition");
+    let mut definition = shipped()
+        .workflow("vision-research")
+        .cloned()
+        .expect("definition");
     definition.origin = None;
-    definition.transitions[2].on.push("tool.fetch_page.completed".into());
+    definition.transitions[2]
+        .on
+        .push("tool.fetch_page.completed".into());
     let error = Topology::from_definitions(vec![definition]).expect_err("ambiguous");
     let problems: Vec<String> = error.problems().iter().map(Problem::to_string).collect();
     assert_eq!(
@@ -290,7 +367,10 @@ fn a_stand_in_that_is_also_a_trigger_is_ambiguous() {
 
 #[test]
 fn policy_states_must_be_terminal_and_every_problem_is_reported() {
-    let mut definition = shipped().workflow("vision-research").cloned().expect("definition");
+    let mut definition = shipped()
+        .workflow("vision-research")
+        .cloned()
+        .expect("definition");
     definition.origin = None;
     definition.terminal.retain(|state| state != "Failed");
     definition.retry.max_attempts = 0;
@@ -306,7 +386,10 @@ fn policy_states_must_be_terminal_and_every_problem_is_reported() {
 
 #[test]
 fn the_shipped_file_round_trips_through_serde() {
-    let definition = shipped().workflow("vision-research").cloned().expect("definition");
+    let definition = shipped()
+        .workflow("vision-research")
+        .cloned()
+        .expect("definition");
     let text = toml::to_string(&definition).expect("serialise");
     let mut back: WorkflowDefinition = toml::from_str(&text).expect("parse");
     back.origin = definition.origin.clone();

@@ -48,13 +48,21 @@ impl Report<'_> {
     }
 
     /// Reports a state that is empty or not declared in `states`.
-    fn known_state(&mut self, key: impl Into<String>, state: &str, states: &BTreeSet<&str>) -> bool {
+    fn known_state(
+        &mut self,
+        key: impl Into<String>,
+        state: &str,
+        states: &BTreeSet<&str>,
+    ) -> bool {
         let key = key.into();
         if !self.present(key.clone(), state) {
             return false;
         }
         if !states.contains(state) {
-            self.push(key, format!("unknown state `{state}` (declare it in `states`)"));
+            self.push(
+                key,
+                format!("unknown state `{state}` (declare it in `states`)"),
+            );
             return false;
         }
         true
@@ -67,7 +75,9 @@ impl Report<'_> {
         let legal = topic.len() <= 249
             && topic != "."
             && topic != ".."
-            && topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            && topic
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if !legal {
             self.push(key, format!("`{topic}` is not a legal Kafka topic name"));
         }
@@ -90,7 +100,10 @@ fn check_definition(definition: &WorkflowDefinition, report: &mut Report<'_>) {
     check_reachability(definition, &states, report);
 }
 
-fn declared_states<'a>(definition: &'a WorkflowDefinition, report: &mut Report<'_>) -> BTreeSet<&'a str> {
+fn declared_states<'a>(
+    definition: &'a WorkflowDefinition,
+    report: &mut Report<'_>,
+) -> BTreeSet<&'a str> {
     let mut states = BTreeSet::new();
     for (index, state) in definition.states.iter().enumerate() {
         let key = format!("states[{index}]");
@@ -101,14 +114,27 @@ fn declared_states<'a>(definition: &'a WorkflowDefinition, report: &mut Report<'
     states
 }
 
-fn check_policy_states(definition: &WorkflowDefinition, states: &BTreeSet<&str>, report: &mut Report<'_>) {
+fn check_policy_states(
+    definition: &WorkflowDefinition,
+    states: &BTreeSet<&str>,
+    report: &mut Report<'_>,
+) {
     if report.known_state("initial", &definition.initial, states) {
         if definition.is_terminal(&definition.initial) {
-            report.push("initial", format!("`{}` is terminal: no event could ever be applied", definition.initial));
+            report.push(
+                "initial",
+                format!(
+                    "`{}` is terminal: no event could ever be applied",
+                    definition.initial
+                ),
+            );
         } else if definition.triggers_from(&definition.initial).is_empty() {
             report.push(
                 "initial",
-                format!("no transition leaves `{}`: no context could ever bind", definition.initial),
+                format!(
+                    "no transition leaves `{}`: no context could ever bind",
+                    definition.initial
+                ),
             );
         }
     }
@@ -120,11 +146,17 @@ fn check_policy_states(definition: &WorkflowDefinition, states: &BTreeSet<&str>,
         ("retry.failed_state", &definition.retry.failed_state),
     ] {
         if report.known_state(key, state, states) && !definition.is_terminal(state) {
-            report.push(key, format!("`{state}` must be listed in `terminal`: nothing may follow it"));
+            report.push(
+                key,
+                format!("`{state}` must be listed in `terminal`: nothing may follow it"),
+            );
         }
     }
     if definition.retry.max_attempts == 0 {
-        report.push("retry.max_attempts", "must be at least 1: 0 attempts would never dispatch a step");
+        report.push(
+            "retry.max_attempts",
+            "must be at least 1: 0 attempts would never dispatch a step",
+        );
     }
     if let Some(plan_b) = &definition.retry.plan_b {
         report.known_state("retry.plan_b.state", &plan_b.state, states);
@@ -132,7 +164,11 @@ fn check_policy_states(definition: &WorkflowDefinition, states: &BTreeSet<&str>,
     }
 }
 
-fn check_transitions(definition: &WorkflowDefinition, states: &BTreeSet<&str>, report: &mut Report<'_>) {
+fn check_transitions(
+    definition: &WorkflowDefinition,
+    states: &BTreeSet<&str>,
+    report: &mut Report<'_>,
+) {
     for (index, transition) in definition.transitions.iter().enumerate() {
         let key = format!("transitions[{index}]");
         if transition.from.is_empty() {
@@ -147,7 +183,10 @@ fn check_transitions(definition: &WorkflowDefinition, states: &BTreeSet<&str>, r
             if !seen_from.insert(from.as_str()) {
                 report.push(from_key, format!("duplicate state `{from}`"));
             } else if definition.is_terminal(from) {
-                report.push(from_key, format!("`{from}` is terminal: terminal states absorb every event"));
+                report.push(
+                    from_key,
+                    format!("`{from}` is terminal: terminal states absorb every event"),
+                );
             }
         }
         report.known_state(format!("{key}.to"), &transition.to, states);
@@ -177,7 +216,10 @@ fn check_triggers(definition: &WorkflowDefinition, report: &mut Report<'_>) {
         for (position, trigger) in transition.on.iter().enumerate() {
             let key = format!("transitions[{index}].on[{position}]");
             if transition.on[..position].contains(trigger) {
-                report.push(key, format!("join can never complete: `{trigger}` is listed twice"));
+                report.push(
+                    key,
+                    format!("join can never complete: `{trigger}` is listed twice"),
+                );
                 continue;
             }
             for arriving in arriving_events(definition, trigger) {
@@ -209,7 +251,9 @@ fn check_triggers(definition: &WorkflowDefinition, report: &mut Report<'_>) {
                         "`{arriving}` from `{from}` is also part of the join in transitions[{other}], \
                          which could then never complete"
                     ),
-                    _ => format!("duplicate trigger `{arriving}` from state `{from}` (also transitions[{other}])"),
+                    _ => format!(
+                        "duplicate trigger `{arriving}` from state `{from}` (also transitions[{other}])"
+                    ),
                 };
                 report.push(key, message);
             }
@@ -225,7 +269,9 @@ fn arriving_events(definition: &WorkflowDefinition, trigger: &str) -> Vec<String
         .iter()
         .filter(|alternate| alternate.original_event() == trigger)
         .map(|alternate| alternate.completion_event.clone());
-    std::iter::once(trigger.to_owned()).chain(stand_ins).collect()
+    std::iter::once(trigger.to_owned())
+        .chain(stand_ins)
+        .collect()
 }
 
 fn check_alternates(definition: &WorkflowDefinition, report: &mut Report<'_>) {
@@ -245,15 +291,24 @@ fn check_alternates(definition: &WorkflowDefinition, report: &mut Report<'_>) {
                 topic: alternate.topic.clone(),
             },
         );
-        let completion_known = report.present(format!("{key}.completion_event"), &alternate.completion_event);
+        let completion_known = report.present(
+            format!("{key}.completion_event"),
+            &alternate.completion_event,
+        );
         if !report.present(format!("{key}.tool"), &alternate.tool) {
             continue;
         }
         let original = alternate.original_event();
         if !tools.insert(alternate.tool.as_str()) {
-            report.push(format!("{key}.tool"), format!("a second alternate for `{}`", alternate.tool));
+            report.push(
+                format!("{key}.tool"),
+                format!("a second alternate for `{}`", alternate.tool),
+            );
         } else if !waited_for.contains(original.as_str()) {
-            report.push(format!("{key}.tool"), format!("no transition waits for `{original}`"));
+            report.push(
+                format!("{key}.tool"),
+                format!("no transition waits for `{original}`"),
+            );
         }
         if completion_known && alternate.completion_event == original {
             report.push(
@@ -264,14 +319,22 @@ fn check_alternates(definition: &WorkflowDefinition, report: &mut Report<'_>) {
     }
 }
 
-fn check_reachability(definition: &WorkflowDefinition, states: &BTreeSet<&str>, report: &mut Report<'_>) {
+fn check_reachability(
+    definition: &WorkflowDefinition,
+    states: &BTreeSet<&str>,
+    report: &mut Report<'_>,
+) {
     if !states.contains(definition.initial.as_str()) {
         // Already reported; every state would look unreachable.
         return;
     }
     let mut reachable: BTreeSet<&str> = [
         Some(definition.initial.as_str()),
-        definition.retry.plan_b.as_ref().map(|plan_b| plan_b.state.as_str()),
+        definition
+            .retry
+            .plan_b
+            .as_ref()
+            .map(|plan_b| plan_b.state.as_str()),
         Some(definition.budget.exhausted_state.as_str()),
         Some(definition.retry.failed_state.as_str()),
     ]
@@ -282,7 +345,11 @@ fn check_reachability(definition: &WorkflowDefinition, states: &BTreeSet<&str>, 
     loop {
         let before = reachable.len();
         for transition in &definition.transitions {
-            if transition.from.iter().any(|from| reachable.contains(from.as_str())) {
+            if transition
+                .from
+                .iter()
+                .any(|from| reachable.contains(from.as_str()))
+            {
                 reachable.insert(transition.to.as_str());
             }
         }
@@ -315,7 +382,11 @@ fn check_across(definitions: &[WorkflowDefinition], problems: &mut Vec<Problem>)
         if let Some(other) = earlier.iter().find(|other| other.name == definition.name) {
             report.push(
                 "name",
-                format!("workflow `{}` is also defined in {}", definition.name, other.origin_label()),
+                format!(
+                    "workflow `{}` is also defined in {}",
+                    definition.name,
+                    other.origin_label()
+                ),
             );
             continue;
         }

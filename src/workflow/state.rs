@@ -55,7 +55,9 @@ pub enum StateDecodeError {
     Malformed(#[from] serde_json::Error),
     #[error("workflow state carries no encoding version `v`")]
     MissingVersion,
-    #[error("workflow state has encoding version {found}; this baton reads up to {STATE_ENCODING_VERSION}")]
+    #[error(
+        "workflow state has encoding version {found}; this baton reads up to {STATE_ENCODING_VERSION}"
+    )]
     UnsupportedVersion { found: u64 },
 }
 
@@ -69,7 +71,11 @@ struct Envelope<'a> {
 
 impl WorkflowState {
     /// A context just bound to `definition`, before its first event is applied.
-    pub fn bind(context_id: &str, definition: &WorkflowDefinition, requested_budget: Option<u64>) -> WorkflowState {
+    pub fn bind(
+        context_id: &str,
+        definition: &WorkflowDefinition,
+        requested_budget: Option<u64>,
+    ) -> WorkflowState {
         WorkflowState {
             context_id: context_id.to_owned(),
             workflow: definition.name.clone(),

@@ -70,6 +70,9 @@ pub struct StatusUpdate {
 }
 
 /// What the shell must do with one event.
+// `Applied` is the common outcome, so boxing its state to shrink the rare
+// ones would only add an allocation per event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepOutcome {
     /// Write `state`, produce the handovers and status updates.
@@ -89,7 +92,12 @@ pub enum StepOutcome {
 
 /// Applies `event` to a context's `state` (`None` for a context never seen).
 /// `now_ms` is the input record's timestamp, so a replay computes the same result.
-pub fn step(state: Option<&WorkflowState>, event: &ToolEvent, topology: &Topology, now_ms: i64) -> StepOutcome {
+pub fn step(
+    state: Option<&WorkflowState>,
+    event: &ToolEvent,
+    topology: &Topology,
+    now_ms: i64,
+) -> StepOutcome {
     match state {
         Some(current) => step_bound(current, event, topology, now_ms),
         None => step_unbound(event, topology, now_ms),
@@ -97,26 +105,26 @@ pub fn step(state: Option<&WorkflowState>, event: &ToolEvent, topology: &Topolog
 }
 
 fn step_unbound(event: &ToolEvent, topology: &Topology, now_ms: i64) -> StepOutcome {
+    if !topology.mentions(&event.event) {
+        return StepOutcome::Unrouted;
+    }
     let definition = match event.workflow.as_deref() {
-        Some(name) => match topology.workflow(name) {
-            Some(definition) => definition,
-            None => {
-                return invalid(format!(
-                    "`{}` asks for workflow `{name}`, which the topology does not define",
-                    event.event
-                ));
-            }
-        },
-        None => match topology.starting_with(&event.event) {
-            Some(definition) => definition,
-            None if topology.mentions(&event.event) => {
-                return invalid(format!(
-                    "context `{}` is bound to no workflow, and `{}` starts none",
-                    event.context_id, event.event
-                ));
-            }
-            None => return StepOutcome::Unrouted,
-        },
+        Some(name) => topology.workflow(name).ok_or_else(|| {
+            format!(
+                "`{}` asks for workflow `{name}`, which the topology does not define",
+                event.event
+            )
+        }),
+        None => topology.starting_with(&event.event).ok_or_else(|| {
+            format!(
+                "context `{}` is bound to no workflow, and `{}` starts none",
+                event.context_id, event.event
+            )
+        }),
+    };
+    let definition = match definition {
+        Ok(definition) => definition,
+        Err(reason) => return invalid(reason),
     };
     if let Some(reason) = failed_tool(event) {
         return invalid(reason);
@@ -125,7 +133,12 @@ fn step_unbound(event: &ToolEvent, topology: &Topology, now_ms: i64) -> StepOutc
     advance(&fresh, None, definition, event, now_ms)
 }
 
-fn step_bound(current: &WorkflowState, event: &ToolEvent, topology: &Topology, now_ms: i64) -> StepOutcome {
+fn step_bound(
+    current: &WorkflowState,
+    event: &ToolEvent,
+    topology: &Topology,
+    now_ms: i64,
+) -> StepOutcome {
     if current.has_seen(&event.event_id) {
         return StepOutcome::Duplicate;
     }
@@ -162,7 +175,11 @@ fn step_bound(current: &WorkflowState, event: &ToolEvent, topology: &Topology, n
 /// cannot complete the join), so it leaves the state unchanged.
 fn failed_tool(event: &ToolEvent) -> Option<String> {
     (event.status == ToolStatus::Error).then(|| {
-        let detail = event.error.as_deref().map(|error| format!(" ({error})")).unwrap_or_default();
+        let detail = event
+            .error
+            .as_deref()
+            .map(|error| format!(" ({error})"))
+            .unwrap_or_default();
         format!(
             "tool call `{}` failed{detail}; a failed call does not advance the workflow",
             event.event
@@ -200,7 +217,10 @@ fn advance(
     if next.tokens_used >= next.token_budget {
         return exhaust(next, from, definition, transition, now_ms);
     }
-    let join_complete = transition.on.iter().all(|trigger| next.join_arrived.contains(trigger));
+    let join_complete = transition
+        .on
+        .iter()
+        .all(|trigger| next.join_arrived.contains(trigger));
     if transition.is_join() && !join_complete {
         return wait(next, from, transition, now_ms);
     }
@@ -247,7 +267,12 @@ fn fire(
 }
 
 /// A join arrival that leaves others outstanding: recorded, no handover.
-fn wait(next: WorkflowState, from: Option<&str>, transition: &Transition, now_ms: i64) -> StepOutcome {
+fn wait(
+    next: WorkflowState,
+    from: Option<&str>,
+    transition: &Transition,
+    now_ms: i64,
+) -> StepOutcome {
     let missing: Vec<&str> = transition
         .on
         .iter()
@@ -284,7 +309,14 @@ fn exhaust(
     let handovers = transition
         .handovers
         .first()
-        .map(|target| draft(definition, target, HandoverStatus::BudgetExhausted, next.tokens_left()))
+        .map(|target| {
+            draft(
+                definition,
+                target,
+                HandoverStatus::BudgetExhausted,
+                next.tokens_left(),
+            )
+        })
         .into_iter()
         .collect();
     let message = format!(
@@ -322,7 +354,12 @@ fn status_of(definition: &WorkflowDefinition, state: &str) -> ContextStatus {
         ContextStatus::Failed
     } else if definition.is_terminal(state) {
         ContextStatus::Completed
-    } else if definition.retry.plan_b.as_ref().is_some_and(|plan_b| plan_b.state == state) {
+    } else if definition
+        .retry
+        .plan_b
+        .as_ref()
+        .is_some_and(|plan_b| plan_b.state == state)
+    {
         ContextStatus::PlanB
     } else {
         ContextStatus::Queued

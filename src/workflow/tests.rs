@@ -15,7 +15,8 @@ pub(super) fn topology() -> Topology {
 fn with_linear_review() -> Topology {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut definitions: Vec<_> = topology().workflows().cloned().collect();
-    let linear = Topology::load(&root.join("tests/topologies/no-fallback.toml")).expect("no-fallback");
+    let linear =
+        Topology::load(&root.join("tests/topologies/no-fallback.toml")).expect("no-fallback");
     definitions.extend(linear.workflows().cloned());
     Topology::from_definitions(definitions).expect("both together")
 }
@@ -90,13 +91,24 @@ fn queued(agent: &str, intent: &str, tokens_left: u64) -> HandoverDraft {
 /// Runs the first two steps: the context ends in `DownstreamQueued`.
 fn downstream(topology: &Topology) -> WorkflowState {
     let first = applied(step(None, &event("e1", VISION, 1000), topology, 10));
-    applied(step(Some(&first.state), &event("e2", RESEARCH, 2000), topology, 20)).state
+    applied(step(
+        Some(&first.state),
+        &event("e2", RESEARCH, 2000),
+        topology,
+        20,
+    ))
+    .state
 }
 
 #[test]
 fn binds_on_the_initial_event_with_the_default_budget() {
     let topology = topology();
-    let step = applied(step(None, &event("e1", VISION, 1000), &topology, 1_700_000_000_000));
+    let step = applied(step(
+        None,
+        &event("e1", VISION, 1000),
+        &topology,
+        1_700_000_000_000,
+    ));
     assert_eq!(step.state.workflow, "vision-research");
     assert_eq!(step.state.state, "ResearcherQueued");
     assert_eq!(step.state.locked_by.as_deref(), Some("researcher"));
@@ -105,7 +117,10 @@ fn binds_on_the_initial_event_with_the_default_budget() {
     assert_eq!(step.state.tokens_used, 1000);
     assert_eq!(step.state.version, 1);
     assert_eq!(step.state.updated_at, 1_700_000_000_000);
-    assert_eq!(step.handovers, [queued("researcher", "enrich_reasoning", 19_000)]);
+    assert_eq!(
+        step.handovers,
+        [queued("researcher", "enrich_reasoning", 19_000)]
+    );
     assert_eq!(
         step.status_updates,
         [StatusUpdate {
@@ -149,7 +164,10 @@ fn an_event_that_starts_nothing_is_invalid_for_an_unknown_context() {
     let mut named = event("e1", RESEARCH, 10);
     named.workflow = Some("vision-research".into());
     let reason = invalid_reason(step(None, &named, &topology, 0));
-    assert!(reason.contains("does not start workflow `vision-research`"), "{reason}");
+    assert!(
+        reason.contains("does not start workflow `vision-research`"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -157,15 +175,29 @@ fn unmentioned_events_are_unrouted_bound_or_not() {
     let topology = topology();
     let noise = event("n1", "tool.calendar_lookup.completed", 10);
     assert_eq!(step(None, &noise, &topology, 0), StepOutcome::Unrouted);
+    let mut named_noise = noise.clone();
+    named_noise.workflow = Some("vision-research".into());
+    assert_eq!(
+        step(None, &named_noise, &topology, 0),
+        StepOutcome::Unrouted
+    );
     let bound = applied(step(None, &event("e1", VISION, 10), &topology, 0)).state;
-    assert_eq!(step(Some(&bound), &noise, &topology, 0), StepOutcome::Unrouted);
+    assert_eq!(
+        step(Some(&bound), &noise, &topology, 0),
+        StepOutcome::Unrouted
+    );
 }
 
 #[test]
 fn fans_out_to_valuation_and_playwright() {
     let topology = topology();
     let first = applied(step(None, &event("e1", VISION, 1000), &topology, 10));
-    let second = applied(step(Some(&first.state), &event("e2", RESEARCH, 2000), &topology, 20));
+    let second = applied(step(
+        Some(&first.state),
+        &event("e2", RESEARCH, 2000),
+        &topology,
+        20,
+    ));
     assert_eq!(second.state.state, "DownstreamQueued");
     assert_eq!(second.state.locked_by.as_deref(), Some("valuation"));
     assert_eq!(second.state.version, 2);
@@ -176,8 +208,14 @@ fn fans_out_to_valuation_and_playwright() {
             queued("playwright", "capture_evidence", 17_000),
         ]
     );
-    assert_eq!(second.status_updates[0].message, "Valuation and Playwright are thinking...");
-    assert_eq!(second.status_updates[0].from.as_deref(), Some("ResearcherQueued"));
+    assert_eq!(
+        second.status_updates[0].message,
+        "Valuation and Playwright are thinking..."
+    );
+    assert_eq!(
+        second.status_updates[0].from.as_deref(),
+        Some("ResearcherQueued")
+    );
 }
 
 #[test]
@@ -185,17 +223,32 @@ fn the_join_completes_in_either_order() {
     let topology = topology();
     for order in [[VALUATION, SCREENSHOT], [SCREENSHOT, VALUATION]] {
         let start = downstream(&topology);
-        let arrival = applied(step(Some(&start), &event("j1", order[0], 500), &topology, 30));
+        let arrival = applied(step(
+            Some(&start),
+            &event("j1", order[0], 500),
+            &topology,
+            30,
+        ));
         assert_eq!(arrival.state.state, "DownstreamQueued");
         assert!(arrival.handovers.is_empty());
         assert_eq!(arrival.state.attempts, start.attempts);
         assert_eq!(arrival.state.version, 3);
         assert_eq!(arrival.state.tokens_used, 3500);
         assert_eq!(arrival.status_updates[0].status, ContextStatus::Waiting);
-        let missing = order[1].trim_start_matches("tool.").trim_end_matches(".completed");
-        assert_eq!(arrival.status_updates[0].message, format!("Waiting for {missing}"));
+        let missing = order[1]
+            .trim_start_matches("tool.")
+            .trim_end_matches(".completed");
+        assert_eq!(
+            arrival.status_updates[0].message,
+            format!("Waiting for {missing}")
+        );
 
-        let done = applied(step(Some(&arrival.state), &event("j2", order[1], 500), &topology, 40));
+        let done = applied(step(
+            Some(&arrival.state),
+            &event("j2", order[1], 500),
+            &topology,
+            40,
+        ));
         assert_eq!(done.state.state, "Completed");
         assert_eq!(done.state.locked_by.as_deref(), Some("reporter"));
         assert!(done.state.join_arrived.is_empty());
@@ -211,11 +264,29 @@ fn the_join_completes_in_either_order() {
 fn fetch_page_stands_in_for_the_screenshot() {
     let topology = topology();
     let start = downstream(&topology);
-    let fetched = applied(step(Some(&start), &event("j1", FETCH_PAGE, 300), &topology, 30));
+    let fetched = applied(step(
+        Some(&start),
+        &event("j1", FETCH_PAGE, 300),
+        &topology,
+        30,
+    ));
     assert!(fetched.state.join_arrived.contains(SCREENSHOT));
-    let late_screenshot = invalid_reason(step(Some(&fetched.state), &event("j2", SCREENSHOT, 1), &topology, 40));
-    assert!(late_screenshot.contains("arrives a second time"), "{late_screenshot}");
-    let done = applied(step(Some(&fetched.state), &event("j3", VALUATION, 300), &topology, 50));
+    let late_screenshot = invalid_reason(step(
+        Some(&fetched.state),
+        &event("j2", SCREENSHOT, 1),
+        &topology,
+        40,
+    ));
+    assert!(
+        late_screenshot.contains("arrives a second time"),
+        "{late_screenshot}"
+    );
+    let done = applied(step(
+        Some(&fetched.state),
+        &event("j3", VALUATION, 300),
+        &topology,
+        50,
+    ));
     assert_eq!(done.state.state, "Completed");
     assert_eq!(done.handovers.len(), 1);
 }
@@ -224,8 +295,18 @@ fn fetch_page_stands_in_for_the_screenshot() {
 fn a_second_arrival_of_a_join_event_is_invalid() {
     let topology = topology();
     let start = downstream(&topology);
-    let first = applied(step(Some(&start), &event("j1", VALUATION, 300), &topology, 30));
-    let reason = invalid_reason(step(Some(&first.state), &event("j2", VALUATION, 300), &topology, 40));
+    let first = applied(step(
+        Some(&start),
+        &event("j1", VALUATION, 300),
+        &topology,
+        30,
+    ));
+    let reason = invalid_reason(step(
+        Some(&first.state),
+        &event("j2", VALUATION, 300),
+        &topology,
+        40,
+    ));
     assert_eq!(
         reason,
         "`tool.valuation_estimate.completed` (event_id `j2`) arrives a second time for the join in state \
@@ -249,20 +330,51 @@ fn events_the_state_does_not_allow_are_invalid() {
 fn duplicates_change_nothing_and_emit_nothing() {
     let topology = topology();
     let first = applied(step(None, &event("e1", VISION, 1000), &topology, 10));
-    assert_eq!(step(Some(&first.state), &event("e1", VISION, 1000), &topology, 11), StepOutcome::Duplicate);
+    assert_eq!(
+        step(
+            Some(&first.state),
+            &event("e1", VISION, 1000),
+            &topology,
+            11
+        ),
+        StepOutcome::Duplicate
+    );
     // The id decides, not the event: a replay under the same id is a duplicate too.
-    assert_eq!(step(Some(&first.state), &event("e1", RESEARCH, 1), &topology, 11), StepOutcome::Duplicate);
+    assert_eq!(
+        step(Some(&first.state), &event("e1", RESEARCH, 1), &topology, 11),
+        StepOutcome::Duplicate
+    );
 }
 
 #[test]
 fn terminal_states_absorb() {
     let topology = topology();
     let start = downstream(&topology);
-    let half = applied(step(Some(&start), &event("j1", VALUATION, 1), &topology, 30)).state;
-    let done = applied(step(Some(&half), &event("j2", SCREENSHOT, 1), &topology, 40)).state;
-    let reason = invalid_reason(step(Some(&done), &event("late", VALUATION, 1), &topology, 50));
+    let half = applied(step(
+        Some(&start),
+        &event("j1", VALUATION, 1),
+        &topology,
+        30,
+    ))
+    .state;
+    let done = applied(step(
+        Some(&half),
+        &event("j2", SCREENSHOT, 1),
+        &topology,
+        40,
+    ))
+    .state;
+    let reason = invalid_reason(step(
+        Some(&done),
+        &event("late", VALUATION, 1),
+        &topology,
+        50,
+    ));
     assert!(reason.contains("terminal state `Completed`"), "{reason}");
-    assert_eq!(step(Some(&done), &event("j2", SCREENSHOT, 1), &topology, 50), StepOutcome::Duplicate);
+    assert_eq!(
+        step(Some(&done), &event("j2", SCREENSHOT, 1), &topology, 50),
+        StepOutcome::Duplicate
+    );
 }
 
 #[test]
@@ -289,16 +401,29 @@ fn a_context_stays_in_its_workflow() {
     assert!(reason.contains("bound to `vision-research`"), "{reason}");
     let foreign = event("e3", "tool.review_check.completed", 10);
     let reason = invalid_reason(step(Some(&bound), &foreign, &topology, 0));
-    assert!(reason.contains("not allowed in state `ResearcherQueued`"), "{reason}");
+    assert!(
+        reason.contains("not allowed in state `ResearcherQueued`"),
+        "{reason}"
+    );
 }
 
 #[test]
 fn a_transition_without_handovers_dispatches_nothing() {
     let topology = with_linear_review();
-    let drafted = applied(step(None, &event("e1", "tool.draft_write.completed", 10), &topology, 0));
+    let drafted = applied(step(
+        None,
+        &event("e1", "tool.draft_write.completed", 10),
+        &topology,
+        0,
+    ));
     assert_eq!(drafted.state.workflow, "linear-review");
     assert_eq!(drafted.state.token_budget, 5000);
-    let done = applied(step(Some(&drafted.state), &event("e2", "tool.review_check.completed", 10), &topology, 1));
+    let done = applied(step(
+        Some(&drafted.state),
+        &event("e2", "tool.review_check.completed", 10),
+        &topology,
+        1,
+    ));
     assert_eq!(done.state.state, "Done");
     assert_eq!(done.state.attempts, 0);
     assert_eq!(done.state.locked_by, None);
@@ -312,7 +437,12 @@ fn exhausting_the_budget_on_a_transition_stops_the_workflow() {
     let mut first = event("e1", VISION, 1000);
     first.token_budget = Some(2500);
     let first = applied(step(None, &first, &topology, 10));
-    let out = applied(step(Some(&first.state), &event("e2", RESEARCH, 1600), &topology, 20));
+    let out = applied(step(
+        Some(&first.state),
+        &event("e2", RESEARCH, 1600),
+        &topology,
+        20,
+    ));
     assert_eq!(out.state.state, "BudgetExhausted");
     assert_eq!(out.state.locked_by, None);
     assert_eq!(out.state.tokens_used, 2600);
@@ -327,18 +457,34 @@ fn exhausting_the_budget_on_a_transition_stops_the_workflow() {
     );
     let update = &out.status_updates[0];
     assert_eq!(update.status, ContextStatus::BudgetExhausted);
-    assert_eq!(update.message, "Token budget exhausted: 2600 of 2500 tokens used");
+    assert_eq!(
+        update.message,
+        "Token budget exhausted: 2600 of 2500 tokens used"
+    );
     assert_eq!(update.tokens_left, 0);
 
-    let reason = invalid_reason(step(Some(&out.state), &event("j1", VALUATION, 0), &topology, 30));
-    assert!(reason.contains("terminal state `BudgetExhausted`"), "{reason}");
+    let reason = invalid_reason(step(
+        Some(&out.state),
+        &event("j1", VALUATION, 0),
+        &topology,
+        30,
+    ));
+    assert!(
+        reason.contains("terminal state `BudgetExhausted`"),
+        "{reason}"
+    );
 }
 
 #[test]
 fn exhausting_the_budget_on_a_join_arrival_tells_the_join_target() {
     let topology = topology();
     let start = downstream(&topology);
-    let out = applied(step(Some(&start), &event("j1", SCREENSHOT, 17_000), &topology, 30));
+    let out = applied(step(
+        Some(&start),
+        &event("j1", SCREENSHOT, 17_000),
+        &topology,
+        30,
+    ));
     assert_eq!(out.state.state, "BudgetExhausted");
     assert!(out.state.join_arrived.is_empty());
     assert_eq!(
@@ -389,9 +535,19 @@ fn recent_event_ids_are_bounded() {
 fn state_round_trips_through_its_encoding() {
     let topology = topology();
     let start = downstream(&topology);
-    let half = applied(step(Some(&start), &event("j1", VALUATION, 1), &topology, 30)).state;
+    let half = applied(step(
+        Some(&start),
+        &event("j1", VALUATION, 1),
+        &topology,
+        30,
+    ))
+    .state;
     let bytes = half.encode();
-    assert!(bytes.starts_with(br#"{"v":1,"#), "{}", String::from_utf8_lossy(&bytes));
+    assert!(
+        bytes.starts_with(br#"{"v":1,"#),
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
     assert_eq!(WorkflowState::decode(&bytes).expect("decode"), half);
 }
 
@@ -412,7 +568,12 @@ fn decodes_version_1_bytes() {
     assert!(state.join_arrived.contains(VALUATION));
     assert!(state.has_seen("j1"));
     // And the step continues from it.
-    let done = applied(step(Some(&state), &event("j2", SCREENSHOT, 1), &topology(), 40));
+    let done = applied(step(
+        Some(&state),
+        &event("j2", SCREENSHOT, 1),
+        &topology(),
+        40,
+    ));
     assert_eq!(done.state.state, "Completed");
 }
 
@@ -426,6 +587,12 @@ fn rejects_unversioned_and_future_state() {
         WorkflowState::decode(br#"{"v":99}"#),
         Err(StateDecodeError::UnsupportedVersion { found: 99 })
     ));
-    assert!(matches!(WorkflowState::decode(b"not json"), Err(StateDecodeError::Malformed(_))));
-    assert!(matches!(WorkflowState::decode(br#"{"v":1}"#), Err(StateDecodeError::Malformed(_))));
+    assert!(matches!(
+        WorkflowState::decode(b"not json"),
+        Err(StateDecodeError::Malformed(_))
+    ));
+    assert!(matches!(
+        WorkflowState::decode(br#"{"v":1}"#),
+        Err(StateDecodeError::Malformed(_))
+    ));
 }
