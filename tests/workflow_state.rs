@@ -52,11 +52,27 @@ fn expected_states(inputs: &[SampleRecord]) -> HashMap<String, Value> {
 }
 
 fn assert_states_match(pods: &[&Baton], expected: &HashMap<String, Value>) {
-    common::wait_for("every context's state to match the reference", Duration::from_secs(60), || {
-        expected
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mismatches: Vec<(String, Option<Value>, Value)> = expected
             .iter()
-            .all(|(context, want)| state_of(pods, context).map(|got| essentials(&got)).as_ref() == Some(want))
-    });
+            .filter_map(|(context, want)| {
+                let got = state_of(pods, context).map(|got| essentials(&got));
+                (got.as_ref() != Some(want)).then(|| (context.clone(), got, want.clone()))
+            })
+            .take(5)
+            .collect();
+        if mismatches.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            for (context, got, want) in &mismatches {
+                eprintln!("{context}: got {got:?}\n  want {want}");
+            }
+            panic!("final states differ from the reference");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 #[test]
