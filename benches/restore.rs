@@ -56,10 +56,22 @@ fn main() {
         let offset = i.to_string();
         let version = version.to_string();
         let record_headers = OwnedHeaders::new()
-            .insert(Header { key: headers::SOURCE_TOPIC, value: Some("mcp.events.all") })
-            .insert(Header { key: headers::SOURCE_PARTITION, value: Some("0") })
-            .insert(Header { key: headers::SOURCE_OFFSET, value: Some(offset.as_str()) })
-            .insert(Header { key: headers::STATE_VERSION, value: Some(version.as_str()) });
+            .insert(Header {
+                key: headers::SOURCE_TOPIC,
+                value: Some("mcp.events.all"),
+            })
+            .insert(Header {
+                key: headers::SOURCE_PARTITION,
+                value: Some("0"),
+            })
+            .insert(Header {
+                key: headers::SOURCE_OFFSET,
+                value: Some(offset.as_str()),
+            })
+            .insert(Header {
+                key: headers::STATE_VERSION,
+                value: Some(version.as_str()),
+            });
         let mut record = BaseRecord::<str, str>::to(CHANGELOG)
             .key(context.as_str())
             .payload(state.as_str())
@@ -136,6 +148,12 @@ fn main() {
     let restore_rate = report.read as f64 / report.elapsed.as_secs_f64();
     println!("changelog records:        {count} ({CONTEXTS} contexts)");
     println!("raw read to end:          {raw_rate:>10.0} records/s ({raw_elapsed:?})");
-    println!("restore into RocksDB:     {restore_rate:>10.0} records/s ({:?}, applied {}, stale {})", report.elapsed, report.applied, report.skipped_stale);
-    println!("ratio restore / raw read: {:>10.2}", restore_rate / raw_rate);
+    println!(
+        "restore into RocksDB:     {restore_rate:>10.0} records/s ({:?}, applied {}, stale {})",
+        report.elapsed, report.applied, report.skipped_stale
+    );
+    println!(
+        "ratio restore / raw read: {:>10.2}",
+        restore_rate / raw_rate
+    );
 }

@@ -42,7 +42,12 @@ fn records(count: usize) -> Vec<SampleRecord> {
 }
 
 /// Consume, produce the same bytes, send offsets, commit every interval.
-fn raw_passthrough(broker: &Broker, input: &str, output: &str, expected: usize) -> (Duration, usize) {
+fn raw_passthrough(
+    broker: &Broker,
+    input: &str,
+    output: &str,
+    expected: usize,
+) -> (Duration, usize) {
     let consumer: BaseConsumer = broker
         .client_config()
         .set("group.id", "raw-passthrough")
@@ -60,7 +65,9 @@ fn raw_passthrough(broker: &Broker, input: &str, output: &str, expected: usize) 
         .set("queue.buffering.max.messages", "500000")
         .create()
         .expect("producer");
-    producer.init_transactions(Duration::from_secs(30)).expect("init");
+    producer
+        .init_transactions(Duration::from_secs(30))
+        .expect("init");
     producer.begin_transaction().expect("begin");
     consumer.subscribe(&[input]).expect("subscribe");
     let mut first: Option<Instant> = None;
@@ -70,7 +77,8 @@ fn raw_passthrough(broker: &Broker, input: &str, output: &str, expected: usize) 
     while done < expected {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(10)) {
             first.get_or_insert_with(Instant::now);
-            let mut record = BaseRecord::<[u8], [u8]>::to(output).payload(message.payload().unwrap_or_default());
+            let mut record =
+                BaseRecord::<[u8], [u8]>::to(output).payload(message.payload().unwrap_or_default());
             if let Some(key) = message.key() {
                 record = record.key(key);
             }
@@ -99,7 +107,9 @@ fn raw_passthrough(broker: &Broker, input: &str, output: &str, expected: usize) 
                 producer
                     .send_offsets_to_transaction(&offsets, &metadata, Duration::from_secs(30))
                     .expect("send offsets");
-                producer.commit_transaction(Duration::from_secs(30)).expect("commit");
+                producer
+                    .commit_transaction(Duration::from_secs(30))
+                    .expect("commit");
                 producer.begin_transaction().expect("begin");
             }
             last_commit = Instant::now();
@@ -118,7 +128,10 @@ fn main() {
     broker.create_topics(&[("raw.input", PARTITIONS), ("raw.output", PARTITIONS)]);
     let inputs = records(count);
     let bytes: usize = inputs.iter().map(|r| r.value.len()).sum();
-    eprintln!("producing {count} records of ~{} bytes twice", bytes / count.max(1));
+    eprintln!(
+        "producing {count} records of ~{} bytes twice",
+        bytes / count.max(1)
+    );
     broker.produce("raw.input", &inputs);
     broker.produce("mcp.events.all", &inputs);
 
@@ -127,16 +140,25 @@ fn main() {
 
     let baton = Baton::start(&broker, BatonOptions::new("bench-0"));
     let mut reader = Reader::new(&broker, &["mcp.handover.researcher"]);
-    reader.wait_until("the first handover", Duration::from_secs(60), |r| !r.is_empty());
+    reader.wait_until("the first handover", Duration::from_secs(60), |r| {
+        !r.is_empty()
+    });
     let started = Instant::now();
     let first_seen = reader.records.len();
-    reader.wait_until("every handover", Duration::from_secs(600), |r| r.len() >= count);
+    reader.wait_until("every handover", Duration::from_secs(600), |r| {
+        r.len() >= count
+    });
     let baton_elapsed = started.elapsed();
     let baton_rate = (count - first_seen) as f64 / baton_elapsed.as_secs_f64();
     drop(baton);
 
-    println!("records:                    {count} (~1 KB each, {PARTITIONS} partitions, commit every {COMMIT_INTERVAL:?})");
+    println!(
+        "records:                    {count} (~1 KB each, {PARTITIONS} partitions, commit every {COMMIT_INTERVAL:?})"
+    );
     println!("raw EOS passthrough:        {raw_rate:>10.0} records/s");
     println!("baton (decode, step, state, handover + changelog): {baton_rate:>10.0} records/s");
-    println!("ratio baton / passthrough:  {:>10.2}", baton_rate / raw_rate);
+    println!(
+        "ratio baton / passthrough:  {:>10.2}",
+        baton_rate / raw_rate
+    );
 }

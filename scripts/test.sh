@@ -16,7 +16,6 @@
 #   CARGO_TARGET_DIR       default ~/.cache/baton/target, kept outside the clone:
 #                          RocksDB alone takes ~13 min to compile on 2 cores.
 #   BATON_TANSU_BIN        use this broker binary instead of the pinned one.
-#   BATON_TEST_BOOTSTRAP   run the integration tests against this Kafka instead.
 #
 # fmt and clippy are gates: the first failure stops the run. The test phases all
 # run, and the script fails at the end if any of them failed.
@@ -26,13 +25,11 @@ REPO_ROOT="$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 
 export CI="${CI:-true}"
-export DEBIAN_FRONTEND=noninteractive
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-auto}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:-/root}/.cache/baton/target}"
 
-# Native builds: RocksDB (libclang for bindgen, cmake), librdkafka (SASL/GSSAPI, OpenSSL, zstd).
-readonly APT_PACKAGES=(libclang-dev cmake libsasl2-dev libzstd-dev libssl-dev pkg-config)
+# shellcheck source=scripts/prereqs.sh
+source "$REPO_ROOT/scripts/prereqs.sh"
 
 if [[ -t 1 ]]; then
     BOLD=$'\033[1m' RED=$'\033[1;31m' GREEN=$'\033[1;32m' RESET=$'\033[0m'
@@ -58,65 +55,9 @@ finish_phase() {
     PHASE_NAME=""
 }
 
-die() {
-    printf 'test.sh: error: %s\n' "$*" >&2
-    exit 1
-}
-
-# ------------------------------------------------------------------ prerequisites
-install_apt_packages() {
-    if ! command -v dpkg >/dev/null 2>&1; then
-        echo "no dpkg: not a Debian system; make sure these are installed: ${APT_PACKAGES[*]}"
-        return 0
-    fi
-    local missing=() pkg
-    for pkg in "${APT_PACKAGES[@]}"; do
-        if ! dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed'; then
-            missing+=("$pkg")
-        fi
-    done
-    if [[ ${#missing[@]} -eq 0 ]]; then
-        echo "apt packages already installed: ${APT_PACKAGES[*]}"
-        return 0
-    fi
-    local sudo=()
-    if [[ $(id -u) -ne 0 ]]; then
-        command -v sudo >/dev/null 2>&1 || die "missing packages (${missing[*]}) and not root; install them and retry"
-        sudo=(sudo -n)
-    fi
-    echo "installing: ${missing[*]}"
-    "${sudo[@]}" apt-get update -q
-    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
-}
-
-install_rust_components() {
-    command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (rustup) first"
-    local missing=()
-    cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
-    cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
-    if [[ ${#missing[@]} -gt 0 ]]; then
-        command -v rustup >/dev/null 2>&1 || die "missing ${missing[*]} and no rustup to install them"
-        echo "installing rust components: ${missing[*]}"
-        rustup component add "${missing[@]}"
-    fi
-}
-
-install_broker() {
-    if [[ -n "${BATON_TANSU_BIN:-}" && -x "${BATON_TANSU_BIN}" ]]; then
-        echo "using BATON_TANSU_BIN=${BATON_TANSU_BIN} from the environment"
-        return 0
-    fi
-    BATON_TANSU_BIN="$(bash "$REPO_ROOT/scripts/broker.sh" install)"
-    export BATON_TANSU_BIN
-    echo "BATON_TANSU_BIN=${BATON_TANSU_BIN}"
-}
 
 section "prerequisites"
-install_apt_packages
-install_rust_components
-install_broker
-mkdir -p "$CARGO_TARGET_DIR"
-echo "CARGO_TARGET_DIR=${CARGO_TARGET_DIR}"
+install_prerequisites
 rustc --version
 cargo --version
 

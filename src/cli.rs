@@ -17,7 +17,11 @@ use crate::shutdown::Shutdown;
 use crate::topology::{Topology, describe};
 
 #[derive(Debug, Parser)]
-#[command(name = "baton", version, about = "Exactly-once orchestration for MCP agents")]
+#[command(
+    name = "baton",
+    version,
+    about = "Exactly-once orchestration for MCP agents"
+)]
 pub struct Cli {
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, global = true, env = "BATON_LOG_FORMAT", default_value = "text")]
@@ -245,7 +249,11 @@ async fn state_get(args: StateGetArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         None => {
-            eprintln!("no workflow state for context `{}` in {}", args.context_id, state_dir.display());
+            eprintln!(
+                "no workflow state for context `{}` in {}",
+                args.context_id,
+                state_dir.display()
+            );
             Ok(ExitCode::FAILURE)
         }
     }

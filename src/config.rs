@@ -96,8 +96,9 @@ impl ConfigError {
 
 /// Reads the TOML file, reporting a parse error on one line with its key.
 pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|err| ConfigError::one(format!("config: cannot read {}: {err}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        ConfigError::one(format!("config: cannot read {}: {err}", path.display()))
+    })?;
     toml::from_str(&text).map_err(|err| {
         let message = err.message().replace('\n', " ");
         let location = err
@@ -127,7 +128,8 @@ impl RunConfig {
             .unwrap_or_default();
         if bootstrap_servers.trim().is_empty() {
             problems.push(
-                "bootstrap_servers: required (--bootstrap-servers or BATON_BOOTSTRAP_SERVERS)".into(),
+                "bootstrap_servers: required (--bootstrap-servers or BATON_BOOTSTRAP_SERVERS)"
+                    .into(),
             );
         }
 
@@ -323,8 +325,8 @@ mod tests {
 
     #[test]
     fn defaults_apply() {
-        let config = resolve(&["--bootstrap-servers", "k:9092", "--instance-id", "pod-0"])
-            .expect("valid");
+        let config =
+            resolve(&["--bootstrap-servers", "k:9092", "--instance-id", "pod-0"]).expect("valid");
         assert_eq!(config.input_topics, vec!["mcp.events.all".to_string()]);
         assert_eq!(config.commit_interval, Duration::from_millis(100));
         assert_eq!(config.transactional_id(), "baton-pod-0");
@@ -357,8 +359,11 @@ mod tests {
     fn file_rejects_unknown_keys_naming_them() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("baton.toml");
-        std::fs::write(&path, "bootstrap_servers = \"k:9092\"\ncommit_intervall_ms = 5\n")
-            .expect("write");
+        std::fs::write(
+            &path,
+            "bootstrap_servers = \"k:9092\"\ncommit_intervall_ms = 5\n",
+        )
+        .expect("write");
         let err = read_file_config(&path).expect_err("unknown key");
         let text = err.to_string();
         assert_eq!(text.lines().count(), 1, "{text}");

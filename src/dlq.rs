@@ -68,7 +68,9 @@ impl ErrorClass {
     }
 
     pub fn parse(name: &str) -> Option<ErrorClass> {
-        ErrorClass::ALL.into_iter().find(|class| class.as_str() == name)
+        ErrorClass::ALL
+            .into_iter()
+            .find(|class| class.as_str() == name)
     }
 }
 

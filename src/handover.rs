@@ -96,7 +96,12 @@ impl Handover {
 /// A handover id is a function of its cause: the input's `event_id` and what
 /// it asks of whom. A replay of the same input yields the same id, so
 /// downstream agents (and baton's own verifiers) can deduplicate.
-pub fn handover_id(causation_id: &str, agent: &str, intent: &str, status: HandoverStatus) -> String {
+pub fn handover_id(
+    causation_id: &str,
+    agent: &str,
+    intent: &str,
+    status: HandoverStatus,
+) -> String {
     let mut hasher = Sha256::new();
     for part in [causation_id, agent, intent, status.as_str()] {
         hasher.update(part.as_bytes());
@@ -113,10 +118,31 @@ mod tests {
 
     #[test]
     fn handover_id_is_deterministic_and_separates_parts() {
-        let a = handover_id("e-1", "researcher", "enrich_reasoning", HandoverStatus::Queued);
-        assert_eq!(a, handover_id("e-1", "researcher", "enrich_reasoning", HandoverStatus::Queued));
+        let a = handover_id(
+            "e-1",
+            "researcher",
+            "enrich_reasoning",
+            HandoverStatus::Queued,
+        );
+        assert_eq!(
+            a,
+            handover_id(
+                "e-1",
+                "researcher",
+                "enrich_reasoning",
+                HandoverStatus::Queued
+            )
+        );
         assert_eq!(a.len(), 32);
-        assert_ne!(a, handover_id("e-1", "researcher", "enrich_reasoning", HandoverStatus::Retrying));
+        assert_ne!(
+            a,
+            handover_id(
+                "e-1",
+                "researcher",
+                "enrich_reasoning",
+                HandoverStatus::Retrying
+            )
+        );
         assert_ne!(
             handover_id("ab", "c", "i", HandoverStatus::Queued),
             handover_id("a", "bc", "i", HandoverStatus::Queued)

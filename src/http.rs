@@ -19,9 +19,9 @@ use tokio::net::TcpListener;
 
 use crate::metrics;
 use crate::runtime::Readiness;
+use crate::shutdown::Shutdown;
 use crate::state::OpenStores;
 use crate::workflow::WorkflowState;
-use crate::shutdown::Shutdown;
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
@@ -138,16 +138,28 @@ fn context(state: &HttpState, raw_id: &str) -> HttpResponse {
                     }
                     json_response(StatusCode::OK, &value)
                 }
-                Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, "encoding", &err.to_string()),
+                Err(err) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "encoding",
+                    &err.to_string(),
+                ),
             },
-            Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, "corrupt_state", &err.to_string()),
+            Err(err) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "corrupt_state",
+                &err.to_string(),
+            ),
         },
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             "unknown_context",
             &format!("no workflow state for context `{id}` on this pod"),
         ),
-        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, "state_store", &err.to_string()),
+        Err(err) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "state_store",
+            &err.to_string(),
+        ),
     }
 }
 
@@ -156,7 +168,10 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpRespon
 }
 
 pub fn error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
-    json_response(status, &json!({"error": {"code": code, "message": message}}))
+    json_response(
+        status,
+        &json!({"error": {"code": code, "message": message}}),
+    )
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> HttpResponse {

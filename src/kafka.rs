@@ -100,9 +100,13 @@ impl KafkaSettings {
 }
 
 fn strip_role_prefix(key: &str) -> Option<(ClientRole, &str)> {
-    [ClientRole::Consumer, ClientRole::Producer, ClientRole::Admin]
-        .into_iter()
-        .find_map(|role| key.strip_prefix(role.prefix()).map(|rest| (role, rest)))
+    [
+        ClientRole::Consumer,
+        ClientRole::Producer,
+        ClientRole::Admin,
+    ]
+    .into_iter()
+    .find_map(|role| key.strip_prefix(role.prefix()).map(|rest| (role, rest)))
 }
 
 /// Applies every property of `top` over `base`; user settings win.

@@ -32,7 +32,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod runtime;
 pub mod sample;
-pub mod state;
 pub mod shutdown;
+pub mod state;
 pub mod topology;
 pub mod workflow;

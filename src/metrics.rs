@@ -72,7 +72,10 @@ impl Metrics {
             )
             .expect("valid metric"),
             handovers_produced: IntCounterVec::new(
-                Opts::new("baton_handovers_produced_total", "Handover records produced"),
+                Opts::new(
+                    "baton_handovers_produced_total",
+                    "Handover records produced",
+                ),
                 &["agent"],
             )
             .expect("valid metric"),
@@ -136,8 +139,9 @@ impl Metrics {
             )
             .expect("valid metric"),
             stage_seconds: HistogramVec::new(
-                HistogramOpts::new("baton_stage_seconds", "Time per pipeline stage")
-                    .buckets(prometheus::exponential_buckets(0.00001, 4.0, 10).expect("valid buckets")),
+                HistogramOpts::new("baton_stage_seconds", "Time per pipeline stage").buckets(
+                    prometheus::exponential_buckets(0.00001, 4.0, 10).expect("valid buckets"),
+                ),
                 &["stage"],
             )
             .expect("valid metric"),
@@ -183,7 +187,9 @@ impl Metrics {
             Box::new(metrics.partitions_restoring.clone()),
         ];
         for collector in collectors {
-            registry.register(collector).expect("metric names are unique");
+            registry
+                .register(collector)
+                .expect("metric names are unique");
         }
         metrics
     }
@@ -204,7 +210,10 @@ mod tests {
 
     #[test]
     fn renders_registered_metrics() {
-        METRICS.dlq_records.with_label_values(&["malformed_json"]).inc();
+        METRICS
+            .dlq_records
+            .with_label_values(&["malformed_json"])
+            .inc();
         let text = render();
         assert!(text.contains("baton_dlq_records_total{class=\"malformed_json\"}"));
         assert!(text.contains("# TYPE baton_events_unrouted_total counter"));

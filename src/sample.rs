@@ -21,9 +21,7 @@ pub struct SampleRecord {
 /// The events of one context, in workflow order.
 pub fn context_events(context_id: &str, rng: &mut fastrand::Rng) -> Vec<SampleRecord> {
     let key = Some(context_id.as_bytes().to_vec());
-    let usage = |rng: &mut fastrand::Rng| {
-        json!({"input_tokens": rng.u64(50..400), "output_tokens": rng.u64(20..200)})
-    };
+    let usage = |rng: &mut fastrand::Rng| json!({"input_tokens": rng.u64(50..400), "output_tokens": rng.u64(20..200)});
     let mut events = vec![
         // Today's legacy form, exactly as the platform produces it.
         json!({
@@ -81,7 +79,11 @@ pub fn poison_record(n: u64) -> SampleRecord {
 
 /// `contexts` whole workflows, interleaved across contexts (each context's
 /// own events stay in order), with `poison_percent` poison mixed in.
-pub fn vision_research_traffic(contexts: usize, poison_percent: f64, seed: u64) -> Vec<SampleRecord> {
+pub fn vision_research_traffic(
+    contexts: usize,
+    poison_percent: f64,
+    seed: u64,
+) -> Vec<SampleRecord> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut per_context: Vec<std::collections::VecDeque<SampleRecord>> = (0..contexts)
         .map(|i| context_events(&format!("ctx-{seed}-{i}"), &mut rng).into())
@@ -123,9 +125,12 @@ pub async fn produce(
                     deliveries.push(delivery);
                     break;
                 }
-                Err((rdkafka::error::KafkaError::MessageProduction(
-                    rdkafka::types::RDKafkaErrorCode::QueueFull,
-                ), _)) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    _,
+                )) => tokio::time::sleep(Duration::from_millis(5)).await,
                 Err((err, _)) => return Err(err),
             }
         }

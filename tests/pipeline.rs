@@ -42,7 +42,9 @@ fn handover_records(reader: &Reader) -> Vec<&common::Record> {
 }
 
 /// Dead letters, deduplicated by the input coordinates they carry.
-fn unique_dead_letters(reader: &Reader) -> std::collections::BTreeMap<(String, String, String), common::Record> {
+fn unique_dead_letters(
+    reader: &Reader,
+) -> std::collections::BTreeMap<(String, String, String), common::Record> {
     reader
         .topic("mcp.events.dlq")
         .into_iter()
@@ -57,7 +59,12 @@ fn unique_dead_letters(reader: &Reader) -> std::collections::BTreeMap<(String, S
         .collect()
 }
 
-fn assert_matches_reference(broker: &Broker, reader: &Reader, inputs: &[SampleRecord], require_no_duplicates: bool) {
+fn assert_matches_reference(
+    broker: &Broker,
+    reader: &Reader,
+    inputs: &[SampleRecord],
+    require_no_duplicates: bool,
+) {
     let expected = reference(inputs);
     let handovers = handover_records(reader);
     let (unique, duplicates) = dedup_handovers(&handovers);
@@ -84,17 +91,32 @@ fn a_ten_thousand_events_one_percent_poison_exactly_once() {
 
     let baton = Baton::start(&broker, BatonOptions::new("pod-a"));
     let mut reader = all_outputs(&broker);
-    reader.wait_until("9,900 handovers and 100 dead letters", Duration::from_secs(120), |records| {
-        records.iter().filter(|r| r.topic == "mcp.events.dlq").count() >= 100
-            && records.iter().filter(|r| r.topic.starts_with("mcp.handover.")).count() >= 9_900
-    });
+    reader.wait_until(
+        "9,900 handovers and 100 dead letters",
+        Duration::from_secs(120),
+        |records| {
+            records
+                .iter()
+                .filter(|r| r.topic == "mcp.events.dlq")
+                .count()
+                >= 100
+                && records
+                    .iter()
+                    .filter(|r| r.topic.starts_with("mcp.handover."))
+                    .count()
+                    >= 9_900
+        },
+    );
     reader.poll_to_end();
     assert_matches_reference(&broker, &reader, &inputs, false);
 
     // Each poison record lands byte for byte, with every header.
     for letter in unique_dead_letters(&reader).values() {
         let key = String::from_utf8_lossy(letter.key.as_deref().unwrap_or_default()).into_owned();
-        let n: u64 = key.trim_start_matches("poison-").parse().expect("poison key");
+        let n: u64 = key
+            .trim_start_matches("poison-")
+            .parse()
+            .expect("poison key");
         assert_eq!(letter.value, sample::poison_record(n).value);
         let class = letter.headers["baton.error.class"].as_str();
         let expected_class = match n % 4 {
@@ -111,7 +133,10 @@ fn a_ten_thousand_events_one_percent_poison_exactly_once() {
 }
 
 /// Produces `inputs` in slices from a background thread while `during` runs.
-fn produce_in_background(broker: &Broker, inputs: Vec<SampleRecord>) -> std::thread::JoinHandle<()> {
+fn produce_in_background(
+    broker: &Broker,
+    inputs: Vec<SampleRecord>,
+) -> std::thread::JoinHandle<()> {
     let bootstrap = broker.bootstrap.clone();
     std::thread::spawn(move || {
         let settings = baton::kafka::KafkaSettings {
@@ -144,17 +169,32 @@ fn b_sigkill_one_of_two_pods_mid_stream_loses_nothing() {
 
     let mut reader = all_outputs(&broker);
     let third = expected.handovers.len() / 3;
-    reader.wait_until("a third of the handovers", Duration::from_secs(120), |records| {
-        records.iter().filter(|r| r.topic.starts_with("mcp.handover.")).count() >= third
-    });
+    reader.wait_until(
+        "a third of the handovers",
+        Duration::from_secs(120),
+        |records| {
+            records
+                .iter()
+                .filter(|r| r.topic.starts_with("mcp.handover."))
+                .count()
+                >= third
+        },
+    );
     first.kill();
     producer.join().expect("producer thread");
 
     let total = expected.handovers.len();
-    reader.wait_until("every handover after the SIGKILL", Duration::from_secs(180), |records| {
-        let handovers: Vec<&common::Record> = records.iter().filter(|r| r.topic.starts_with("mcp.handover.")).collect();
-        dedup_handovers(&handovers).0.len() >= total
-    });
+    reader.wait_until(
+        "every handover after the SIGKILL",
+        Duration::from_secs(180),
+        |records| {
+            let handovers: Vec<&common::Record> = records
+                .iter()
+                .filter(|r| r.topic.starts_with("mcp.handover."))
+                .collect();
+            dedup_handovers(&handovers).0.len() >= total
+        },
+    );
     reader.poll_to_end();
     assert_matches_reference(&broker, &reader, &inputs, false);
     drop(second);
@@ -171,10 +211,16 @@ fn c_sigterm_under_load_exits_cleanly_and_loses_nothing() {
     let producer = produce_in_background(&broker, inputs.clone());
     let mut reader = all_outputs(&broker);
     reader.wait_until("some handovers", Duration::from_secs(120), |records| {
-        records.iter().filter(|r| r.topic.starts_with("mcp.handover.")).count() >= expected.handovers.len() / 4
+        records
+            .iter()
+            .filter(|r| r.topic.starts_with("mcp.handover."))
+            .count()
+            >= expected.handovers.len() / 4
     });
     let started = Instant::now();
-    let status = pod.terminate(Duration::from_secs(10)).expect("exits within 10 s of SIGTERM");
+    let status = pod
+        .terminate(Duration::from_secs(10))
+        .expect("exits within 10 s of SIGTERM");
     assert!(status.success(), "exit status {status:?}\n{}", pod.log());
     eprintln!("SIGTERM to exit: {:?}", started.elapsed());
     assert!(!pod.log().contains("panicked"));
@@ -184,13 +230,19 @@ fn c_sigterm_under_load_exits_cleanly_and_loses_nothing() {
     let restarted = Baton::start(
         &broker,
         BatonOptions {
-            state_dir: Some(std::mem::replace(&mut pod.state_dir, tempfile::tempdir().expect("dir"))),
+            state_dir: Some(std::mem::replace(
+                &mut pod.state_dir,
+                tempfile::tempdir().expect("dir"),
+            )),
             ..BatonOptions::new("pod-term")
         },
     );
     let total = expected.handovers.len();
     reader.wait_until("every handover", Duration::from_secs(120), |records| {
-        let handovers: Vec<&common::Record> = records.iter().filter(|r| r.topic.starts_with("mcp.handover.")).collect();
+        let handovers: Vec<&common::Record> = records
+            .iter()
+            .filter(|r| r.topic.starts_with("mcp.handover."))
+            .collect();
         dedup_handovers(&handovers).0.len() >= total
     });
     reader.poll_to_end();
@@ -218,7 +270,10 @@ fn d_unreachable_broker_is_a_clear_error_not_a_panic() {
         "bounded retries, took {:?}",
         started.elapsed()
     );
-    assert!(stderr.contains("cannot reach Kafka at 127.0.0.1:"), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach Kafka at 127.0.0.1:"),
+        "{stderr}"
+    );
     assert!(stderr.contains("attempts"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -28,10 +28,11 @@ fn unique_handover_count(records: &[common::Record]) -> usize {
 
 /// The state of `context` from whichever pod owns it.
 fn state_of(pods: &[&Baton], context: &str) -> Option<Value> {
-    pods.iter().find_map(|pod| match pod.http_get(&format!("/contexts/{context}")) {
-        Some((200, body)) => serde_json::from_str(&body).ok(),
-        _ => None,
-    })
+    pods.iter()
+        .find_map(|pod| match pod.http_get(&format!("/contexts/{context}")) {
+            Some((200, body)) => serde_json::from_str(&body).ok(),
+            _ => None,
+        })
 }
 
 /// The fields a reference comparison covers (time and dedup memory aside).
@@ -47,7 +48,12 @@ fn expected_states(inputs: &[SampleRecord]) -> HashMap<String, Value> {
     reference(inputs)
         .states
         .into_iter()
-        .map(|(context, state)| (context, essentials(&serde_json::to_value(&state).expect("json"))))
+        .map(|(context, state)| {
+            (
+                context,
+                essentials(&serde_json::to_value(&state).expect("json")),
+            )
+        })
         .collect()
 }
 
@@ -95,9 +101,11 @@ fn thousand_contexts_on_three_pods_with_kills_and_a_joiner_stay_exact() {
     let (first_half, second_half) = inputs.split_at(inputs.len() / 2);
     broker.produce("mcp.events.all", first_half);
     let total = expected.handovers.len();
-    reader.wait_until("a quarter of the handovers", Duration::from_secs(120), |r| {
-        unique_handover_count(r) >= total / 4
-    });
+    reader.wait_until(
+        "a quarter of the handovers",
+        Duration::from_secs(120),
+        |r| unique_handover_count(r) >= total / 4,
+    );
 
     // First SIGKILL, then the pod comes back with its state directory.
     pod1.kill();
@@ -119,7 +127,9 @@ fn thousand_contexts_on_three_pods_with_kills_and_a_joiner_stay_exact() {
     let pod4 = Baton::start(&broker, BatonOptions::new("pod-4"));
     broker.produce("mcp.events.all", &second_half[second_half.len() / 2..]);
 
-    reader.wait_until("every handover", Duration::from_secs(240), |r| unique_handover_count(r) >= total);
+    reader.wait_until("every handover", Duration::from_secs(240), |r| {
+        unique_handover_count(r) >= total
+    });
     reader.poll_to_end();
     let handovers: Vec<&common::Record> = reader
         .records
@@ -161,7 +171,11 @@ fn a_wiped_state_directory_restores_exactly_the_same_state() {
 
     // Same instance, empty state directory: everything comes from the changelog.
     let restored = Baton::start(&broker, BatonOptions::new("pod-w"));
-    common::wait_for("the restored pod to be ready", Duration::from_secs(60), || restored.is_ready());
+    common::wait_for(
+        "the restored pod to be ready",
+        Duration::from_secs(60),
+        || restored.is_ready(),
+    );
     for (context, state) in &before {
         let mut got = state_of(&[&restored], context).expect("restored state");
         let mut want = state.clone();
@@ -171,7 +185,10 @@ fn a_wiped_state_directory_restores_exactly_the_same_state() {
         assert_eq!(got, want, "state of {context}");
     }
     let metrics = restored.http_get("/metrics").expect("metrics").1;
-    assert!(metrics.contains("baton_state_restore_records_total{outcome=\"applied\"}"), "{metrics}");
+    assert!(
+        metrics.contains("baton_state_restore_records_total{outcome=\"applied\"}"),
+        "{metrics}"
+    );
 }
 
 fn record(context: &str, value: Value) -> SampleRecord {
@@ -197,10 +214,13 @@ fn budgets_invalid_transitions_and_duplicates_behave_as_specified() {
         record(context, event)
     };
     let research = |context: &str, event_id: &str| {
-        record(context, json!({
-            "event_id": event_id, "context_id": context, "event": "tool.research_enrich.completed",
-            "result": {"summary": "brass, 1970s"}, "usage": {"input_tokens": 10, "output_tokens": 10},
-        }))
+        record(
+            context,
+            json!({
+                "event_id": event_id, "context_id": context, "event": "tool.research_enrich.completed",
+                "result": {"summary": "brass, 1970s"}, "usage": {"input_tokens": 10, "output_tokens": 10},
+            }),
+        )
     };
     let inputs = vec![
         // A budget of 120 tokens, exhausted by the first step's 150.
@@ -213,10 +233,13 @@ fn budgets_invalid_transitions_and_duplicates_behave_as_specified() {
         vision("ctx-dup", "d-1", json!({})),
         vision("ctx-dup", "d-1", json!({})),
         // No usage: the tokenizer estimates it from the tool output.
-        record("ctx-estimate", json!({
-            "event_id": "e-1", "context_id": "ctx-estimate", "event": "tool.vision_analyze.completed",
-            "result": {"caption": "a brass floor lamp with a linen shade, photographed in daylight"},
-        })),
+        record(
+            "ctx-estimate",
+            json!({
+                "event_id": "e-1", "context_id": "ctx-estimate", "event": "tool.vision_analyze.completed",
+                "result": {"caption": "a brass floor lamp with a linen shade, photographed in daylight"},
+            }),
+        ),
     ];
     let expected = reference(&inputs);
     broker.produce("mcp.events.all", &inputs);
@@ -228,22 +251,37 @@ fn budgets_invalid_transitions_and_duplicates_behave_as_specified() {
     });
     reader.poll_to_end();
 
-    let handovers: Vec<&common::Record> = reader.records.iter().filter(|r| r.topic.starts_with("mcp.handover.")).collect();
+    let handovers: Vec<&common::Record> = reader
+        .records
+        .iter()
+        .filter(|r| r.topic.starts_with("mcp.handover."))
+        .collect();
     let (unique, _) = dedup_handovers(&handovers);
     assert_eq!(unique, expected.handovers);
 
-    let budget: Vec<&Value> = unique.values().filter(|h| h["context_id"] == "ctx-budget").collect();
+    let budget: Vec<&Value> = unique
+        .values()
+        .filter(|h| h["context_id"] == "ctx-budget")
+        .collect();
     assert_eq!(budget.len(), 1, "one final handover");
     assert_eq!(budget[0]["status"], "budget_exhausted");
     assert_eq!(budget[0]["token_budget"], 0);
-    let dup: Vec<&Value> = unique.values().filter(|h| h["context_id"] == "ctx-dup").collect();
+    let dup: Vec<&Value> = unique
+        .values()
+        .filter(|h| h["context_id"] == "ctx-dup")
+        .collect();
     assert_eq!(dup.len(), 1);
     assert_eq!(dup[0]["token_budget"], 20_000 - 150);
 
     let dead: Vec<(String, String)> = reader
         .topic("mcp.events.dlq")
         .iter()
-        .map(|r| (String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned(), r.headers["baton.error.class"].clone()))
+        .map(|r| {
+            (
+                String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned(),
+                r.headers["baton.error.class"].clone(),
+            )
+        })
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -258,10 +296,16 @@ fn budgets_invalid_transitions_and_duplicates_behave_as_specified() {
     assert_states_match(&[&pod], &expected_states(&inputs));
     let budget_state = state_of(&[&pod], "ctx-budget").expect("state");
     assert_eq!(budget_state["state"], "BudgetExhausted");
-    assert!(state_of(&[&pod], "ctx-unknown").is_none(), "an invalid first event leaves no state");
+    assert!(
+        state_of(&[&pod], "ctx-unknown").is_none(),
+        "an invalid first event leaves no state"
+    );
     let estimated = state_of(&[&pod], "ctx-estimate").expect("state");
     let used = estimated["tokens_used"].as_u64().expect("tokens_used");
     assert!(used > 5 && used < 60, "tokenizer estimate {used}");
     let metrics = pod.http_get("/metrics").expect("metrics").1;
-    assert!(metrics.contains("baton_events_duplicate_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("baton_events_duplicate_total 1"),
+        "{metrics}"
+    );
 }

@@ -192,7 +192,10 @@ mod tests {
     fn poison_is_classified() {
         assert_eq!(class_of(b"not json"), ErrorClass::MalformedJson);
         assert_eq!(class_of(b"[1,2]"), ErrorClass::UnrecognizedFormat);
-        assert_eq!(class_of(br#"{"hello":"world"}"#), ErrorClass::UnrecognizedFormat);
+        assert_eq!(
+            class_of(br#"{"hello":"world"}"#),
+            ErrorClass::UnrecognizedFormat
+        );
         assert_eq!(
             class_of(br#"{"event":"tool.x.completed","usage":"lots"}"#),
             ErrorClass::UnrecognizedFormat

@@ -154,11 +154,19 @@ impl Engine {
             }
         };
         let mut queues = Vec::new();
-        for tp in self.assigned.iter().filter(|tp| tp.partition() == partition) {
+        for tp in self
+            .assigned
+            .iter()
+            .filter(|tp| tp.partition() == partition)
+        {
             match consumer.split_partition_queue(tp.topic(), partition) {
                 Some(queue) => queues.push((tp.clone(), queue)),
                 None => {
-                    tracing::error!(topic = tp.topic(), partition, "cannot split the partition queue")
+                    tracing::error!(
+                        topic = tp.topic(),
+                        partition,
+                        "cannot split the partition queue"
+                    )
                 }
             }
         }
@@ -190,7 +198,12 @@ impl Engine {
         } else {
             self.commit()
         };
-        tracing::info!(?outcome, lost, count = partitions.count(), "settled before revocation");
+        tracing::info!(
+            ?outcome,
+            lost,
+            count = partitions.count(),
+            "settled before revocation"
+        );
         let mut touched = BTreeSet::new();
         for element in partitions.elements() {
             self.assigned
@@ -289,7 +302,11 @@ impl Engine {
             .filter_map(|p| p.failure.as_deref())
             .collect();
         if !complete || !failed.is_empty() {
-            tracing::warn!(?failed, complete, "a task failed inside the transaction; aborting");
+            tracing::warn!(
+                ?failed,
+                complete,
+                "a task failed inside the transaction; aborting"
+            );
             return self.abort_after_barrier("task failure");
         }
         let mut offsets = TopicPartitionList::new();
@@ -373,7 +390,10 @@ impl Engine {
         match self.producer.abort_transaction(TRANSACTION_TIMEOUT) {
             Ok(()) => {
                 METRICS.transactions.with_label_values(&["aborted"]).inc();
-                tracing::warn!(reason, "transaction aborted; rewinding to committed offsets");
+                tracing::warn!(
+                    reason,
+                    "transaction aborted; rewinding to committed offsets"
+                );
                 let rebuilt = self.begin_or_rebuild();
                 self.broadcast(|| Control::Aborted {
                     producer: rebuilt.clone(),
@@ -403,7 +423,10 @@ impl Engine {
     fn rebuild(&mut self, reason: &str) -> FutureProducer {
         METRICS.transactions.with_label_values(&["fatal"]).inc();
         METRICS.producer_rebuilds.inc();
-        tracing::error!(reason, "producer failed fatally or was fenced; rebuilding it");
+        tracing::error!(
+            reason,
+            "producer failed fatally or was fenced; rebuilding it"
+        );
         let mut backoff = Duration::from_millis(100);
         loop {
             match create_transactional_producer(&self.producer_config, &self.transactional_id)
@@ -460,7 +483,9 @@ fn create_transactional_producer(
 /// Locks the engine. A panic while holding the lock leaves it usable: the
 /// engine's invariants are re-established by the next commit or abort.
 pub fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
-    engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    engine
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The consumer context: turns librdkafka's rebalance callbacks into engine

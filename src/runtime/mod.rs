@@ -112,15 +112,19 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let settings = config.kafka.clone();
     let deadline = config.startup_timeout;
-    let metadata = tokio::task::spawn_blocking(move || {
-        kafka::fetch_metadata_with_retry(&settings, deadline)
-    })
-    .await
-    .map_err(|err| RunError::Coordinator(err.to_string()))??;
+    let metadata =
+        tokio::task::spawn_blocking(move || kafka::fetch_metadata_with_retry(&settings, deadline))
+            .await
+            .map_err(|err| RunError::Coordinator(err.to_string()))??;
 
-    let workflow_changelog = state::changelog_topic(&config.application_id, processor::WORKFLOW_STORE);
+    let workflow_changelog =
+        state::changelog_topic(&config.application_id, processor::WORKFLOW_STORE);
     let partitions = check_topics(&config, &topology, &metadata)?;
-    if !metadata.topics().iter().any(|t| t.name() == workflow_changelog) {
+    if !metadata
+        .topics()
+        .iter()
+        .any(|t| t.name() == workflow_changelog)
+    {
         create_compacted_topic(&config.kafka, &workflow_changelog, partitions).await?;
     }
 
@@ -142,7 +146,13 @@ pub async fn run(
     let runtime = tokio::runtime::Handle::current();
     let engine_readiness = Arc::clone(&readiness);
     let engine = tokio::task::spawn_blocking(move || {
-        Engine::new(pipeline, producer_config, transactional_id, runtime, engine_readiness)
+        Engine::new(
+            pipeline,
+            producer_config,
+            transactional_id,
+            runtime,
+            engine_readiness,
+        )
     })
     .await
     .map_err(|err| RunError::Coordinator(err.to_string()))??;
@@ -164,10 +174,12 @@ pub async fn run(
     engine::lock(&engine).attach_consumer(&consumer);
     engine::lock(&engine).start();
     let topics: Vec<&str> = config.input_topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics).map_err(|err| RunError::Subscribe {
-        topics: config.input_topics.clone(),
-        cause: err.to_string(),
-    })?;
+    consumer
+        .subscribe(&topics)
+        .map_err(|err| RunError::Subscribe {
+            topics: config.input_topics.clone(),
+            cause: err.to_string(),
+        })?;
     tracing::info!(
         transactional_id = %config.transactional_id(),
         group = config.group_id(),

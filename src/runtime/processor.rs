@@ -16,9 +16,9 @@ use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
+use super::Pipeline;
 use super::engine::RebalanceHook;
 use super::task::{Control, TaskProgress, TopicPartition};
-use super::Pipeline;
 use crate::codec::{self, DecodeError};
 use crate::dlq::{DeadLetter, ErrorClass};
 use crate::event::{SourceCoordinates, ToolEvent};
@@ -146,7 +146,12 @@ impl PartitionProcessor {
             }
             Err(DecodeError::Transient { reason }) => {
                 // JSON decoding has no transient failures; Avro will pause here.
-                out.push(self.dead_letter(message, &source, ErrorClass::UnrecognizedFormat, reason));
+                out.push(self.dead_letter(
+                    message,
+                    &source,
+                    ErrorClass::UnrecognizedFormat,
+                    reason,
+                ));
                 return;
             }
         };
@@ -166,12 +171,9 @@ impl PartitionProcessor {
                 status_updates: _,
             } => {
                 self.emit_handovers(&event, &handovers, out);
-                let write = self.store.put(
-                    &state.context_id,
-                    state.encode(),
-                    state.version,
-                    &source,
-                );
+                let write =
+                    self.store
+                        .put(&state.context_id, state.encode(), state.version, &source);
                 out.push(OutRecord {
                     topic: self.pipeline.workflow_changelog.clone(),
                     partition: Some(self.partition),
@@ -235,7 +237,10 @@ impl PartitionProcessor {
         class: ErrorClass,
         reason: String,
     ) -> OutRecord {
-        METRICS.dlq_records.with_label_values(&[class.as_str()]).inc();
+        METRICS
+            .dlq_records
+            .with_label_values(&[class.as_str()])
+            .inc();
         tracing::debug!(class = class.as_str(), %reason, offset = source.offset, "dead-lettered");
         let letter = DeadLetter {
             class,

@@ -119,7 +119,16 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
     } = setup;
     let tps: Vec<TopicPartition> = queues.iter().map(|(tp, _)| tp.clone()).collect();
     readiness.partition_restoring(partition);
-    let mut processor = match PartitionProcessor::open(&pipeline, partition, &tps, &consumer, &mut control, &mut producer).await {
+    let mut processor = match PartitionProcessor::open(
+        &pipeline,
+        partition,
+        &tps,
+        &consumer,
+        &mut control,
+        &mut producer,
+    )
+    .await
+    {
         Some(processor) => processor,
         // Stopped (or the engine went away) while restoring.
         None => {
@@ -285,7 +294,11 @@ async fn rewind(consumer: &Arc<StreamConsumer<RebalanceHook>>, tp: &TopicPartiti
         .await;
         match result {
             Ok(Ok(())) => {
-                tracing::info!(topic = tp.topic(), offset, "rewound to the last committed offset");
+                tracing::info!(
+                    topic = tp.topic(),
+                    offset,
+                    "rewound to the last committed offset"
+                );
                 return;
             }
             Ok(Err(err)) => tracing::warn!(offset, cause = %err, "seek failed; retrying"),

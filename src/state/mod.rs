@@ -135,11 +135,12 @@ pub fn get_offline(
     partitions.sort();
     for (partition, path) in partitions {
         let families = [rocksdb::DEFAULT_COLUMN_FAMILY_NAME, META_FAMILY];
-        let db = DB::open_cf_for_read_only(&Options::default(), &path, families, false)
-            .map_err(|source| StateError::Open {
+        let db = DB::open_cf_for_read_only(&Options::default(), &path, families, false).map_err(
+            |source| StateError::Open {
                 path: path.clone(),
                 source,
-            })?;
+            },
+        )?;
         if let Some(value) = db.get(key.as_bytes())? {
             return Ok(Some((partition, value)));
         }
@@ -342,7 +343,10 @@ mod tests {
 
     #[test]
     fn paths_and_topics_are_per_store_and_partition() {
-        assert_eq!(changelog_topic("baton", "workflow"), "baton-workflow-changelog");
+        assert_eq!(
+            changelog_topic("baton", "workflow"),
+            "baton-workflow-changelog"
+        );
         assert_eq!(
             store_path(Path::new("/var/lib/baton"), "baton", "workflow", 3),
             PathBuf::from("/var/lib/baton/baton/workflow-3")

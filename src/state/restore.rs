@@ -132,7 +132,9 @@ pub fn restore(db: &DB, request: &RestoreRequest<'_>) -> Result<RestoreReport, R
     }
     restorer.flush(report.next_offset)?;
     report.elapsed = started.elapsed();
-    METRICS.restore_seconds.observe(report.elapsed.as_secs_f64());
+    METRICS
+        .restore_seconds
+        .observe(report.elapsed.as_secs_f64());
     Ok(report)
 }
 
@@ -163,7 +165,10 @@ impl Restorer<'_> {
         let counts = matches!((&meta, committed), (Some(m), Some(next)) if m.source_offset < *next);
         if !counts {
             report.skipped_uncommitted += 1;
-            METRICS.restore_records.with_label_values(&["skipped_uncommitted"]).inc();
+            METRICS
+                .restore_records
+                .with_label_values(&["skipped_uncommitted"])
+                .inc();
             return Ok(());
         }
         let version = meta.map_or(0, |m| m.version);
@@ -177,7 +182,10 @@ impl Restorer<'_> {
         };
         if current.is_some_and(|current| version < current) {
             report.skipped_stale += 1;
-            METRICS.restore_records.with_label_values(&["skipped_stale"]).inc();
+            METRICS
+                .restore_records
+                .with_label_values(&["skipped_stale"])
+                .inc();
             return Ok(());
         }
         match message.payload() {
@@ -187,7 +195,10 @@ impl Restorer<'_> {
         self.versions.insert(key.to_vec(), version);
         self.batched += 1;
         report.applied += 1;
-        METRICS.restore_records.with_label_values(&["applied"]).inc();
+        METRICS
+            .restore_records
+            .with_label_values(&["applied"])
+            .inc();
         Ok(())
     }
 

@@ -45,7 +45,10 @@ pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bo
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(10);
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(200));
     }
@@ -62,7 +65,13 @@ fn tansu_binary() -> PathBuf {
         .output()
         .expect("scripts/broker.sh runs");
     assert!(output.status.success(), "scripts/broker.sh path failed");
-    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim().lines().last().unwrap_or_default())
+    PathBuf::from(
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default(),
+    )
 }
 
 /// A tansu broker on a free loopback port, killed on drop.
@@ -80,13 +89,21 @@ impl Broker {
         let url = format!("tcp://127.0.0.1:{port}");
         let mut command = Command::new(&binary);
         command
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "memory://tansu/"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         die_with_parent(&mut command);
-        let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
         let bootstrap = format!("127.0.0.1:{port}");
         let mut broker = Broker {
             child,
@@ -110,26 +127,34 @@ impl Broker {
             .set("transactional.id", "baton-probe")
             .create()
             .expect("probe producer");
-        producer.init_transactions(Duration::from_secs(10)).expect("init");
+        producer
+            .init_transactions(Duration::from_secs(10))
+            .expect("init");
         producer.begin_transaction().expect("begin");
         producer
             .send(BaseRecord::<[u8], [u8]>::to(topic).payload(b"aborted".as_slice()))
             .map_err(|(e, _)| e)
             .expect("send");
         producer.flush(Duration::from_secs(10)).expect("flush");
-        producer.abort_transaction(Duration::from_secs(10)).expect("abort");
+        producer
+            .abort_transaction(Duration::from_secs(10))
+            .expect("abort");
         producer.begin_transaction().expect("begin");
         producer
             .send(BaseRecord::<[u8], [u8]>::to(topic).payload(b"committed".as_slice()))
             .map_err(|(e, _)| e)
             .expect("send");
-        producer.commit_transaction(Duration::from_secs(10)).expect("commit");
+        producer
+            .commit_transaction(Duration::from_secs(10))
+            .expect("commit");
         let seen = self.read_all(topic);
         let hides = !seen.iter().any(|r| r.value == b"aborted");
         if hides {
             eprintln!("broker conformance: aborted records are hidden; duplicates must be zero");
         } else {
-            eprintln!("broker conformance: this broker shows aborted records to read_committed readers (BROKER.md gap 1); outputs are compared after deduplication by handover_id, and duplicates are reported, not required to be zero");
+            eprintln!(
+                "broker conformance: this broker shows aborted records to read_committed readers (BROKER.md gap 1); outputs are compared after deduplication by handover_id, and duplicates are reported, not required to be zero"
+            );
         }
         hides
     }
@@ -461,11 +486,17 @@ impl Baton {
         use std::io::{Read, Write};
         let mut stream = TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;
         let status = response.split_whitespace().nth(1)?.parse().ok()?;
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())?;
         Some((status, body))
     }
 
@@ -478,7 +509,11 @@ impl Drop for Baton {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            eprintln!("---- log of baton {} ----\n{}", self.instance_id, self.log());
+            eprintln!(
+                "---- log of baton {} ----\n{}",
+                self.instance_id,
+                self.log()
+            );
         }
         let _ = std::fs::remove_file(&self.log);
     }
@@ -492,7 +527,10 @@ pub fn dedup_handovers(records: &[&Record]) -> (BTreeMap<String, serde_json::Val
     let mut duplicates = 0;
     for record in records {
         let mut value = record.json();
-        let id = value["handover_id"].as_str().expect("handover_id").to_string();
+        let id = value["handover_id"]
+            .as_str()
+            .expect("handover_id")
+            .to_string();
         // produced_at is wall-clock time; everything else must be identical.
         if let Some(object) = value.as_object_mut() {
             object.remove("produced_at");
@@ -520,8 +558,8 @@ pub fn reference(records: &[baton::sample::SampleRecord]) -> Reference {
     use baton::event::SourceCoordinates;
     use baton::handover::Handover;
     use baton::workflow::{self, StepOutcome};
-    let topology = baton::topology::Topology::load(&Path::new(REPO).join("topology"))
-        .expect("topology loads");
+    let topology =
+        baton::topology::Topology::load(&Path::new(REPO).join("topology")).expect("topology loads");
     let mut states: HashMap<String, workflow::WorkflowState> = HashMap::new();
     let mut handovers = BTreeMap::new();
     let mut dead_letters = 0;
@@ -532,16 +570,21 @@ pub fn reference(records: &[baton::sample::SampleRecord]) -> Reference {
             partition: 0,
             offset: i as i64,
         };
-        let event = match codec::decode_event(Some(&record.value), &source, &DecodeLimits::default()) {
-            Ok(event) => event,
-            Err(_) => {
-                dead_letters += 1;
-                continue;
-            }
-        };
+        let event =
+            match codec::decode_event(Some(&record.value), &source, &DecodeLimits::default()) {
+                Ok(event) => event,
+                Err(_) => {
+                    dead_letters += 1;
+                    continue;
+                }
+            };
         let current = states.get(&event.context_id);
         match workflow::step(current, &event, &topology, 0) {
-            StepOutcome::Applied { state, handovers: drafts, .. } => {
+            StepOutcome::Applied {
+                state,
+                handovers: drafts,
+                ..
+            } => {
                 for draft in &drafts {
                     let handover = Handover::from_draft(draft, &event, None, String::new());
                     let mut value = serde_json::to_value(&handover).expect("json");
