@@ -12,13 +12,13 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use baton::event::SourceCoordinates;
 use baton::kafka::KafkaSettings;
 use baton::state::restore::{RestoreRequest, restore};
-use baton::state::{PartitionStore, headers};
+use baton::state::{PartitionStore, changelog_headers};
 use baton::workflow::WorkflowState;
 use common::Broker;
 
@@ -53,25 +53,14 @@ fn main() {
         })
         .to_string();
         value_bytes += state.len();
-        let offset = i.to_string();
-        let version = version.to_string();
-        let record_headers = OwnedHeaders::new()
-            .insert(Header {
-                key: headers::SOURCE_TOPIC,
-                value: Some("mcp.events.all"),
-            })
-            .insert(Header {
-                key: headers::SOURCE_PARTITION,
-                value: Some("0"),
-            })
-            .insert(Header {
-                key: headers::SOURCE_OFFSET,
-                value: Some(offset.as_str()),
-            })
-            .insert(Header {
-                key: headers::STATE_VERSION,
-                value: Some(version.as_str()),
-            });
+        let record_headers = changelog_headers(
+            &SourceCoordinates {
+                topic: "mcp.events.all".into(),
+                partition: 0,
+                offset: i as i64,
+            },
+            version,
+        );
         let mut record = BaseRecord::<str, str>::to(CHANGELOG)
             .key(context.as_str())
             .payload(state.as_str())

@@ -7,8 +7,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
-use prometheus::IntCounter;
+use prometheus::{Histogram, IntCounter};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
@@ -48,6 +49,25 @@ pub struct PartitionProcessor {
     partition: i32,
     store: PartitionStore,
     consumed: HashMap<String, IntCounter>,
+    stages: StageTimers,
+}
+
+/// Per-stage latency histograms, resolved once per task.
+struct StageTimers {
+    decode: Histogram,
+    step: Histogram,
+    encode: Histogram,
+}
+
+impl StageTimers {
+    fn new() -> Self {
+        let stage = |name: &str| METRICS.stage_seconds.with_label_values(&[name]);
+        StageTimers {
+            decode: stage("decode"),
+            step: stage("step"),
+            encode: stage("encode"),
+        }
+    }
 }
 
 impl PartitionProcessor {
@@ -124,6 +144,7 @@ impl PartitionProcessor {
             partition,
             store,
             consumed: HashMap::new(),
+            stages: StageTimers::new(),
         })
     }
 
@@ -138,7 +159,10 @@ impl PartitionProcessor {
             .entry(source.topic.clone())
             .or_insert_with(|| METRICS.records_consumed.with_label_values(&[&source.topic]))
             .inc();
-        let event = match codec::decode_event(message.payload(), &source, &self.pipeline.limits) {
+        let started = Instant::now();
+        let decoded = codec::decode_event(message.payload(), &source, &self.pipeline.limits);
+        self.stages.decode.observe(started.elapsed().as_secs_f64());
+        let event = match decoded {
             Ok(event) => event,
             Err(DecodeError::Poison { class, reason }) => {
                 out.push(self.dead_letter(message, &source, class, reason));
@@ -164,12 +188,16 @@ impl PartitionProcessor {
                 return;
             }
         };
-        match workflow::step(current.as_ref(), &event, &self.pipeline.topology, now_ms) {
+        let started = Instant::now();
+        let outcome = workflow::step(current.as_ref(), &event, &self.pipeline.topology, now_ms);
+        self.stages.step.observe(started.elapsed().as_secs_f64());
+        match outcome {
             StepOutcome::Applied {
                 state,
                 handovers,
                 status_updates: _,
             } => {
+                let started = Instant::now();
                 self.emit_handovers(&event, &handovers, out);
                 let write =
                     self.store
@@ -182,6 +210,7 @@ impl PartitionProcessor {
                     headers: Some(write.headers),
                     changelog: true,
                 });
+                self.stages.encode.observe(started.elapsed().as_secs_f64());
             }
             StepOutcome::Duplicate => METRICS.events_duplicate.inc(),
             StepOutcome::Unrouted => METRICS.events_unrouted.inc(),

@@ -286,7 +286,8 @@ pub(crate) fn read_checkpoint(db: &DB) -> Result<Option<i64>, StateError> {
     }))
 }
 
-fn changelog_headers(source: &SourceCoordinates, version: u64) -> OwnedHeaders {
+/// The provenance headers every changelog record carries.
+pub fn changelog_headers(source: &SourceCoordinates, version: u64) -> OwnedHeaders {
     let partition = source.partition.to_string();
     let offset = source.offset.to_string();
     let version = version.to_string();

@@ -266,65 +266,93 @@ impl Record {
 /// A read_committed reader of whole topics that keeps what it has read, so
 /// tests can wait for a condition over everything seen so far.
 pub struct Reader {
-    consumer: BaseConsumer,
+    topics: Vec<TopicReader>,
     pub records: Vec<Record>,
+}
+
+/// One consumer per topic: librdkafka's end-of-partition event names only
+/// the partition, so a consumer per topic keeps "at the end" unambiguous.
+struct TopicReader {
+    consumer: BaseConsumer,
+    partitions: usize,
+    at_end: std::collections::HashSet<i32>,
 }
 
 impl Reader {
     pub fn new(broker: &Broker, topics: &[&str]) -> Reader {
-        let consumer: BaseConsumer = broker
-            .client_config()
-            .set("group.id", "baton-test-reader")
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            .create()
-            .expect("reader");
-        let metadata = consumer
-            .fetch_metadata(None, Duration::from_secs(10))
-            .expect("metadata");
-        let mut assignment = TopicPartitionList::new();
-        for topic in topics {
-            let found = metadata
-                .topics()
-                .iter()
-                .find(|t| t.name() == *topic)
-                .unwrap_or_else(|| panic!("topic {topic} exists"));
-            for partition in found.partitions() {
-                assignment
-                    .add_partition_offset(topic, partition.id(), Offset::Beginning)
-                    .expect("assign");
-            }
-        }
-        consumer.assign(&assignment).expect("assign");
+        let topics = topics
+            .iter()
+            .map(|topic| {
+                let consumer: BaseConsumer = broker
+                    .client_config()
+                    .set("group.id", "baton-test-reader")
+                    .set("enable.auto.commit", "false")
+                    .set("isolation.level", "read_committed")
+                    .set("enable.partition.eof", "true")
+                    .set("fetch.wait.max.ms", "50")
+                    .create()
+                    .expect("reader");
+                let metadata = consumer
+                    .fetch_metadata(Some(topic), Duration::from_secs(10))
+                    .expect("metadata");
+                let found = metadata
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == *topic)
+                    .unwrap_or_else(|| panic!("topic {topic} exists"));
+                let mut assignment = TopicPartitionList::new();
+                for partition in found.partitions() {
+                    assignment
+                        .add_partition_offset(topic, partition.id(), Offset::Beginning)
+                        .expect("assign");
+                }
+                consumer.assign(&assignment).expect("assign");
+                TopicReader {
+                    consumer,
+                    partitions: found.partitions().len(),
+                    at_end: Default::default(),
+                }
+            })
+            .collect();
         Reader {
-            consumer,
+            topics,
             records: Vec::new(),
         }
     }
 
-    /// Reads until every partition reported its end once.
-    pub fn poll_to_end(&mut self) {
-        let partitions = self.consumer.assignment().map(|a| a.count()).unwrap_or(0);
-        let mut ended = std::collections::HashSet::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while ended.len() < partitions && Instant::now() < deadline {
-            match self.consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(message)) => self.records.push(to_record(&message)),
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                    ended.insert(p);
+    /// Reads whatever is available right now; returns how many records.
+    pub fn poll_available(&mut self) -> usize {
+        let before = self.records.len();
+        for topic in &mut self.topics {
+            loop {
+                match topic.consumer.poll(Duration::from_millis(10)) {
+                    Some(Ok(message)) => {
+                        topic.at_end.remove(&message.partition());
+                        self.records.push(to_record(&message));
+                    }
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                        topic.at_end.insert(p);
+                    }
+                    Some(Err(_)) => {}
+                    None => break,
                 }
-                _ => {}
             }
         }
+        self.records.len() - before
     }
 
-    /// Reads whatever is available right now.
-    pub fn poll_available(&mut self) {
-        while let Some(result) = self.consumer.poll(Duration::from_millis(50)) {
-            if let Ok(message) = result {
-                self.records.push(to_record(&message));
+    /// Reads until every partition of every topic is at its end.
+    pub fn poll_to_end(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.poll_available();
+            if self.topics.iter().all(|t| t.at_end.len() >= t.partitions) {
+                return;
             }
+            assert!(
+                Instant::now() < deadline,
+                "topics did not reach their end in 60 s"
+            );
         }
     }
 
@@ -352,6 +380,18 @@ impl Reader {
     pub fn topic(&self, topic: &str) -> Vec<&Record> {
         self.records.iter().filter(|r| r.topic == topic).collect()
     }
+
+    /// Every handover record read so far, on any agent's topic.
+    pub fn handovers(&self) -> Vec<&Record> {
+        handover_records(&self.records)
+    }
+}
+
+pub fn handover_records(records: &[Record]) -> Vec<&Record> {
+    records
+        .iter()
+        .filter(|r| r.topic.starts_with("mcp.handover."))
+        .collect()
 }
 
 fn to_record(message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
@@ -543,6 +583,11 @@ pub fn dedup_handovers(records: &[&Record]) -> (BTreeMap<String, serde_json::Val
         }
     }
     (unique, duplicates)
+}
+
+/// Distinct handovers (by `handover_id`) among `records`.
+pub fn unique_handover_count(records: &[Record]) -> usize {
+    dedup_handovers(&handover_records(records)).0.len()
 }
 
 /// The reference model: the pure step folded over each context's events in
