@@ -191,6 +191,20 @@ impl Metrics {
                 .register(collector)
                 .expect("metric names are unique");
         }
+        // Known label values exist from the start, so the first increment
+        // already shows up in rate() instead of creating the series.
+        for outcome in ["committed", "aborted", "fatal"] {
+            metrics.transactions.with_label_values(&[outcome]);
+        }
+        for kind in ["assign", "revoke", "lost"] {
+            metrics.rebalances.with_label_values(&[kind]);
+        }
+        for class in crate::dlq::ErrorClass::ALL {
+            metrics.dlq_records.with_label_values(&[class.as_str()]);
+        }
+        for outcome in ["applied", "skipped_uncommitted", "skipped_stale"] {
+            metrics.restore_records.with_label_values(&[outcome]);
+        }
         metrics
     }
 }
