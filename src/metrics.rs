@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// The registry `/metrics` serves.
@@ -37,10 +37,6 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     /// Rebalance callbacks, by kind (assign, revoke, lost).
     pub rebalances: IntCounterVec,
-    /// Partitions paused because of a transient failure, by cause.
-    pub partitions_paused: IntGaugeVec,
-    /// Transient failures that paused a partition, by cause.
-    pub transient_errors: IntCounterVec,
     /// Producer rebuilds after a fatal error or fencing.
     pub producer_rebuilds: IntCounter,
     /// Time spent in the per-record processing path, by stage.
@@ -117,22 +113,6 @@ impl Metrics {
                 &["kind"],
             )
             .expect("valid metric"),
-            partitions_paused: IntGaugeVec::new(
-                Opts::new(
-                    "baton_partitions_paused",
-                    "Partitions paused by a transient failure",
-                ),
-                &["cause"],
-            )
-            .expect("valid metric"),
-            transient_errors: IntCounterVec::new(
-                Opts::new(
-                    "baton_transient_errors_total",
-                    "Transient failures that paused processing",
-                ),
-                &["cause"],
-            )
-            .expect("valid metric"),
             producer_rebuilds: IntCounter::new(
                 "baton_producer_rebuilds_total",
                 "Transactional producer rebuilds after fencing or a fatal error",
@@ -167,7 +147,7 @@ impl Metrics {
             )
             .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
             Box::new(metrics.records_consumed.clone()),
             Box::new(metrics.events_unrouted.clone()),
             Box::new(metrics.events_duplicate.clone()),
@@ -178,8 +158,6 @@ impl Metrics {
             Box::new(metrics.transaction_records.clone()),
             Box::new(metrics.assigned_partitions.clone()),
             Box::new(metrics.rebalances.clone()),
-            Box::new(metrics.partitions_paused.clone()),
-            Box::new(metrics.transient_errors.clone()),
             Box::new(metrics.producer_rebuilds.clone()),
             Box::new(metrics.stage_seconds.clone()),
             Box::new(metrics.restore_records.clone()),

@@ -20,10 +20,6 @@ impl Shutdown {
         self.token.cancel();
     }
 
-    pub fn is_triggered(&self) -> bool {
-        self.token.is_cancelled()
-    }
-
     pub async fn wait(&self) {
         self.token.cancelled().await;
     }

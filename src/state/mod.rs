@@ -99,15 +99,6 @@ impl OpenStores {
         }
         Ok(None)
     }
-
-    pub fn partitions(&self) -> Vec<i32> {
-        self.stores
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .keys()
-            .copied()
-            .collect()
-    }
 }
 
 /// Looks `key` up in a state directory offline, read-only, across every
@@ -216,10 +207,6 @@ impl PartitionStore {
         }
     }
 
-    pub fn has_uncommitted(&self) -> bool {
-        !self.overlay.is_empty()
-    }
-
     /// Forgets the open transaction's writes.
     pub fn abort(&mut self) {
         self.overlay.clear();
@@ -244,13 +231,6 @@ impl PartitionStore {
 
     pub fn db(&self) -> &Arc<DB> {
         &self.db
-    }
-
-    /// Iterates every committed key and value (for offline inspection).
-    pub fn scan(&self) -> impl Iterator<Item = (Box<[u8]>, Box<[u8]>)> + '_ {
-        self.db
-            .iterator(rocksdb::IteratorMode::Start)
-            .filter_map(Result::ok)
     }
 }
 
