@@ -138,18 +138,36 @@ fn main() {
     let (raw_elapsed, raw_done) = raw_passthrough(&broker, "raw.input", "raw.output", count);
     let raw_rate = raw_done as f64 / raw_elapsed.as_secs_f64();
 
+    // Timed like the passthrough, by records committed: the pod's own
+    // `baton_transaction_records_sum`, polled from /metrics, so no reader
+    // competes for the cores while it runs.
     let baton = Baton::start(&broker, BatonOptions::new("bench-0"));
-    let mut reader = Reader::new(&broker, &["mcp.handover.researcher"]);
-    reader.wait_until("the first handover", Duration::from_secs(60), |r| {
-        !r.is_empty()
+    let committed = |baton: &Baton| -> usize {
+        baton
+            .http_get("/metrics")
+            .and_then(|(_, body)| {
+                body.lines()
+                    .find_map(|l| l.strip_prefix("baton_transaction_records_sum "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0) as usize
+    };
+    let mut first_seen = 0;
+    common::wait_for("the first commit", Duration::from_secs(60), || {
+        first_seen = committed(&baton);
+        first_seen > 0
     });
     let started = Instant::now();
-    let first_seen = reader.records.len();
-    reader.wait_until("every handover", Duration::from_secs(600), |r| {
-        r.len() >= count
+    common::wait_for("every record committed", Duration::from_secs(600), || {
+        committed(&baton) >= count
     });
     let baton_elapsed = started.elapsed();
     let baton_rate = (count - first_seen) as f64 / baton_elapsed.as_secs_f64();
+    // And the handovers really are there.
+    let mut reader = Reader::new(&broker, &["mcp.handover.researcher"]);
+    reader.wait_until("every handover", Duration::from_secs(120), |r| {
+        r.len() >= count
+    });
     drop(baton);
 
     println!(

@@ -59,16 +59,15 @@ struct LegacyPayload {
 /// Decodes a JSON event. Bytes that are not JSON, JSON that is neither
 /// dialect and events without a context are poison, each with its own class.
 pub fn decode(bytes: &[u8], source: &SourceCoordinates) -> Result<ToolEvent, DecodeError> {
-    let root: Value = serde_json::from_slice(bytes)
-        .map_err(|err| DecodeError::poison(ErrorClass::MalformedJson, err.to_string()))?;
-    if !root.is_object() {
-        return Err(DecodeError::poison(
-            ErrorClass::UnrecognizedFormat,
-            "expected a JSON object with an `event` field",
-        ));
-    }
-    let wire: WireEvent = serde_json::from_value(root)
-        .map_err(|err| DecodeError::poison(ErrorClass::UnrecognizedFormat, err.to_string()))?;
+    // One pass: serde_json says whether the bytes were not JSON at all
+    // (syntax, truncation) or JSON of the wrong shape (data).
+    let wire: WireEvent = serde_json::from_slice(bytes).map_err(|err| {
+        let class = match err.classify() {
+            serde_json::error::Category::Data => ErrorClass::UnrecognizedFormat,
+            _ => ErrorClass::MalformedJson,
+        };
+        DecodeError::poison(class, err.to_string())
+    })?;
     let event = match wire.event {
         Some(event) if !event.is_empty() => event,
         _ => {
