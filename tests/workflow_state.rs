@@ -259,6 +259,11 @@ fn budgets_invalid_transitions_and_duplicates_behave_as_specified() {
         // The same event twice: the second changes nothing.
         vision("ctx-dup", "d-1", json!({})),
         vision("ctx-dup", "d-1", json!({})),
+        // An event no workflow mentions: counted and skipped, never dead-lettered.
+        record(
+            "ctx-other",
+            json!({"event_id": "o-1", "context_id": "ctx-other", "event": "tool.weather_lookup.completed"}),
+        ),
         // No usage: the tokenizer estimates it from the tool output.
         record(
             "ctx-estimate",
@@ -330,5 +335,13 @@ fn budgets_invalid_transitions_and_duplicates_behave_as_specified() {
     assert!(
         metrics.contains("baton_events_duplicate_total 1"),
         "{metrics}"
+    );
+    assert!(
+        metrics.contains("baton_events_unrouted_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        state_of(&[&pod], "ctx-other").is_none(),
+        "an unrouted event leaves no state"
     );
 }
