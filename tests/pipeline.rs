@@ -162,14 +162,7 @@ fn b_sigkill_one_of_two_pods_mid_stream_loses_nothing() {
     // `init_transactions` closes the transaction it left open, which tansu
     // never times out (BROKER.md gap 2; real Kafka aborts it after
     // transaction.timeout.ms).
-    let state_dir = std::mem::replace(&mut first.state_dir, tempfile::tempdir().expect("dir"));
-    let first = Baton::start(
-        &broker,
-        BatonOptions {
-            state_dir: Some(state_dir),
-            ..BatonOptions::new("pod-1")
-        },
-    );
+    let first = first.restart(&broker);
     producer.join().expect("producer thread");
 
     let total = expected.handovers.len();
@@ -206,16 +199,7 @@ fn c_sigterm_under_load_exits_cleanly_and_loses_nothing() {
     producer.join().expect("producer thread");
 
     // A restarted pod (same instance id, same state) finishes the rest.
-    let restarted = Baton::start(
-        &broker,
-        BatonOptions {
-            state_dir: Some(std::mem::replace(
-                &mut pod.state_dir,
-                tempfile::tempdir().expect("dir"),
-            )),
-            ..BatonOptions::new("pod-term")
-        },
-    );
+    let restarted = pod.restart(&broker);
     let total = expected.handovers.len();
     reader.wait_until("every handover", Duration::from_secs(120), |records| {
         common::unique_handover_count(records) >= total

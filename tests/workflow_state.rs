@@ -101,14 +101,7 @@ fn thousand_contexts_on_three_pods_with_kills_and_a_joiner_stay_exact() {
 
     // First SIGKILL, then the pod comes back with its state directory.
     pod1.kill();
-    let state_dir = std::mem::replace(&mut pod1.state_dir, tempfile::tempdir().expect("dir"));
-    let mut pod1 = Baton::start(
-        &broker,
-        BatonOptions {
-            state_dir: Some(state_dir),
-            ..BatonOptions::new("pod-1")
-        },
-    );
+    let mut pod1 = pod1.restart(&broker);
     broker.produce("mcp.events.all", &second_half[..second_half.len() / 2]);
     reader.wait_until("half of the handovers", Duration::from_secs(120), |r| {
         common::unique_handover_count(r) >= total / 2
@@ -119,14 +112,7 @@ fn thousand_contexts_on_three_pods_with_kills_and_a_joiner_stay_exact() {
     // `init_transactions` closes what it left open (BROKER.md gap 2).
     pod1.kill();
     let pod4 = Baton::start(&broker, BatonOptions::new("pod-4"));
-    let state_dir = std::mem::replace(&mut pod1.state_dir, tempfile::tempdir().expect("dir"));
-    let pod1 = Baton::start(
-        &broker,
-        BatonOptions {
-            state_dir: Some(state_dir),
-            ..BatonOptions::new("pod-1")
-        },
-    );
+    let pod1 = pod1.restart(&broker);
     broker.produce("mcp.events.all", &second_half[second_half.len() / 2..]);
 
     reader.wait_until("every handover", Duration::from_secs(240), |r| {

@@ -487,6 +487,21 @@ impl Baton {
         }
     }
 
+    /// Starts this pod again under the same instance id and state directory,
+    /// as a StatefulSet restarts a crashed pod (kill or terminate it first).
+    pub fn restart(mut self, broker: &Broker) -> Baton {
+        self.kill();
+        let instance_id = std::mem::take(&mut self.instance_id);
+        let state_dir = std::mem::replace(&mut self.state_dir, tempfile::tempdir().expect("dir"));
+        Baton::start(
+            broker,
+            BatonOptions {
+                state_dir: Some(state_dir),
+                ..BatonOptions::new(&instance_id)
+            },
+        )
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
     }
