@@ -5,7 +5,8 @@
 #
 #   - apt packages the native dependencies build with (RocksDB, librdkafka);
 #   - the rustfmt and clippy components;
-#   - the pinned tansu broker (scripts/broker.sh install).
+#   - the pinned tansu broker (scripts/broker.sh install);
+#   - Confluent's Python client in a venv, for the Avro interop tests.
 
 REPO_ROOT="${REPO_ROOT:-$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)}"
 export DEBIAN_FRONTEND=noninteractive
@@ -20,19 +21,22 @@ die() {
     exit 1
 }
 
+# Installs the given packages (default: APT_PACKAGES) where missing.
 install_apt_packages() {
+    local wanted=("$@")
+    [[ ${#wanted[@]} -gt 0 ]] || wanted=("${APT_PACKAGES[@]}")
     if ! command -v dpkg >/dev/null 2>&1; then
-        echo "no dpkg: not a Debian system; make sure these are installed: ${APT_PACKAGES[*]}"
+        echo "no dpkg: not a Debian system; make sure these are installed: ${wanted[*]}"
         return 0
     fi
     local missing=() pkg
-    for pkg in "${APT_PACKAGES[@]}"; do
+    for pkg in "${wanted[@]}"; do
         if ! dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed'; then
             missing+=("$pkg")
         fi
     done
     if [[ ${#missing[@]} -eq 0 ]]; then
-        echo "apt packages already installed: ${APT_PACKAGES[*]}"
+        echo "apt packages already installed: ${wanted[*]}"
         return 0
     fi
     local sudo=()
@@ -67,11 +71,32 @@ install_broker() {
     echo "BATON_TANSU_BIN=${BATON_TANSU_BIN}"
 }
 
+# Confluent's own Python client, for the Avro interop tests and the peer
+# benchmarks: a venv outside the clone, reused across runs.
+INTEROP_VENV="${BATON_INTEROP_VENV:-${HOME:-/root}/.cache/baton/venv}"
+INTEROP_PACKAGES=("confluent-kafka[avro]==2.16.1")
+
+install_python_tools() {
+    local python="$INTEROP_VENV/bin/python"
+    if [[ -x "$python" ]] && "$python" -c 'import confluent_kafka.schema_registry.avro' 2>/dev/null; then
+        echo "python tools already installed in $INTEROP_VENV"
+    else
+        # Debian's python3 lacks ensurepip (and so venv) without python3-venv.
+        if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+            install_apt_packages python3 python3-venv
+        fi
+        echo "installing ${INTEROP_PACKAGES[*]} into $INTEROP_VENV"
+        python3 -m venv "$INTEROP_VENV"
+        "$INTEROP_VENV/bin/pip" install -q "${INTEROP_PACKAGES[@]}"
+    fi
+    export BATON_INTEROP_PYTHON="$python"
+}
 
 install_prerequisites() {
     install_apt_packages
     install_rust_components
     install_broker
+    install_python_tools
     mkdir -p "$CARGO_TARGET_DIR"
     echo "CARGO_TARGET_DIR=${CARGO_TARGET_DIR}"
 }

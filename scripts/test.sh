@@ -10,7 +10,9 @@
 # from any directory. It installs only what is missing:
 #   - the apt packages the native dependencies build with (RocksDB, librdkafka);
 #   - the pinned tansu broker (scripts/broker.sh install), exported as BATON_TANSU_BIN;
-#   - the rustfmt and clippy components.
+#   - the rustfmt and clippy components;
+#   - Confluent's Python client (confluent-kafka[avro]) in a venv, exported as
+#     BATON_INTEROP_PYTHON, for the Avro interop test.
 #
 # Environment:
 #   CARGO_TARGET_DIR       default ~/.cache/baton/target, kept outside the clone:

@@ -1,6 +1,8 @@
 //! The command line. Every flag of `baton run` also reads a `BATON_*`
 //! variable, so pods are configured from their environment.
 
+mod schemas;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -51,6 +53,9 @@ pub enum Command {
     /// Inspect workflow state.
     #[command(subcommand)]
     State(StateCommand),
+    /// Check or register baton's Avro schemas in a Schema Registry.
+    #[command(subcommand)]
+    Schemas(schemas::SchemasCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +121,50 @@ pub struct RunArgs {
     /// Optional TOML file; flags and variables override it.
     #[arg(long, env = "BATON_CONFIG")]
     pub config: Option<PathBuf>,
+    /// An input topic's format, TOPIC=avro|json|auto, repeatable (default auto:
+    /// magic byte 0 is Avro, `{` is JSON).
+    #[arg(
+        long = "input-format",
+        env = "BATON_INPUT_FORMATS",
+        value_delimiter = ','
+    )]
+    pub input_formats: Vec<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// Where the Schema Registry is and how to reach it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RegistryArgs {
+    /// Schema Registry base URL(s), comma separated. Set, Avro input decodes
+    /// and handovers are written as Avro; unset, output stays JSON.
+    #[arg(long, env = "BATON_SCHEMA_REGISTRY_URL", value_delimiter = ',')]
+    pub schema_registry_url: Vec<String>,
+    /// Basic auth user (Confluent Cloud: the API key).
+    #[arg(long, env = "BATON_SCHEMA_REGISTRY_USERNAME")]
+    pub schema_registry_username: Option<String>,
+    /// Basic auth password (Confluent Cloud: the API secret).
+    #[arg(long, env = "BATON_SCHEMA_REGISTRY_PASSWORD", hide_env_values = true)]
+    pub schema_registry_password: Option<String>,
+    /// PEM file of the CA that signed the registry's certificate.
+    #[arg(long, env = "BATON_SCHEMA_REGISTRY_CA_FILE")]
+    pub schema_registry_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for mutual TLS.
+    #[arg(long, env = "BATON_SCHEMA_REGISTRY_CERT_FILE")]
+    pub schema_registry_cert_file: Option<PathBuf>,
+    /// PKCS#8 PEM key of the client certificate.
+    #[arg(long, env = "BATON_SCHEMA_REGISTRY_KEY_FILE")]
+    pub schema_registry_key_file: Option<PathBuf>,
+    /// Per-request timeout, in milliseconds (default 10000).
+    #[arg(long, env = "BATON_SCHEMA_REGISTRY_TIMEOUT_MS")]
+    pub schema_registry_timeout_ms: Option<u64>,
+    /// How subjects are named: topic (`{topic}-value`) or record (the full name).
+    #[arg(long, env = "BATON_SUBJECT_NAME_STRATEGY", value_enum)]
+    pub subject_name_strategy: Option<crate::registry::SubjectStrategy>,
+    /// Register baton's own schemas at start-up; without it a missing subject
+    /// is a start-up error.
+    #[arg(long, env = "BATON_AUTO_REGISTER_SCHEMAS")]
+    pub auto_register_schemas: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,6 +261,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topics(TopicsCommand::Create(args)) => create_topics(args).await,
         Command::Simulate(args) => simulate(args).await,
         Command::State(StateCommand::Get(args)) => state_get(args).await,
+        Command::Schemas(command) => schemas::execute(command).await,
     }
 }
 

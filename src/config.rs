@@ -1,7 +1,7 @@
 //! Run configuration: flags and `BATON_*` variables first, then an optional
 //! TOML file, then defaults; validated in one step that names every bad key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::RunArgs;
-use crate::codec::DecodeLimits;
+use crate::cli::{RegistryArgs, RunArgs};
+use crate::codec::{DecodeLimits, InputFormat};
 use crate::dlq::DEFAULT_DLQ_TOPIC;
 use crate::kafka::{self, KafkaSettings};
+use crate::registry::{RegistryConfig, SubjectStrategy};
 
 pub const DEFAULT_INPUT_TOPIC: &str = "mcp.events.all";
 pub const DEFAULT_APPLICATION_ID: &str = "baton";
@@ -32,6 +33,18 @@ pub struct FileConfig {
     pub dlq_topic: Option<String>,
     pub max_record_bytes: Option<usize>,
     pub startup_timeout_ms: Option<u64>,
+    /// Per input topic: `avro`, `json` or `auto` (the default).
+    #[serde(default)]
+    pub input_formats: BTreeMap<String, String>,
+    pub schema_registry_url: Option<String>,
+    pub schema_registry_username: Option<String>,
+    pub schema_registry_password: Option<String>,
+    pub schema_registry_ca_file: Option<PathBuf>,
+    pub schema_registry_cert_file: Option<PathBuf>,
+    pub schema_registry_key_file: Option<PathBuf>,
+    pub schema_registry_timeout_ms: Option<u64>,
+    pub subject_name_strategy: Option<SubjectStrategy>,
+    pub auto_register_schemas: Option<bool>,
     /// librdkafka properties, passed through as they are.
     #[serde(default)]
     pub kafka: BTreeMap<String, String>,
@@ -52,6 +65,10 @@ pub struct RunConfig {
     pub limits: DecodeLimits,
     /// How long start-up keeps trying to reach the brokers before giving up.
     pub startup_timeout: Duration,
+    /// Per input topic; topics not named are `auto`.
+    pub input_formats: HashMap<String, InputFormat>,
+    /// Set: Avro input is decodable and handovers are written as Avro.
+    pub schema_registry: Option<RegistryConfig>,
 }
 
 impl RunConfig {
@@ -120,6 +137,7 @@ impl RunConfig {
             None => FileConfig::default(),
         };
         let mut problems = Vec::new();
+        let schema_registry = registry_config(&args.registry, &file, &mut problems);
 
         let bootstrap_servers = args
             .bootstrap_servers
@@ -232,6 +250,36 @@ impl RunConfig {
             ));
         }
 
+        let mut format_names: Vec<(String, String)> = file.input_formats.into_iter().collect();
+        for pair in &args.input_formats {
+            match pair.split_once('=') {
+                Some((topic, format)) if !topic.trim().is_empty() => {
+                    format_names.push((topic.trim().to_string(), format.trim().to_string()))
+                }
+                _ => problems.push(format!(
+                    "input_format: `{pair}` is not TOPIC=avro|json|auto"
+                )),
+            }
+        }
+        let mut input_formats = HashMap::new();
+        for (topic, name) in format_names {
+            let Some(format) = InputFormat::parse(&name) else {
+                problems.push(format!(
+                    "input_formats.{topic}: `{name}` is not one of avro, json, auto"
+                ));
+                continue;
+            };
+            if !input_topics.contains(&topic) {
+                problems.push(format!("input_formats.{topic}: not an input topic"));
+            }
+            if format == InputFormat::Avro && schema_registry.is_none() {
+                problems.push(format!(
+                    "input_formats.{topic}: avro needs a schema registry (--schema-registry-url)"
+                ));
+            }
+            input_formats.insert(topic, format);
+        }
+
         let mut properties: Vec<(String, String)> = file.kafka.into_iter().collect();
         for pair in &args.kafka_props {
             match pair.split_once('=') {
@@ -265,8 +313,104 @@ impl RunConfig {
             dlq_topic,
             limits: DecodeLimits { max_record_bytes },
             startup_timeout: Duration::from_millis(startup_timeout_ms),
+            input_formats,
+            schema_registry,
         })
     }
+}
+
+/// The registry settings from flags over the file; `None` when no URL is set.
+pub fn registry_config(
+    args: &RegistryArgs,
+    file: &FileConfig,
+    problems: &mut Vec<String>,
+) -> Option<RegistryConfig> {
+    let urls: Vec<String> = if !args.schema_registry_url.is_empty() {
+        args.schema_registry_url.clone()
+    } else {
+        file.schema_registry_url
+            .iter()
+            .flat_map(|urls| urls.split(','))
+            .map(str::to_string)
+            .collect()
+    };
+    let urls: Vec<String> = urls
+        .into_iter()
+        .map(|url| url.trim().to_string())
+        .filter(|url| !url.is_empty())
+        .collect();
+    for url in &urls {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            problems.push(format!(
+                "schema_registry_url: `{url}` is not an http:// or https:// URL"
+            ));
+        }
+    }
+    let timeout_ms = args
+        .schema_registry_timeout_ms
+        .or(file.schema_registry_timeout_ms)
+        .unwrap_or(10_000);
+    if !(100..=600_000).contains(&timeout_ms) {
+        problems.push(format!(
+            "schema_registry_timeout_ms: {timeout_ms} is outside 100..=600000"
+        ));
+    }
+    let pick = |flag: &Option<PathBuf>, file: &Option<PathBuf>| flag.clone().or(file.clone());
+    let ca_file = pick(&args.schema_registry_ca_file, &file.schema_registry_ca_file);
+    let cert_file = pick(
+        &args.schema_registry_cert_file,
+        &file.schema_registry_cert_file,
+    );
+    let key_file = pick(
+        &args.schema_registry_key_file,
+        &file.schema_registry_key_file,
+    );
+    for (key, path) in [
+        ("schema_registry_ca_file", &ca_file),
+        ("schema_registry_cert_file", &cert_file),
+        ("schema_registry_key_file", &key_file),
+    ] {
+        if let Some(path) = path
+            && !path.is_file()
+        {
+            problems.push(format!("{key}: {} is not a readable file", path.display()));
+        }
+    }
+    if cert_file.is_some() != key_file.is_some() {
+        problems.push(
+            "schema_registry_cert_file: a client certificate needs schema_registry_key_file too"
+                .into(),
+        );
+    }
+    let auto_register = args.auto_register_schemas || file.auto_register_schemas.unwrap_or(false);
+    if urls.is_empty() {
+        if auto_register {
+            problems.push(
+                "auto_register_schemas: needs a schema registry (--schema-registry-url)".into(),
+            );
+        }
+        return None;
+    }
+    Some(RegistryConfig {
+        urls,
+        username: args
+            .schema_registry_username
+            .clone()
+            .or(file.schema_registry_username.clone()),
+        password: args
+            .schema_registry_password
+            .clone()
+            .or(file.schema_registry_password.clone()),
+        ca_file,
+        cert_file,
+        key_file,
+        timeout: Duration::from_millis(timeout_ms),
+        subject_strategy: args
+            .subject_name_strategy
+            .or(file.subject_name_strategy)
+            .unwrap_or_default(),
+        auto_register,
+    })
 }
 
 /// The host name: in a StatefulSet it is the pod name, stable across restarts.

@@ -36,6 +36,9 @@ pub enum ErrorClass {
     UnknownSchema,
     /// Bytes that claim to be Avro but do not decode.
     MalformedAvro,
+    /// Avro whose writer schema cannot be resolved into baton's reader schema:
+    /// the producer made an incompatible change.
+    IncompatibleSchema,
     /// An event the context's current workflow state does not allow.
     InvalidTransition,
     /// The tool call itself failed; the healer may retry it.
@@ -43,13 +46,14 @@ pub enum ErrorClass {
 }
 
 impl ErrorClass {
-    pub const ALL: [ErrorClass; 8] = [
+    pub const ALL: [ErrorClass; 9] = [
         ErrorClass::MalformedJson,
         ErrorClass::UnrecognizedFormat,
         ErrorClass::MissingContextId,
         ErrorClass::RecordTooLarge,
         ErrorClass::UnknownSchema,
         ErrorClass::MalformedAvro,
+        ErrorClass::IncompatibleSchema,
         ErrorClass::InvalidTransition,
         ErrorClass::ToolFailed,
     ];
@@ -62,6 +66,7 @@ impl ErrorClass {
             ErrorClass::RecordTooLarge => "record_too_large",
             ErrorClass::UnknownSchema => "unknown_schema",
             ErrorClass::MalformedAvro => "malformed_avro",
+            ErrorClass::IncompatibleSchema => "incompatible_schema",
             ErrorClass::InvalidTransition => "invalid_transition",
             ErrorClass::ToolFailed => "tool_failed",
         }

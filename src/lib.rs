@@ -8,7 +8,7 @@
 //! - [`cli`]: the command line (`baton run`, `topology`, `state`, ...), parsed with clap.
 //! - [`config`]: run configuration from flags, `BATON_*` variables and an optional TOML file, validated in one place.
 //! - [`event`]: [`event::ToolEvent`], the one shape every input format decodes into.
-//! - [`codec`]: bytes to events and back; classifies every decode failure as poison or transient.
+//! - [`codec`]: bytes to events and back (JSON, Confluent wire-format Avro); classifies every decode failure as poison or a schema to fetch first.
 //! - [`topology`]: workflow definitions from `topology/`, their loading, validation and diagrams.
 //! - [`workflow`]: per-context workflow state and the pure step `(state, event, definition) -> outcome`.
 //! - [`handover`]: the standard handover record and its deterministic id.
@@ -17,6 +17,7 @@
 //! - [`runtime`]: the consumer group, one task per partition, and the exactly-once transaction loop.
 //! - [`http`]: the HTTP surface (metrics, health).
 //! - [`metrics`]: every Prometheus metric, defined once.
+//! - [`registry`]: the Confluent-compatible Schema Registry: settings, the writer-schema cache, registration and compatibility.
 //! - [`state`]: RocksDB stores per partition, their changelogs, checkpoints and restore.
 //! - [`sample`]: deterministic sample traffic for the demo, load tests and benchmarks.
 //! - [`shutdown`]: the one shutdown signal every task listens to.
@@ -30,6 +31,7 @@ pub mod handover;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod registry;
 pub mod runtime;
 pub mod sample;
 pub mod shutdown;

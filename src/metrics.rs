@@ -47,6 +47,13 @@ pub struct Metrics {
     pub restore_seconds: Histogram,
     /// Partitions currently restoring.
     pub partitions_restoring: IntGauge,
+    /// Tasks paused because something outside the record failed (the
+    /// Schema Registry is down): their partitions wait, nothing is skipped.
+    pub partitions_paused: IntGauge,
+    /// Failed attempts to reach a dependency, by dependency.
+    pub transient_errors: IntCounterVec,
+    /// Writer schemas fetched from the registry, by outcome (found, unknown).
+    pub schema_lookups: IntCounterVec,
 }
 
 impl Metrics {
@@ -146,8 +153,29 @@ impl Metrics {
                 "Partitions whose stores are being restored",
             )
             .expect("valid metric"),
+            partitions_paused: IntGauge::new(
+                "baton_partitions_paused",
+                "Tasks waiting out a transient failure (e.g. the schema registry is down)",
+            )
+            .expect("valid metric"),
+            transient_errors: IntCounterVec::new(
+                Opts::new(
+                    "baton_transient_errors_total",
+                    "Failed attempts to reach a dependency; retried with backoff",
+                ),
+                &["dependency"],
+            )
+            .expect("valid metric"),
+            schema_lookups: IntCounterVec::new(
+                Opts::new(
+                    "baton_schema_lookups_total",
+                    "Writer schemas fetched from the schema registry by id",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
             Box::new(metrics.records_consumed.clone()),
             Box::new(metrics.events_unrouted.clone()),
             Box::new(metrics.events_duplicate.clone()),
@@ -163,6 +191,9 @@ impl Metrics {
             Box::new(metrics.restore_records.clone()),
             Box::new(metrics.restore_seconds.clone()),
             Box::new(metrics.partitions_restoring.clone()),
+            Box::new(metrics.partitions_paused.clone()),
+            Box::new(metrics.transient_errors.clone()),
+            Box::new(metrics.schema_lookups.clone()),
         ];
         for collector in collectors {
             registry
@@ -179,6 +210,12 @@ impl Metrics {
         }
         for class in crate::dlq::ErrorClass::ALL {
             metrics.dlq_records.with_label_values(&[class.as_str()]);
+        }
+        metrics
+            .transient_errors
+            .with_label_values(&["schema_registry"]);
+        for outcome in ["found", "unknown"] {
+            metrics.schema_lookups.with_label_values(&[outcome]);
         }
         for outcome in ["applied", "skipped_uncommitted", "skipped_stale"] {
             metrics.restore_records.with_label_values(&[outcome]);

@@ -5,7 +5,7 @@ mod engine;
 pub mod processor;
 mod task;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,9 +20,10 @@ use thiserror::Error;
 pub use engine::CommitOutcome;
 use engine::{BatonConsumer, Engine, EngineError, RebalanceHook};
 
-use crate::codec::DecodeLimits;
+use crate::codec::{InputDecoder, OutputEncoder, avro};
 use crate::config::RunConfig;
 use crate::kafka::{self, ClientRole, ConnectError, KafkaSettings};
+use crate::registry::Registry;
 use crate::shutdown::Shutdown;
 use crate::state;
 use crate::topology::Topology;
@@ -43,6 +44,8 @@ pub enum RunError {
     Consumer(String),
     #[error("cannot subscribe to {topics:?}: {cause}")]
     Subscribe { topics: Vec<String>, cause: String },
+    #[error("schema registry: {0}")]
+    Registry(String),
     #[error("the coordinator thread failed: {0}")]
     Coordinator(String),
 }
@@ -55,7 +58,8 @@ pub struct Pipeline {
     pub state_dir: PathBuf,
     pub dlq_topic: String,
     pub workflow_changelog: String,
-    pub limits: DecodeLimits,
+    pub decoder: InputDecoder,
+    pub output: OutputEncoder,
     /// Open store partitions, readable by the HTTP surface.
     pub stores: Arc<state::OpenStores>,
 }
@@ -128,6 +132,23 @@ pub async fn run(
         create_compacted_topic(&config.kafka, &workflow_changelog, partitions).await?;
     }
 
+    // A hostile length prefix must not allocate more than a record can hold.
+    apache_avro::util::max_allocation_bytes(config.limits.max_record_bytes);
+    let registry = match &config.schema_registry {
+        Some(registry_config) => Some(Arc::new(
+            Registry::connect(registry_config.clone())
+                .map_err(|err| RunError::Registry(err.to_string()))?,
+        )),
+        None => None,
+    };
+    let output = match &registry {
+        Some(registry) => OutputEncoder::Avro {
+            schema_ids: resolve_handover_schemas(registry, &topology, deadline).await?,
+        },
+        None => OutputEncoder::Json,
+    };
+    let decoder = InputDecoder::new(config.limits, config.input_formats.clone(), registry);
+
     let pipeline = Arc::new(Pipeline {
         topology,
         kafka: config.kafka.clone(),
@@ -135,7 +156,8 @@ pub async fn run(
         state_dir: config.state_dir.clone(),
         dlq_topic: config.dlq_topic.clone(),
         workflow_changelog,
-        limits: config.limits,
+        decoder,
+        output,
         stores,
     });
 
@@ -199,6 +221,60 @@ pub async fn run(
     done_rx
         .await
         .map_err(|_| RunError::Coordinator("the coordinator thread panicked".into()))?
+}
+
+/// Finds (or, with auto-registration, registers) the schema id of
+/// `HandoverEvent` under each handover topic's subject. An unreachable
+/// registry is retried until `deadline`; a missing subject fails at once.
+async fn resolve_handover_schemas(
+    registry: &Registry,
+    topology: &Topology,
+    deadline: Duration,
+) -> Result<HashMap<String, u32>, RunError> {
+    let schema = &*avro::HANDOVER_EVENT;
+    let strategy = registry.config.subject_strategy;
+    let started = std::time::Instant::now();
+    let mut by_subject: HashMap<String, u32> = HashMap::new();
+    let mut ids = HashMap::new();
+    for topic in topology.output_topics() {
+        let subject = strategy.subject(&topic, &schema.full_name());
+        if let Some(id) = by_subject.get(&subject) {
+            ids.insert(topic, *id);
+            continue;
+        }
+        let mut backoff = Duration::from_millis(100);
+        let id = loop {
+            let attempt = if registry.config.auto_register {
+                registry.register(&subject, schema).await.map(Some)
+            } else {
+                registry.find(&subject, schema).await
+            };
+            match attempt {
+                Ok(Some(id)) => break id,
+                Ok(None) => {
+                    return Err(RunError::Registry(format!(
+                        "subject `{subject}` has no version equal to baton's {}; register it with \
+                         `baton schemas register` or start with --auto-register-schemas",
+                        schema.full_name()
+                    )));
+                }
+                Err(err) if err.is_transient() && started.elapsed() < deadline => {
+                    tracing::warn!(%subject, cause = %err, "schema registry unavailable at start-up; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(err) => {
+                    return Err(RunError::Registry(format!(
+                        "cannot resolve subject `{subject}`: {err}"
+                    )));
+                }
+            }
+        };
+        tracing::info!(%subject, schema_id = id, "handover schema resolved");
+        by_subject.insert(subject, id);
+        ids.insert(topic, id);
+    }
+    Ok(ids)
 }
 
 /// The coordinator thread: polls the consumer (which runs the rebalance

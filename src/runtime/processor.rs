@@ -12,7 +12,6 @@ use std::time::Instant;
 use prometheus::{Histogram, IntCounter};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -20,7 +19,7 @@ use tokio::sync::mpsc;
 use super::Pipeline;
 use super::engine::RebalanceHook;
 use super::task::{Control, TaskProgress, TopicPartition};
-use crate::codec::{self, DecodeError};
+use crate::codec::DecodeError;
 use crate::dlq::{DeadLetter, ErrorClass};
 use crate::event::{SourceCoordinates, ToolEvent};
 use crate::handover::Handover;
@@ -31,6 +30,15 @@ use crate::workflow::{self, StepOutcome, WorkflowState};
 
 /// The workflow store's name; its changelog is `{app}-workflow-changelog`.
 pub const WORKFLOW_STORE: &str = "workflow";
+
+/// What became of one input record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Processed {
+    /// Its outputs (possibly none) are in the output buffer.
+    Done,
+    /// It is Avro written with a schema not yet fetched; nothing was output.
+    NeedsSchema(u32),
+}
 
 /// One record to produce inside the open transaction.
 #[derive(Debug)]
@@ -148,36 +156,31 @@ impl PartitionProcessor {
         })
     }
 
-    /// Turns one input record into output records.
-    pub fn process(&mut self, message: &BorrowedMessage<'_>, out: &mut Vec<OutRecord>) {
+    /// Turns one input record into output records, or says which writer
+    /// schema must be fetched first (nothing is output then).
+    pub fn process<M: Message>(&mut self, message: &M, out: &mut Vec<OutRecord>) -> Processed {
         let source = SourceCoordinates {
             topic: message.topic().to_string(),
             partition: message.partition(),
             offset: message.offset(),
         };
+        let started = Instant::now();
+        let decoded = self.pipeline.decoder.decode(message.payload(), &source);
+        self.stages.decode.observe(started.elapsed().as_secs_f64());
+        if let Err(DecodeError::MissingSchema { id }) = decoded {
+            return Processed::NeedsSchema(id);
+        }
         self.consumed
             .entry(source.topic.clone())
             .or_insert_with(|| METRICS.records_consumed.with_label_values(&[&source.topic]))
             .inc();
-        let started = Instant::now();
-        let decoded = codec::decode_event(message.payload(), &source, &self.pipeline.limits);
-        self.stages.decode.observe(started.elapsed().as_secs_f64());
         let event = match decoded {
             Ok(event) => event,
             Err(DecodeError::Poison { class, reason }) => {
                 out.push(self.dead_letter(message, &source, class, reason));
-                return;
+                return Processed::Done;
             }
-            Err(DecodeError::Transient { reason }) => {
-                // JSON decoding has no transient failures; Avro will pause here.
-                out.push(self.dead_letter(
-                    message,
-                    &source,
-                    ErrorClass::UnrecognizedFormat,
-                    reason,
-                ));
-                return;
-            }
+            Err(DecodeError::MissingSchema { .. }) => return Processed::Done,
         };
         let now_ms = message.timestamp().to_millis().unwrap_or(0);
         let current = match self.load_state(&event.context_id) {
@@ -185,7 +188,7 @@ impl PartitionProcessor {
             Err(reason) => {
                 tracing::error!(context_id = %event.context_id, cause = %reason, "stored state is unreadable");
                 out.push(self.dead_letter(message, &source, ErrorClass::InvalidTransition, reason));
-                return;
+                return Processed::Done;
             }
         };
         let started = Instant::now();
@@ -218,6 +221,7 @@ impl PartitionProcessor {
                 out.push(self.dead_letter(message, &source, ErrorClass::InvalidTransition, reason));
             }
         }
+        Processed::Done
     }
 
     fn load_state(&self, context_id: &str) -> Result<Option<WorkflowState>, String> {
@@ -239,7 +243,11 @@ impl PartitionProcessor {
         let produced_at = now_rfc3339();
         for draft in drafts {
             let handover = Handover::from_draft(draft, event, None, produced_at.clone());
-            match serde_json::to_vec(&handover) {
+            match self
+                .pipeline
+                .output
+                .encode_handover(&draft.topic, &handover)
+            {
                 Ok(payload) => {
                     METRICS
                         .handovers_produced
@@ -259,9 +267,9 @@ impl PartitionProcessor {
         }
     }
 
-    fn dead_letter(
+    fn dead_letter<M: Message>(
         &self,
-        message: &BorrowedMessage<'_>,
+        message: &M,
         source: &SourceCoordinates,
         class: ErrorClass,
         reason: String,

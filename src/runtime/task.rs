@@ -10,22 +10,27 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rdkafka::Message;
-use rdkafka::Offset;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::engine::RebalanceHook;
-use super::processor::{OutRecord, PartitionProcessor};
+use super::processor::{OutRecord, PartitionProcessor, Processed};
 use super::{Pipeline, Readiness};
+use crate::metrics::METRICS;
+use crate::registry::RegistryError;
 
 /// A topic and partition, the unit of assignment.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -141,6 +146,10 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
     let mut records = futures::stream::select_all(queues.iter().map(|(_, queue)| queue.stream()));
     let mut pending = Uncommitted::default();
     let mut outputs: Vec<OutRecord> = Vec::with_capacity(8);
+    // An Avro record whose writer schema is being fetched. While it waits,
+    // no later record of this task is taken: per-partition order holds.
+    let mut stalled: Option<Stalled> = None;
+    let mut lookup: Option<SchemaLookup> = None;
     loop {
         tokio::select! {
             biased;
@@ -171,11 +180,25 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
                                     producer = rebuilt;
                                 }
                                 processor.on_abort();
+                                // A held record on a rewound partition comes
+                                // back with the rewind; holding it too would
+                                // process it twice.
+                                if let Some(held) = &stalled
+                                    && done.positions.contains_key(&held.tp)
+                                {
+                                    if let Some(held) = stalled.take() {
+                                        held.release(&consumer, &tps);
+                                    }
+                                    lookup = None;
+                                }
                                 for (tp, (first, _)) in done.positions {
                                     rewind(&consumer, &tp, first).await;
                                 }
                             }
                             Some(Control::Stop { reply }) => {
+                                if let Some(held) = stalled.take() {
+                                    held.release(&consumer, &tps);
+                                }
                                 processor.on_abort();
                                 drop(records);
                                 processor.close().await;
@@ -187,6 +210,9 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
                         }
                     }
                     Some(Control::Stop { reply }) => {
+                        if let Some(held) = stalled.take() {
+                            held.release(&consumer, &tps);
+                        }
                         drop(records);
                         processor.close().await;
                         readiness.partition_released(partition);
@@ -198,7 +224,32 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
                     None => break,
                 }
             }
-            message = records.next(), if pending.failure.is_none() => {
+            fetched = async { match lookup.as_mut() { Some(fetch) => fetch.await, None => std::future::pending().await } }, if lookup.is_some() => {
+                lookup = None;
+                let Some(mut held) = stalled.take() else { continue };
+                match fetched {
+                    Ok(()) => {
+                        held.release(&consumer, &tps);
+                        outputs.clear();
+                        match processor.process(&held.message, &mut outputs) {
+                            Processed::Done => {
+                                record_outputs(&producer, &outputs, &held.message, &mut pending).await;
+                            }
+                            // Fetched, yet not cached: ask again rather than guess.
+                            Processed::NeedsSchema(id) => {
+                                lookup = Some(fetch_schema(&pipeline, id, Duration::ZERO));
+                                stalled = Some(held);
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        let delay = held.failed(partition, &err, &consumer, &tps);
+                        lookup = Some(fetch_schema(&pipeline, held.schema_id, delay));
+                        stalled = Some(held);
+                    }
+                }
+            }
+            message = records.next(), if pending.failure.is_none() && stalled.is_none() => {
                 let message = match message {
                     Some(Ok(message)) => message,
                     Some(Err(err)) => {
@@ -207,30 +258,155 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
                     }
                     None => break,
                 };
-                let tp = TopicPartition::new(message.topic(), message.partition());
-                let offset = message.offset();
                 outputs.clear();
-                processor.process(&message, &mut outputs);
-                match enqueue(&producer, &outputs).await {
-                    Ok(Some(changelog)) => pending.last_changelog = Some(changelog),
-                    Ok(None) => {}
-                    Err(failure) => {
-                        tracing::error!(offset, cause = %failure, "cannot enqueue output; the transaction will abort");
-                        pending.failure = Some(failure);
+                match processor.process(&message, &mut outputs) {
+                    Processed::Done => record_outputs(&producer, &outputs, &message, &mut pending).await,
+                    Processed::NeedsSchema(id) => {
+                        lookup = Some(fetch_schema(&pipeline, id, Duration::ZERO));
+                        stalled = Some(Stalled::new(message.detach(), id));
                     }
                 }
-                pending
-                    .positions
-                    .entry(tp)
-                    .and_modify(|(_, next)| *next = offset + 1)
-                    .or_insert((offset, offset + 1));
-                pending.records += 1;
             }
         }
+    }
+    if let Some(held) = stalled.take() {
+        held.release(&consumer, &tps);
     }
     drop(records);
     processor.close().await;
     readiness.partition_released(partition);
+}
+
+/// Enqueues one input's outputs and advances its partition's position.
+async fn record_outputs<M: Message>(
+    producer: &FutureProducer,
+    outputs: &[OutRecord],
+    message: &M,
+    pending: &mut Uncommitted,
+) {
+    let offset = message.offset();
+    match enqueue(producer, outputs).await {
+        Ok(Some(changelog)) => pending.last_changelog = Some(changelog),
+        Ok(None) => {}
+        Err(failure) => {
+            tracing::error!(offset, cause = %failure, "cannot enqueue output; the transaction will abort");
+            pending.failure = Some(failure);
+        }
+    }
+    pending
+        .positions
+        .entry(TopicPartition::new(message.topic(), message.partition()))
+        .and_modify(|(_, next)| *next = offset + 1)
+        .or_insert((offset, offset + 1));
+    pending.records += 1;
+}
+
+/// A writer-schema lookup in flight, after an optional backoff delay.
+type SchemaLookup = Pin<Box<dyn Future<Output = Result<(), RegistryError>> + Send>>;
+
+fn fetch_schema(pipeline: &Arc<Pipeline>, id: u32, delay: Duration) -> SchemaLookup {
+    let registry = pipeline.decoder.registry().cloned();
+    Box::pin(async move {
+        tokio::time::sleep(delay).await;
+        match registry {
+            Some(registry) => registry.fetch(id).await.map(|_| ()),
+            // Without a registry the decoder never asks for a schema.
+            None => Ok(()),
+        }
+    })
+}
+
+/// Backoff between registry attempts while it is down: doubling, capped so
+/// that a recovered registry is noticed within seconds.
+const SCHEMA_RETRY_FIRST: Duration = Duration::from_millis(100);
+const SCHEMA_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// A record held back until its writer schema is known.
+struct Stalled {
+    message: OwnedMessage,
+    tp: TopicPartition,
+    schema_id: u32,
+    failures: u32,
+    /// Set while the task is paused on a registry outage.
+    paused_since: Option<Instant>,
+}
+
+impl Stalled {
+    fn new(message: OwnedMessage, schema_id: u32) -> Stalled {
+        let tp = TopicPartition::new(message.topic(), message.partition());
+        Stalled {
+            message,
+            tp,
+            schema_id,
+            failures: 0,
+            paused_since: None,
+        }
+    }
+
+    /// Records a failed lookup; the first one pauses the task's partitions.
+    /// Returns how long to wait before the next attempt.
+    fn failed(
+        &mut self,
+        partition: i32,
+        err: &RegistryError,
+        consumer: &StreamConsumer<RebalanceHook>,
+        tps: &[TopicPartition],
+    ) -> Duration {
+        self.failures += 1;
+        METRICS
+            .transient_errors
+            .with_label_values(&["schema_registry"])
+            .inc();
+        let delay = SCHEMA_RETRY_FIRST
+            .saturating_mul(1 << self.failures.min(10))
+            .min(SCHEMA_RETRY_MAX);
+        if self.paused_since.is_none() {
+            self.paused_since = Some(Instant::now());
+            METRICS.partitions_paused.inc();
+            set_paused(consumer, tps, true);
+            tracing::warn!(
+                partition,
+                schema_id = self.schema_id,
+                offset = self.message.offset(),
+                cause = %err,
+                "schema registry unavailable; partition paused, retrying with backoff"
+            );
+        } else if self.failures.is_multiple_of(10) {
+            tracing::warn!(partition, schema_id = self.schema_id, failures = self.failures, cause = %err, "schema registry still unavailable");
+        }
+        delay
+    }
+
+    /// Ends a pause, if any.
+    fn release(&self, consumer: &StreamConsumer<RebalanceHook>, tps: &[TopicPartition]) {
+        if let Some(since) = self.paused_since {
+            METRICS.partitions_paused.dec();
+            set_paused(consumer, tps, false);
+            tracing::info!(
+                schema_id = self.schema_id,
+                failures = self.failures,
+                paused_ms = since.elapsed().as_millis() as u64,
+                "schema registry reachable again; partition resumed"
+            );
+        }
+    }
+}
+
+/// Pauses or resumes fetching for the task's partitions. The task has
+/// already stopped taking records; this stops librdkafka fetching ahead.
+fn set_paused(consumer: &StreamConsumer<RebalanceHook>, tps: &[TopicPartition], paused: bool) {
+    let mut list = TopicPartitionList::new();
+    for tp in tps {
+        list.add_partition(tp.topic(), tp.partition());
+    }
+    let result = if paused {
+        consumer.pause(&list)
+    } else {
+        consumer.resume(&list)
+    };
+    if let Err(err) = result {
+        tracing::warn!(paused, cause = %err, "cannot change the fetch state of the partitions");
+    }
 }
 
 /// Enqueues every output of one input in the open transaction and returns

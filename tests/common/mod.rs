@@ -21,6 +21,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+pub mod registry;
+
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
 /// Kills the child when the test's process dies, whatever the reason.
@@ -519,6 +521,12 @@ impl Baton {
         unsafe {
             libc::kill(child.id() as i32, libc::SIGTERM);
         }
+        self.wait_for_exit(timeout)
+    }
+
+    /// Waits for the process to exit by itself, up to `timeout`.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -616,6 +624,24 @@ pub struct Reference {
 pub fn reference(records: &[baton::sample::SampleRecord]) -> Reference {
     use baton::codec::{self, DecodeLimits};
     use baton::event::SourceCoordinates;
+    let events: Vec<Option<baton::event::ToolEvent>> = records
+        .iter()
+        .enumerate()
+        .map(|(i, record)| {
+            // Sample records carry event ids, so coordinates do not matter here.
+            let source = SourceCoordinates {
+                topic: "mcp.events.all".into(),
+                partition: 0,
+                offset: i as i64,
+            };
+            codec::decode_event(Some(&record.value), &source, &DecodeLimits::default()).ok()
+        })
+        .collect();
+    reference_of(&events)
+}
+
+/// The reference over decoded events, in input order; `None` is poison.
+pub fn reference_of(events: &[Option<baton::event::ToolEvent>]) -> Reference {
     use baton::handover::Handover;
     use baton::workflow::{self, StepOutcome};
     let topology =
@@ -623,30 +649,20 @@ pub fn reference(records: &[baton::sample::SampleRecord]) -> Reference {
     let mut states: HashMap<String, workflow::WorkflowState> = HashMap::new();
     let mut handovers = BTreeMap::new();
     let mut dead_letters = 0;
-    for (i, record) in records.iter().enumerate() {
-        // Sample records carry event ids, so coordinates do not matter here.
-        let source = SourceCoordinates {
-            topic: "mcp.events.all".into(),
-            partition: 0,
-            offset: i as i64,
+    for event in events {
+        let Some(event) = event else {
+            dead_letters += 1;
+            continue;
         };
-        let event =
-            match codec::decode_event(Some(&record.value), &source, &DecodeLimits::default()) {
-                Ok(event) => event,
-                Err(_) => {
-                    dead_letters += 1;
-                    continue;
-                }
-            };
         let current = states.get(&event.context_id);
-        match workflow::step(current, &event, &topology, 0) {
+        match workflow::step(current, event, &topology, 0) {
             StepOutcome::Applied {
                 state,
                 handovers: drafts,
                 ..
             } => {
                 for draft in &drafts {
-                    let handover = Handover::from_draft(draft, &event, None, String::new());
+                    let handover = Handover::from_draft(draft, event, None, String::new());
                     let mut value = serde_json::to_value(&handover).expect("json");
                     if let Some(object) = value.as_object_mut() {
                         object.remove("produced_at");
@@ -664,6 +680,22 @@ pub fn reference(records: &[baton::sample::SampleRecord]) -> Reference {
         states,
         dead_letters,
     }
+}
+
+/// The Python that has Confluent's client (`confluent-kafka[avro]`), as
+/// scripts/prereqs.sh installs it: `BATON_INTEROP_PYTHON`, else its venv.
+pub fn interop_python() -> Option<PathBuf> {
+    let candidate = std::env::var_os("BATON_INTEROP_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|home| PathBuf::from(home).join(".cache/baton/venv/bin/python"))
+        })?;
+    let works = Command::new(&candidate)
+        .args(["-c", "import confluent_kafka.schema_registry.avro"])
+        .status()
+        .is_ok_and(|status| status.success());
+    works.then_some(candidate)
 }
 
 /// Output topics of the vision-research workflow.

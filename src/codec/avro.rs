@@ -1,0 +1,512 @@
+//! Avro in the Confluent wire format: magic byte 0, the writer schema's id
+//! (4 bytes, big-endian), then the datum.
+//!
+//! A record is always decoded with the schema it was written with, looked up
+//! by id, and then resolved into baton's reader schema (the newest
+//! `ToolCompleted`). Decoding with "the latest" schema instead would misread
+//! every record written before a change.
+
+use std::io::Cursor;
+use std::sync::LazyLock;
+
+use apache_avro::Schema;
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value;
+use apache_avro::writer::datum::GenericDatumWriter;
+use serde_json::Value as Json;
+
+use super::DecodeError;
+use crate::dlq::ErrorClass;
+use crate::event::{SourceCoordinates, ToolEvent, ToolStatus, Usage};
+use crate::handover::Handover;
+use crate::registry::Avsc;
+
+/// The first byte of every record in the Confluent wire format.
+pub const MAGIC_BYTE: u8 = 0;
+
+/// baton's own schemas, compiled in so the binary never reads `schemas/` at run time.
+pub mod schemas {
+    pub const TOOL_COMPLETED_V1: &str = include_str!("../../schemas/ToolCompleted.v1.avsc");
+    pub const TOOL_COMPLETED_V2: &str = include_str!("../../schemas/ToolCompleted.v2.avsc");
+    pub const HANDOVER_EVENT: &str = include_str!("../../schemas/HandoverEvent.avsc");
+    pub const STATUS_UPDATE: &str = include_str!("../../schemas/StatusUpdate.avsc");
+    pub const CONTROL_COMMAND: &str = include_str!("../../schemas/ControlCommand.avsc");
+}
+
+fn compiled(text: &str) -> Avsc {
+    match Avsc::parse(text) {
+        Ok(schema) => schema,
+        // The files are part of the build and covered by a unit test.
+        Err(err) => panic!("a schema compiled into baton does not parse: {err}"),
+    }
+}
+
+/// The reader schema every `ToolCompleted` resolves into.
+pub static TOOL_COMPLETED: LazyLock<Avsc> = LazyLock::new(|| compiled(schemas::TOOL_COMPLETED_V2));
+/// The schema of handover records.
+pub static HANDOVER_EVENT: LazyLock<Avsc> = LazyLock::new(|| compiled(schemas::HANDOVER_EVENT));
+
+/// Splits a wire-format record into its schema id and datum.
+pub fn split_frame(bytes: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
+    match bytes {
+        [MAGIC_BYTE, a, b, c, d, datum @ ..] => Ok((u32::from_be_bytes([*a, *b, *c, *d]), datum)),
+        [MAGIC_BYTE, ..] => Err(DecodeError::poison(
+            ErrorClass::MalformedAvro,
+            format!(
+                "{} bytes: too short for the Confluent wire format header",
+                bytes.len()
+            ),
+        )),
+        _ => Err(DecodeError::poison(
+            ErrorClass::MalformedAvro,
+            "not in the Confluent wire format (the first byte is not the magic byte 0)",
+        )),
+    }
+}
+
+/// Prepends the wire-format header for `schema_id`.
+pub fn frame(schema_id: u32, datum_len: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(5 + datum_len);
+    bytes.push(MAGIC_BYTE);
+    bytes.extend_from_slice(&schema_id.to_be_bytes());
+    bytes
+}
+
+/// Decodes a `ToolCompleted` datum written with `writer` into a [`ToolEvent`].
+///
+/// Bytes that do not follow the writer schema are `malformed_avro`; a writer
+/// schema that cannot be resolved into baton's reader schema (a producer made
+/// an incompatible change) is `incompatible_schema`. Neither guesses.
+pub fn decode_tool_completed(
+    schema_id: u32,
+    writer: &Schema,
+    datum: &[u8],
+    source: &SourceCoordinates,
+) -> Result<ToolEvent, DecodeError> {
+    let mut cursor = Cursor::new(datum);
+    let written = GenericDatumReader::builder(writer)
+        .build()
+        .and_then(|reader| reader.read_value(&mut cursor))
+        .map_err(|err| {
+            DecodeError::poison(
+                ErrorClass::MalformedAvro,
+                format!("does not decode with writer schema {schema_id}: {err}"),
+            )
+        })?;
+    let consumed = cursor.position() as usize;
+    if consumed != datum.len() {
+        return Err(DecodeError::poison(
+            ErrorClass::MalformedAvro,
+            format!(
+                "{} trailing bytes after the datum written with schema {schema_id}",
+                datum.len() - consumed
+            ),
+        ));
+    }
+    let resolved = written.resolve(&TOOL_COMPLETED.parsed).map_err(|err| {
+        DecodeError::poison(
+            ErrorClass::IncompatibleSchema,
+            format!(
+                "writer schema {schema_id} does not resolve into dev.baton.ToolCompleted: {err}"
+            ),
+        )
+    })?;
+    let Value::Record(fields) = resolved else {
+        return Err(DecodeError::poison(
+            ErrorClass::IncompatibleSchema,
+            format!("writer schema {schema_id} is not a record"),
+        ));
+    };
+    tool_event(fields, source)
+}
+
+/// Reads the resolved fields by name; resolution guarantees every reader
+/// field is present, with its default where the writer had none.
+fn tool_event(
+    fields: Vec<(String, Value)>,
+    source: &SourceCoordinates,
+) -> Result<ToolEvent, DecodeError> {
+    let mut event = ToolEvent {
+        event_id: String::new(),
+        context_id: String::new(),
+        event: String::new(),
+        server_id: None,
+        tool: None,
+        arguments: Json::Null,
+        result: Json::Null,
+        usage: None,
+        token_budget: None,
+        occurred_at: None,
+        correlation_id: None,
+        workflow: None,
+        status: ToolStatus::Ok,
+        error: None,
+    };
+    for (name, value) in fields {
+        let value = unwrap_union(value);
+        match name.as_str() {
+            "event_id" => event.event_id = string(value).unwrap_or_default(),
+            "context_id" => event.context_id = string(value).unwrap_or_default(),
+            "event" => event.event = string(value).unwrap_or_default(),
+            "server_id" => event.server_id = string(value),
+            "tool" => event.tool = string(value),
+            "arguments" => event.arguments = embedded_json(value),
+            "result" => event.result = embedded_json(value),
+            "token_budget" => event.token_budget = long(&value).map(|n| n.max(0) as u64),
+            "workflow" => event.workflow = string(value),
+            "correlation_id" => event.correlation_id = string(value),
+            "occurred_at" => event.occurred_at = long(&value).and_then(rfc3339_from_millis),
+            "status" => {
+                if matches!(&value, Value::Enum(_, symbol) if symbol == "error") {
+                    event.status = ToolStatus::Error;
+                }
+            }
+            "error" => event.error = string(value),
+            "usage" => event.usage = usage(value),
+            _ => {}
+        }
+    }
+    if event.context_id.is_empty() {
+        return Err(DecodeError::poison(
+            ErrorClass::MissingContextId,
+            "event has an empty `context_id`",
+        ));
+    }
+    if event.event.is_empty() {
+        return Err(DecodeError::poison(
+            ErrorClass::UnrecognizedFormat,
+            "event has an empty `event` name",
+        ));
+    }
+    if event.event_id.is_empty() {
+        event.event_id = source.derived_event_id();
+    }
+    // A v1 producer cannot say `status`; MCP's `isError` still can.
+    if event.result.get("isError").and_then(Json::as_bool) == Some(true) {
+        event.status = ToolStatus::Error;
+    }
+    Ok(event)
+}
+
+fn unwrap_union(value: Value) -> Value {
+    match value {
+        Value::Union(_, inner) => *inner,
+        other => other,
+    }
+}
+
+fn string(value: Value) -> Option<String> {
+    match value {
+        Value::String(text) => Some(text),
+        Value::Enum(_, symbol) => Some(symbol),
+        _ => None,
+    }
+}
+
+fn long(value: &Value) -> Option<i64> {
+    match value {
+        Value::Long(n) | Value::TimestampMillis(n) | Value::LocalTimestampMillis(n) => Some(*n),
+        Value::Int(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+/// `arguments` and `result` carry JSON documents as strings. A tool whose
+/// output is plain text is kept as a JSON string rather than rejected.
+fn embedded_json(value: Value) -> Json {
+    match value {
+        Value::String(text) => serde_json::from_str(&text).unwrap_or(Json::String(text)),
+        _ => Json::Null,
+    }
+}
+
+fn usage(value: Value) -> Option<Usage> {
+    let Value::Record(fields) = value else {
+        return None;
+    };
+    let mut usage = Usage::default();
+    for (name, value) in fields {
+        let tokens = long(&value).unwrap_or(0).max(0) as u64;
+        match name.as_str() {
+            "input_tokens" => usage.input_tokens = tokens,
+            "output_tokens" => usage.output_tokens = tokens,
+            _ => {}
+        }
+    }
+    Some(usage)
+}
+
+fn rfc3339_from_millis(millis: i64) -> Option<String> {
+    let nanos = i128::from(millis) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()?
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
+fn millis_from_rfc3339(text: &str) -> i64 {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(|at| (at.unix_timestamp_nanos() / 1_000_000) as i64)
+        .unwrap_or(0)
+}
+
+/// Encodes a handover as a `HandoverEvent` in the wire format.
+pub fn encode_handover(schema_id: u32, handover: &Handover) -> Result<Vec<u8>, apache_avro::Error> {
+    let schema = &HANDOVER_EVENT.parsed;
+    let optional_string = |value: &Option<String>| match value {
+        Some(text) => Value::Union(1, Box::new(Value::String(text.clone()))),
+        None => Value::Union(0, Box::new(Value::Null)),
+    };
+    let status_index = HANDOVER_STATUS_SYMBOLS
+        .iter()
+        .position(|symbol| *symbol == handover.status.as_str())
+        .unwrap_or(0) as u32;
+    let record = Value::Record(vec![
+        (
+            "handover_id".into(),
+            Value::String(handover.handover_id.clone()),
+        ),
+        (
+            "context_id".into(),
+            Value::String(handover.context_id.clone()),
+        ),
+        ("intent".into(), Value::String(handover.intent.clone())),
+        ("agent".into(), Value::String(handover.agent.clone())),
+        ("workflow".into(), Value::String(handover.workflow.clone())),
+        (
+            "status".into(),
+            Value::Enum(status_index, handover.status.as_str().to_string()),
+        ),
+        (
+            "last_tool_output".into(),
+            Value::String(handover.last_tool_output.to_string()),
+        ),
+        (
+            "memory_snapshot_url".into(),
+            optional_string(&handover.memory_snapshot_url),
+        ),
+        (
+            "token_budget".into(),
+            match handover.token_budget {
+                Some(tokens) => {
+                    Value::Union(1, Box::new(Value::Long(tokens.min(i64::MAX as u64) as i64)))
+                }
+                None => Value::Union(0, Box::new(Value::Null)),
+            },
+        ),
+        (
+            "correlation_id".into(),
+            optional_string(&handover.correlation_id),
+        ),
+        (
+            "causation_id".into(),
+            Value::String(handover.causation_id.clone()),
+        ),
+        (
+            "produced_at".into(),
+            Value::TimestampMillis(millis_from_rfc3339(&handover.produced_at)),
+        ),
+    ]);
+    let writer = GenericDatumWriter::builder(schema).build()?;
+    let mut bytes = frame(schema_id, 256 + handover.last_tool_output.to_string().len());
+    writer.write_value_ref(&mut bytes, &record)?;
+    Ok(bytes)
+}
+
+/// The symbols of `HandoverStatus` in `HandoverEvent.avsc`, in order.
+const HANDOVER_STATUS_SYMBOLS: [&str; 6] = [
+    "queued",
+    "retrying",
+    "fallback",
+    "plan_b",
+    "budget_exhausted",
+    "failed",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handover::HandoverStatus;
+
+    fn source() -> SourceCoordinates {
+        SourceCoordinates {
+            topic: "mcp.events.all".into(),
+            partition: 0,
+            offset: 7,
+        }
+    }
+
+    fn write(schema: &Schema, fields: Vec<(&str, Value)>) -> Vec<u8> {
+        let record = Value::Record(
+            fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        );
+        let writer = GenericDatumWriter::builder(schema).build().expect("writer");
+        writer.write_value_to_vec(record).expect("valid record")
+    }
+
+    fn v1_record() -> Vec<(&'static str, Value)> {
+        let none = || Value::Union(0, Box::new(Value::Null));
+        vec![
+            ("event_id", Value::String("e-1".into())),
+            ("context_id", Value::String("ctx-1".into())),
+            (
+                "event",
+                Value::String("tool.vision_analyze.completed".into()),
+            ),
+            ("server_id", none()),
+            ("tool", none()),
+            ("arguments", Value::String(r#"{"image":"a.png"}"#.into())),
+            ("result", Value::String(r#"{"labels":["cat"]}"#.into())),
+            ("token_budget", Value::Union(1, Box::new(Value::Long(5000)))),
+            ("workflow", none()),
+            ("correlation_id", none()),
+            ("occurred_at", Value::TimestampMillis(1_700_000_000_000)),
+        ]
+    }
+
+    #[test]
+    fn compiled_schemas_parse_and_v2_reads_v1() {
+        let v1 = compiled(schemas::TOOL_COMPLETED_V1);
+        for text in [
+            schemas::TOOL_COMPLETED_V2,
+            schemas::HANDOVER_EVENT,
+            schemas::STATUS_UPDATE,
+            schemas::CONTROL_COMMAND,
+        ] {
+            compiled(text);
+        }
+        apache_avro::schema_compatibility::SchemaCompatibility::can_read(
+            &v1.parsed,
+            &TOOL_COMPLETED.parsed,
+        )
+        .expect("v2 reads v1");
+    }
+
+    #[test]
+    fn a_v1_record_resolves_with_v2_defaults() {
+        let v1 = compiled(schemas::TOOL_COMPLETED_V1);
+        let datum = write(&v1.parsed, v1_record());
+        let event = decode_tool_completed(1, &v1.parsed, &datum, &source()).expect("decodes");
+        assert_eq!(event.context_id, "ctx-1");
+        assert_eq!(event.status, ToolStatus::Ok);
+        assert_eq!(event.usage, None);
+        assert_eq!(event.token_budget, Some(5000));
+        assert_eq!(event.result, serde_json::json!({"labels": ["cat"]}));
+        assert_eq!(event.occurred_at.as_deref(), Some("2023-11-14T22:13:20Z"));
+    }
+
+    #[test]
+    fn a_v2_error_record_is_a_failed_call() {
+        let mut fields = v1_record();
+        fields.push(("status", Value::Enum(1, "error".into())));
+        fields.push((
+            "error",
+            Value::Union(1, Box::new(Value::String("timeout".into()))),
+        ));
+        fields.push(("latency_ms", Value::Union(1, Box::new(Value::Long(30)))));
+        fields.push((
+            "usage",
+            Value::Union(
+                1,
+                Box::new(Value::Record(vec![
+                    ("input_tokens".into(), Value::Long(10)),
+                    ("output_tokens".into(), Value::Long(5)),
+                ])),
+            ),
+        ));
+        let datum = write(&TOOL_COMPLETED.parsed, fields);
+        let event =
+            decode_tool_completed(2, &TOOL_COMPLETED.parsed, &datum, &source()).expect("decodes");
+        assert_eq!(event.status, ToolStatus::Error);
+        assert_eq!(event.error.as_deref(), Some("timeout"));
+        assert_eq!(event.usage.map(|u| u.total()), Some(15));
+    }
+
+    #[test]
+    fn bad_bytes_and_bad_schemas_are_poison_with_their_class() {
+        let class = |result: Result<ToolEvent, DecodeError>| match result {
+            Err(DecodeError::Poison { class, .. }) => class,
+            other => panic!("expected poison, got {other:?}"),
+        };
+        let v2 = &TOOL_COMPLETED.parsed;
+        assert_eq!(
+            class(decode_tool_completed(1, v2, &[0xff; 3], &source())),
+            ErrorClass::MalformedAvro
+        );
+        let mut datum = write(v2, {
+            let mut fields = v1_record();
+            fields.push(("status", Value::Enum(0, "ok".into())));
+            fields.push(("error", Value::Union(0, Box::new(Value::Null))));
+            fields.push(("latency_ms", Value::Union(0, Box::new(Value::Null))));
+            fields.push(("usage", Value::Union(0, Box::new(Value::Null))));
+            fields
+        });
+        datum.push(0);
+        assert_eq!(
+            class(decode_tool_completed(1, v2, &datum, &source())),
+            ErrorClass::MalformedAvro
+        );
+        // A writer that dropped a field the reader requires.
+        let other = Schema::parse_str(
+            r#"{"type":"record","name":"ToolCompleted","namespace":"dev.baton","fields":[{"name":"context_id","type":"string"}]}"#,
+        )
+        .expect("parses");
+        let datum = write(&other, vec![("context_id", Value::String("c".into()))]);
+        assert_eq!(
+            class(decode_tool_completed(9, &other, &datum, &source())),
+            ErrorClass::IncompatibleSchema
+        );
+        // A hostile length prefix asks for far more than the record holds.
+        let hostile = [0x80, 0x80, 0x80, 0x80, 0x08];
+        assert_eq!(
+            class(decode_tool_completed(1, v2, &hostile, &source())),
+            ErrorClass::MalformedAvro
+        );
+    }
+
+    #[test]
+    fn frames_round_trip_and_short_frames_are_poison() {
+        let mut bytes = frame(258, 1);
+        bytes.push(42);
+        assert_eq!(split_frame(&bytes).expect("frame"), (258, &[42u8][..]));
+        assert!(split_frame(&[0, 1]).is_err());
+        assert!(split_frame(b"{}").is_err());
+    }
+
+    #[test]
+    fn handovers_encode_against_their_schema() {
+        let handover = Handover {
+            handover_id: "h".into(),
+            context_id: "ctx".into(),
+            intent: "enrich_reasoning".into(),
+            agent: "researcher".into(),
+            workflow: "vision-research".into(),
+            status: HandoverStatus::PlanB,
+            last_tool_output: serde_json::json!({"ok": true}),
+            memory_snapshot_url: None,
+            token_budget: Some(42),
+            correlation_id: Some("corr".into()),
+            causation_id: "e-1".into(),
+            produced_at: "2026-11-24T10:00:00Z".into(),
+        };
+        let bytes = encode_handover(7, &handover).expect("encodes");
+        let (id, datum) = split_frame(&bytes).expect("framed");
+        assert_eq!(id, 7);
+        let schema = &HANDOVER_EVENT.parsed;
+        let value = GenericDatumReader::builder(schema)
+            .build()
+            .and_then(|reader| reader.read_value(&mut Cursor::new(datum)))
+            .expect("decodes");
+        let Value::Record(fields) = value else {
+            panic!("record")
+        };
+        assert!(fields.contains(&("status".into(), Value::Enum(3, "plan_b".into()))));
+        assert!(fields.contains(&(
+            "produced_at".into(),
+            Value::TimestampMillis(1_795_514_400_000)
+        )));
+    }
+}
