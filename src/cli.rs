@@ -38,6 +38,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of the `run` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a baton pod: consume tool events, keep workflow state, hand over.
@@ -131,6 +133,58 @@ pub struct RunArgs {
     pub input_formats: Vec<String>,
     #[command(flatten)]
     pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub surface: SurfaceArgs,
+}
+
+/// The live feed, memory snapshots and the pod's place among its peers.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SurfaceArgs {
+    /// Where every state change goes, for the live feed.
+    #[arg(long, env = "BATON_STATUS_TOPIC")]
+    pub status_topic: Option<String>,
+    /// `memory.upserted` records, co-partitioned with the input topics.
+    #[arg(long, env = "BATON_MEMORY_TOPIC")]
+    pub memory_topic: Option<String>,
+    /// Base of snapshot URLs in handovers, as agents reach it (an ingress, say).
+    #[arg(long, env = "BATON_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// This pod's own URL as its peers reach it (Kafka Streams'
+    /// `application.server`); defaults to the HTTP address, or the host name
+    /// when listening on all interfaces.
+    #[arg(long, env = "BATON_ADVERTISED_URL")]
+    pub advertised_url: Option<String>,
+    /// `disabled` runs without memory snapshot URLs (and without a secret).
+    #[arg(long, env = "BATON_SNAPSHOTS", value_enum)]
+    pub snapshots: Option<crate::config::SnapshotMode>,
+    /// HMAC key of snapshot URLs; at least 32 bytes.
+    #[arg(
+        long,
+        env = "BATON_SNAPSHOT_SECRET",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub snapshot_secret: Option<String>,
+    /// The previous key, still accepted while keys rotate.
+    #[arg(
+        long,
+        env = "BATON_SNAPSHOT_SECRET_PREVIOUS",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub snapshot_secret_previous: Option<String>,
+    /// How long a snapshot URL stays valid, in seconds (default 86400).
+    #[arg(long, env = "BATON_SNAPSHOT_EXPIRY_SECS")]
+    pub snapshot_expiry_secs: Option<u64>,
+    /// Snapshots older than this are pruned and answer 410, in seconds (default 604800).
+    #[arg(long, env = "BATON_SNAPSHOT_RETENTION_SECS")]
+    pub snapshot_retention_secs: Option<u64>,
+    /// At most this many snapshots are kept per context (default 64).
+    #[arg(long, env = "BATON_MAX_SNAPSHOTS_PER_CONTEXT")]
+    pub max_snapshots_per_context: Option<usize>,
+    /// Interval of SSE heartbeat comments, in milliseconds (default 15000).
+    #[arg(long, env = "BATON_SSE_HEARTBEAT_MS")]
+    pub sse_heartbeat_ms: Option<u64>,
 }
 
 /// Where the Schema Registry is and how to reach it.
@@ -204,6 +258,10 @@ pub struct TopicsCreateArgs {
     pub input_topics: Vec<String>,
     #[arg(long, env = "BATON_DLQ_TOPIC", default_value = crate::dlq::DEFAULT_DLQ_TOPIC)]
     pub dlq_topic: String,
+    #[arg(long, env = "BATON_MEMORY_TOPIC", default_value = crate::config::DEFAULT_MEMORY_TOPIC)]
+    pub memory_topic: String,
+    #[arg(long, env = "BATON_STATUS_TOPIC", default_value = crate::config::DEFAULT_STATUS_TOPIC)]
+    pub status_topic: String,
     #[arg(long = "kafka-prop", env = "BATON_KAFKA_PROPS", value_delimiter = ',')]
     pub kafka_props: Vec<String>,
 }
@@ -326,21 +384,19 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let shutdown = Shutdown::new();
     shutdown.listen_for_signals();
-    let readiness = Arc::new(Readiness::default());
-    let stores = Arc::new(crate::state::OpenStores::default());
-    let (bound, server) = http::bind(
-        config.http_addr,
-        Arc::new(HttpState {
-            readiness: Arc::clone(&readiness),
-            stores: Arc::clone(&stores),
-        }),
+    let http_state = Arc::new(HttpState::new(
+        Arc::new(Readiness::default()),
+        Arc::new(crate::state::OpenStores::default()),
+        Arc::new(crate::state::OpenStores::default()),
+        Arc::default(),
         shutdown.clone(),
-    )
-    .await
-    .with_context(|| format!("cannot listen on {}", config.http_addr))?;
+    ));
+    let (bound, server) = http::bind(config.http_addr, Arc::clone(&http_state))
+        .await
+        .with_context(|| format!("cannot listen on {}", config.http_addr))?;
     tracing::info!(addr = %bound, "http server listening");
     let server = tokio::spawn(server);
-    let result = runtime::run(config, topology, readiness, stores, shutdown.clone()).await;
+    let result = runtime::run(config, topology, http_state, shutdown.clone()).await;
     shutdown.trigger();
     let _ = server.await;
     match result {
@@ -376,6 +432,14 @@ async fn create_topics(args: TopicsCreateArgs) -> anyhow::Result<ExitCode> {
         .map(|t| (t.clone(), args.partitions, false))
         .collect();
     topics.push((args.dlq_topic.clone(), args.partitions, false));
+    topics.push((
+        crate::dlq::parked_topic(&args.dlq_topic),
+        args.partitions,
+        false,
+    ));
+    // Memory is co-partitioned with the inputs: same partition count.
+    topics.push((args.memory_topic.clone(), args.partitions, false));
+    topics.push((args.status_topic.clone(), args.partitions, false));
     for topic in topology.output_topics() {
         topics.push((topic, args.partitions, false));
     }

@@ -17,6 +17,8 @@ use crate::registry::{RegistryConfig, SubjectStrategy};
 
 pub const DEFAULT_INPUT_TOPIC: &str = "mcp.events.all";
 pub const DEFAULT_APPLICATION_ID: &str = "baton";
+pub const DEFAULT_STATUS_TOPIC: &str = "mcp.orchestration.status";
+pub const DEFAULT_MEMORY_TOPIC: &str = "mcp.memory";
 
 /// The optional TOML file. Unknown keys are an error, not a silent typo.
 #[derive(Debug, Default, Deserialize)]
@@ -45,6 +47,15 @@ pub struct FileConfig {
     pub schema_registry_timeout_ms: Option<u64>,
     pub subject_name_strategy: Option<SubjectStrategy>,
     pub auto_register_schemas: Option<bool>,
+    pub status_topic: Option<String>,
+    pub memory_topic: Option<String>,
+    pub public_url: Option<String>,
+    pub advertised_url: Option<String>,
+    pub snapshots: Option<SnapshotMode>,
+    pub snapshot_expiry_secs: Option<u64>,
+    pub snapshot_retention_secs: Option<u64>,
+    pub max_snapshots_per_context: Option<usize>,
+    pub sse_heartbeat_ms: Option<u64>,
     /// librdkafka properties, passed through as they are.
     #[serde(default)]
     pub kafka: BTreeMap<String, String>,
@@ -69,6 +80,43 @@ pub struct RunConfig {
     pub input_formats: HashMap<String, InputFormat>,
     /// Set: Avro input is decodable and handovers are written as Avro.
     pub schema_registry: Option<RegistryConfig>,
+    pub status_topic: String,
+    pub memory_topic: String,
+    pub advertised_url: String,
+    pub snapshots: Option<SnapshotConfig>,
+    pub sse_heartbeat: Duration,
+}
+
+/// Whether handovers carry signed memory snapshot URLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    #[default]
+    Enabled,
+    Disabled,
+}
+
+/// Memory snapshots: how their URLs are signed and how long they live.
+#[derive(Clone)]
+pub struct SnapshotConfig {
+    pub public_url: String,
+    pub secret: Vec<u8>,
+    pub previous_secret: Option<Vec<u8>>,
+    pub expiry: Duration,
+    pub retention: Duration,
+    pub max_per_context: usize,
+}
+
+impl fmt::Debug for SnapshotConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the keys.
+        f.debug_struct("SnapshotConfig")
+            .field("public_url", &self.public_url)
+            .field("expiry", &self.expiry)
+            .field("retention", &self.retention)
+            .field("max_per_context", &self.max_per_context)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RunConfig {
@@ -280,6 +328,108 @@ impl RunConfig {
             input_formats.insert(topic, format);
         }
 
+        let surface = &args.surface;
+        let status_topic = surface
+            .status_topic
+            .clone()
+            .or(file.status_topic)
+            .unwrap_or_else(|| DEFAULT_STATUS_TOPIC.into());
+        let memory_topic = surface
+            .memory_topic
+            .clone()
+            .or(file.memory_topic)
+            .unwrap_or_else(|| DEFAULT_MEMORY_TOPIC.into());
+        for (key, topic) in [
+            ("status_topic", &status_topic),
+            ("memory_topic", &memory_topic),
+        ] {
+            if let Err(reason) = check_topic_name(topic) {
+                problems.push(format!("{key}: `{topic}` {reason}"));
+            }
+        }
+        if input_topics.contains(&memory_topic) {
+            problems.push(format!(
+                "memory_topic: `{memory_topic}` is also an input topic"
+            ));
+        }
+        let advertised_url = surface
+            .advertised_url
+            .clone()
+            .or(file.advertised_url)
+            .unwrap_or_else(|| default_advertised_url(http_addr, &instance_id));
+        check_url("advertised_url", &advertised_url, &mut problems);
+        let sse_heartbeat_ms = surface
+            .sse_heartbeat_ms
+            .or(file.sse_heartbeat_ms)
+            .unwrap_or(15_000);
+        if !(100..=300_000).contains(&sse_heartbeat_ms) {
+            problems.push(format!(
+                "sse_heartbeat_ms: {sse_heartbeat_ms} is outside 100..=300000"
+            ));
+        }
+        let snapshots = match surface.snapshots.or(file.snapshots).unwrap_or_default() {
+            SnapshotMode::Disabled => None,
+            SnapshotMode::Enabled => {
+                let public_url = surface
+                    .public_url
+                    .clone()
+                    .or(file.public_url)
+                    .unwrap_or_else(|| advertised_url.clone());
+                check_url("public_url", &public_url, &mut problems);
+                let secret = surface.snapshot_secret.clone().unwrap_or_default();
+                if secret.is_empty() {
+                    problems.push(
+                        "snapshot_secret: BATON_SNAPSHOT_SECRET is required to sign memory snapshot URLs (or run with --snapshots disabled)"
+                            .into(),
+                    );
+                } else if secret.len() < 32 {
+                    problems.push(
+                        "snapshot_secret: BATON_SNAPSHOT_SECRET is too short: use at least 32 random bytes"
+                            .into(),
+                    );
+                }
+                let expiry_secs = surface
+                    .snapshot_expiry_secs
+                    .or(file.snapshot_expiry_secs)
+                    .unwrap_or(86_400);
+                let retention_secs = surface
+                    .snapshot_retention_secs
+                    .or(file.snapshot_retention_secs)
+                    .unwrap_or(7 * 86_400);
+                let max_per_context = surface
+                    .max_snapshots_per_context
+                    .or(file.max_snapshots_per_context)
+                    .unwrap_or(64);
+                if !(1..=365 * 86_400).contains(&expiry_secs) {
+                    problems.push(format!(
+                        "snapshot_expiry_secs: {expiry_secs} is outside 1..=31536000"
+                    ));
+                }
+                if !(1..=3650 * 86_400).contains(&retention_secs) {
+                    problems.push(format!(
+                        "snapshot_retention_secs: {retention_secs} is outside 1..=315360000"
+                    ));
+                }
+                if !(1..=10_000).contains(&max_per_context) {
+                    problems.push(format!(
+                        "max_snapshots_per_context: {max_per_context} is outside 1..=10000"
+                    ));
+                }
+                Some(SnapshotConfig {
+                    public_url: public_url.trim_end_matches('/').to_string(),
+                    secret: secret.into_bytes(),
+                    previous_secret: surface
+                        .snapshot_secret_previous
+                        .clone()
+                        .filter(|previous| !previous.is_empty())
+                        .map(String::into_bytes),
+                    expiry: Duration::from_secs(expiry_secs),
+                    retention: Duration::from_secs(retention_secs),
+                    max_per_context,
+                })
+            }
+        };
+
         let mut properties: Vec<(String, String)> = file.kafka.into_iter().collect();
         for pair in &args.kafka_props {
             match pair.split_once('=') {
@@ -315,6 +465,11 @@ impl RunConfig {
             startup_timeout: Duration::from_millis(startup_timeout_ms),
             input_formats,
             schema_registry,
+            status_topic,
+            memory_topic,
+            advertised_url,
+            snapshots,
+            sse_heartbeat: Duration::from_millis(sse_heartbeat_ms),
         })
     }
 }
@@ -413,6 +568,23 @@ pub fn registry_config(
     })
 }
 
+fn check_url(key: &str, url: &str, problems: &mut Vec<String>) {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        problems.push(format!("{key}: `{url}` is not an http:// or https:// URL"));
+    }
+}
+
+/// How peers reach this pod: the listen address, unless it listens on every
+/// interface, where the instance id (the pod's DNS name in a StatefulSet's
+/// headless service) stands in for the host.
+fn default_advertised_url(http_addr: SocketAddr, instance_id: &str) -> String {
+    if http_addr.ip().is_unspecified() {
+        format!("http://{instance_id}:{}", http_addr.port())
+    } else {
+        format!("http://{http_addr}")
+    }
+}
+
 /// The host name: in a StatefulSet it is the pod name, stable across restarts.
 fn default_instance_id() -> Option<String> {
     std::env::var("HOSTNAME")
@@ -462,9 +634,39 @@ mod tests {
 
     fn resolve(argv: &[&str]) -> Result<RunConfig, ConfigError> {
         let mut full = vec!["run", "--topology", "."];
+        if !argv.iter().any(|arg| arg.starts_with("--snapshot")) {
+            full.extend_from_slice(&["--snapshot-secret", SECRET]);
+        }
         full.extend_from_slice(argv);
         let args = RunArgs::try_parse_from(full).expect("flags parse");
         RunConfig::resolve(&args)
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn snapshots_need_a_long_enough_secret_unless_disabled() {
+        let base = ["--bootstrap-servers", "k:9092", "--instance-id", "pod-0"];
+        let missing =
+            resolve(&[&base[..], &["--snapshots", "enabled"]].concat()).expect_err("no secret");
+        assert!(
+            missing
+                .to_string()
+                .contains("BATON_SNAPSHOT_SECRET is required"),
+            "{missing}"
+        );
+        let short = resolve(&[&base[..], &["--snapshot-secret", "short"]].concat())
+            .expect_err("short secret");
+        assert!(short.to_string().contains("too short"), "{short}");
+        let disabled = resolve(&[&base[..], &["--snapshots", "disabled"]].concat()).expect("valid");
+        assert!(disabled.snapshots.is_none());
+        let enabled = resolve(&base).expect("valid");
+        let snapshots = enabled.snapshots.expect("enabled by default");
+        assert_eq!(snapshots.public_url, "http://127.0.0.1:8080");
+        assert!(
+            !format!("{snapshots:?}").contains(SECRET),
+            "the key is never printed"
+        );
     }
 
     #[test]

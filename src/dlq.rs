@@ -10,6 +10,11 @@ use crate::event::SourceCoordinates;
 /// The default dead-letter topic.
 pub const DEFAULT_DLQ_TOPIC: &str = "mcp.events.dlq";
 
+/// Where records nobody can heal are parked for a person: `{dlq}.parked`.
+pub fn parked_topic(dlq_topic: &str) -> String {
+    format!("{dlq_topic}.parked")
+}
+
 /// Header names on dead letters. Constants, because operators grep for them.
 pub mod headers {
     pub const ERROR_CLASS: &str = "baton.error.class";

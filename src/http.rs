@@ -1,15 +1,24 @@
-//! The HTTP surface: `/metrics`, `/healthz`, `/readyz`, `/contexts/{id}`.
+//! The HTTP surface (hyper 1.x): `/metrics`, `/healthz`, `/readyz`,
+//! `/contexts/{id}`, `/contexts/{id}/snapshots/{version}`, `/events` (SSE),
+//! `/api/overview` and the dashboard at `/`.
 //!
-//! Errors are JSON with a code and a message, so agents and operators can
-//! act on them without scraping text.
+//! Any pod answers for any context: a request for a partition another pod
+//! owns is forwarded to that pod (one hop, marked so it is never forwarded
+//! again), and a partition in the middle of a move answers 503 with
+//! `Retry-After`. Errors are JSON with a code and a message, so agents and
+//! operators can act on them without scraping text.
+
+mod feed;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -17,18 +26,69 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::metrics;
+use crate::kafka::{self, KafkaSettings};
+use crate::members::{Membership, Owner};
+use crate::memory::{self, Memory, Snapshot, SnapshotState};
+use crate::metrics::{self, METRICS};
 use crate::runtime::Readiness;
 use crate::shutdown::Shutdown;
+use crate::snapshot_url::UrlSigner;
 use crate::state::OpenStores;
 use crate::workflow::WorkflowState;
 
-pub type HttpResponse = Response<Full<Bytes>>;
+pub type HttpResponse = Response<BoxBody<Bytes, Infallible>>;
+
+/// Marks a request one pod forwarded to another, so it is never forwarded again.
+const FORWARDED: &str = "x-baton-forwarded";
+/// Names the pod that answered.
+const SERVED_BY: &str = "x-baton-served-by";
+
+const DASHBOARD: &str = include_str!("http/dashboard.html");
 
 /// State every request handler can see.
 pub struct HttpState {
     pub readiness: Arc<Readiness>,
     pub stores: Arc<OpenStores>,
+    pub memory_stores: Arc<OpenStores>,
+    /// Set once start-up has checked the topics; until then, 503.
+    pub surface: Arc<OnceLock<Surface>>,
+    pub shutdown: Shutdown,
+    feeds: Arc<feed::FeedSlots>,
+    dlq_counts: Mutex<Option<(Instant, serde_json::Value)>>,
+}
+
+impl HttpState {
+    pub fn new(
+        readiness: Arc<Readiness>,
+        stores: Arc<OpenStores>,
+        memory_stores: Arc<OpenStores>,
+        surface: Arc<OnceLock<Surface>>,
+        shutdown: Shutdown,
+    ) -> HttpState {
+        HttpState {
+            readiness,
+            stores,
+            memory_stores,
+            surface,
+            shutdown,
+            feeds: Arc::default(),
+            dlq_counts: Mutex::new(None),
+        }
+    }
+}
+
+/// What the surface learns at start-up.
+pub struct Surface {
+    pub membership: Arc<Membership>,
+    /// The input topics' partition count: a context's partition is
+    /// murmur2(context_id) modulo this.
+    pub partitions: i32,
+    pub kafka: KafkaSettings,
+    pub status_topic: String,
+    pub dlq_topic: String,
+    pub parked_topic: String,
+    pub signer: Option<UrlSigner>,
+    pub sse_heartbeat: Duration,
 }
 
 /// Binds `addr` (so a taken port fails start-up loudly) and returns the
@@ -36,14 +96,14 @@ pub struct HttpState {
 pub async fn bind(
     addr: SocketAddr,
     state: Arc<HttpState>,
-    shutdown: Shutdown,
 ) -> std::io::Result<(SocketAddr, impl Future<Output = ()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    Ok((bound, serve(listener, state, shutdown)))
+    Ok((bound, serve(listener, state)))
 }
 
-async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: Shutdown) {
+async fn serve(listener: TcpListener, state: Arc<HttpState>) {
+    let shutdown = state.shutdown.clone();
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, _) = tokio::select! {
@@ -72,6 +132,7 @@ async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: Shutdown)
                     }
                 }
                 _ = shutdown.wait() => {
+                    // Live feeds end on shutdown too, so this does not hang.
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
                 }
@@ -90,46 +151,168 @@ async fn route(state: &HttpState, request: Request<Incoming>) -> HttpResponse {
             "only GET is supported",
         );
     }
-    match request.uri().path() {
-        "/metrics" => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics::render(),
+    let path = request.uri().path().to_string();
+    let (endpoint, response) = match path.as_str() {
+        "/" | "/index.html" => (
+            "dashboard",
+            text(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                DASHBOARD.to_string(),
+            ),
         ),
-        "/healthz" => json_response(StatusCode::OK, &json!({"status": "alive"})),
-        "/readyz" => {
-            let ready = state.readiness.is_ready();
-            let owned: Vec<serde_json::Value> = state
-                .readiness
-                .owned()
-                .into_iter()
-                .map(|(partition, restored)| json!({"partition": partition, "restored": restored}))
-                .collect();
-            let status = if ready {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            json_response(status, &json!({"ready": ready, "partitions": owned}))
-        }
-        path => match path.strip_prefix("/contexts/") {
-            Some(id) if !id.is_empty() && !id.contains('/') => context(state, id),
-            _ => error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                &format!("no route for {path}"),
+        "/metrics" => (
+            "metrics",
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics::render(),
+            ),
+        ),
+        "/healthz" => (
+            "healthz",
+            json_response(StatusCode::OK, &json!({"status": "alive"})),
+        ),
+        "/readyz" => ("readyz", readyz(state)),
+        "/api/overview" => ("overview", overview(state).await),
+        "/events" => ("events", events(state, &request).await),
+        _ => match path
+            .strip_prefix("/contexts/")
+            .map(|rest| rest.split('/').collect::<Vec<_>>())
+        {
+            Some(parts) if parts.len() == 1 && !parts[0].is_empty() => {
+                ("context", context(state, &request, parts[0]).await)
+            }
+            Some(parts) if parts.len() == 3 && !parts[0].is_empty() && parts[1] == "snapshots" => (
+                "snapshot",
+                snapshot(state, &request, parts[0], parts[2]).await,
+            ),
+            _ => (
+                "unknown",
+                error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    &format!("no route for {path}"),
+                ),
             ),
         },
+    };
+    METRICS
+        .http_requests
+        .with_label_values(&[endpoint, response.status().as_str()])
+        .inc();
+    response
+}
+
+fn readyz(state: &HttpState) -> HttpResponse {
+    let ready = state.readiness.is_ready();
+    let owned: Vec<serde_json::Value> = state
+        .readiness
+        .owned()
+        .into_iter()
+        .map(|(partition, restored)| json!({"partition": partition, "restored": restored}))
+        .collect();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, &json!({"ready": ready, "partitions": owned}))
+}
+
+/// What start-up learned, or why it is not known yet.
+fn surface(state: &HttpState) -> Result<&Surface, Unavailable> {
+    state.surface.get().ok_or(Unavailable {
+        code: "starting",
+        message: "the pod is still starting; retry shortly".into(),
+    })
+}
+
+/// A 503 with `Retry-After`: the answer exists, just not here right now.
+struct Unavailable {
+    code: &'static str,
+    message: String,
+}
+
+impl Unavailable {
+    fn into_response(self) -> HttpResponse {
+        retry_later(self.code, &self.message)
     }
 }
 
-/// The committed workflow state of a context this pod owns.
-fn context(state: &HttpState, raw_id: &str) -> HttpResponse {
-    // Context ids may hold any character; clients percent-encode them.
-    let id = percent_encoding::percent_decode_str(raw_id)
+/// Decodes a percent-encoded path segment: context ids may hold any character.
+fn decode_segment(raw: &str) -> String {
+    percent_encoding::percent_decode_str(raw)
         .decode_utf8_lossy()
-        .into_owned();
-    match state.stores.get(&id) {
+        .into_owned()
+}
+
+/// Who serves `context_id`: `Ok(None)` this pod, `Ok(Some(url))` a peer.
+fn route_context(
+    state: &HttpState,
+    request: &Request<Incoming>,
+    context_id: &str,
+) -> Result<Option<String>, Unavailable> {
+    let surface = surface(state)?;
+    let partition = kafka::partition_for_key(context_id.as_bytes(), surface.partitions);
+    match surface.membership.owner_of(partition) {
+        Owner::Local => Ok(None),
+        Owner::Restoring => Err(Unavailable {
+            code: "partition_restoring",
+            message: format!("partition {partition} is restoring on this pod"),
+        }),
+        Owner::Peer(url) if !request.headers().contains_key(FORWARDED) => Ok(Some(url)),
+        Owner::Peer(_) | Owner::Moving => Err(Unavailable {
+            code: "partition_moving",
+            message: format!("partition {partition} is moving between pods"),
+        }),
+    }
+}
+
+/// Answers from the owning pod, passing its status and body through.
+async fn forward(url: &str, request: &Request<Incoming>) -> HttpResponse {
+    let target = match request.uri().path_and_query() {
+        Some(path_and_query) => format!("{url}{path_and_query}"),
+        None => url.to_string(),
+    };
+    match get_with_headers(&target, &[(FORWARDED, "1")]).await {
+        Ok((status, headers, body)) => {
+            METRICS.forwarded_requests.with_label_values(&["ok"]).inc();
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut response = text(status, "application/json", body);
+            for name in [SERVED_BY, RETRY_AFTER.as_str()] {
+                if let Some(value) = headers.get(name) {
+                    response.headers_mut().insert(name, value.clone());
+                }
+            }
+            response
+        }
+        Err(err) => {
+            METRICS
+                .forwarded_requests
+                .with_label_values(&["failed"])
+                .inc();
+            tracing::debug!(cause = %err, %target, "forwarding failed");
+            retry_later(
+                "owner_unreachable",
+                &format!("the owning pod did not answer: {err}"),
+            )
+        }
+    }
+}
+
+/// The committed workflow state of a context, from whichever pod owns it.
+async fn context(state: &HttpState, request: &Request<Incoming>, raw_id: &str) -> HttpResponse {
+    let id = decode_segment(raw_id);
+    match route_context(state, request, &id) {
+        Ok(None) => served_here(state, local_context(state, &id)),
+        Ok(Some(url)) => forward(&url, request).await,
+        Err(unavailable) => unavailable.into_response(),
+    }
+}
+
+fn local_context(state: &HttpState, id: &str) -> HttpResponse {
+    match state.stores.get(id) {
         Ok(Some((partition, bytes))) => match WorkflowState::decode(&bytes) {
             Ok(workflow_state) => match serde_json::to_value(&workflow_state) {
                 Ok(mut value) => {
@@ -153,7 +336,7 @@ fn context(state: &HttpState, raw_id: &str) -> HttpResponse {
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             "unknown_context",
-            &format!("no workflow state for context `{id}` on this pod"),
+            &format!("no workflow state for context `{id}`"),
         ),
         Err(err) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -161,6 +344,237 @@ fn context(state: &HttpState, raw_id: &str) -> HttpResponse {
             &err.to_string(),
         ),
     }
+}
+
+/// A frozen memory snapshot, prompt-ready. The signature is checked first,
+/// by whichever pod the request reaches.
+async fn snapshot(
+    state: &HttpState,
+    request: &Request<Incoming>,
+    raw_id: &str,
+    raw_version: &str,
+) -> HttpResponse {
+    let surface = match surface(state) {
+        Ok(surface) => surface,
+        Err(unavailable) => return unavailable.into_response(),
+    };
+    let Some(signer) = &surface.signer else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "snapshots_disabled",
+            "memory snapshots are disabled on this deployment",
+        );
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if let Err(err) = signer.verify(request.uri().path(), request.uri().query(), now) {
+        let status = StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::FORBIDDEN);
+        return error(
+            status,
+            err.code(),
+            &format!("the snapshot URL is not valid: {err}"),
+        );
+    }
+    let Ok(version) = raw_version.parse::<u64>() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_snapshot",
+            &format!("`{raw_version}` is not a snapshot version"),
+        );
+    };
+    let max_tokens = match feed::form_pairs(request.uri().query())
+        .into_iter()
+        .find(|(key, _)| key == "max_tokens")
+    {
+        Some((_, value)) => match value.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_max_tokens",
+                    &format!("max_tokens: `{value}` is not a number"),
+                );
+            }
+        },
+        None => None,
+    };
+    let id = decode_segment(raw_id);
+    match route_context(state, request, &id) {
+        Ok(None) => served_here(state, local_snapshot(state, &id, version, max_tokens)),
+        Ok(Some(url)) => forward(&url, request).await,
+        Err(unavailable) => unavailable.into_response(),
+    }
+}
+
+fn local_snapshot(
+    state: &HttpState,
+    id: &str,
+    version: u64,
+    max_tokens: Option<u64>,
+) -> HttpResponse {
+    let stored = match state.memory_stores.get(&memory::snapshot_key(id, version)) {
+        Ok(stored) => stored,
+        Err(err) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "state_store",
+                &err.to_string(),
+            );
+        }
+    };
+    if let Some((_, bytes)) = stored {
+        let snapshot = match Snapshot::decode(&bytes) {
+            Ok(snapshot) => snapshot,
+            Err(err) => return error(StatusCode::INTERNAL_SERVER_ERROR, "corrupt_snapshot", &err),
+        };
+        // Trimmed to what the context can still spend, unless asked otherwise.
+        let budget = max_tokens.unwrap_or_else(|| {
+            state
+                .stores
+                .get(id)
+                .ok()
+                .flatten()
+                .and_then(|(_, bytes)| WorkflowState::decode(&bytes).ok())
+                .map_or(u64::MAX, |workflow| workflow.tokens_left())
+        });
+        return json_response(StatusCode::OK, &memory::render_prompt(&snapshot, budget));
+    }
+    let live = state
+        .memory_stores
+        .get(id)
+        .ok()
+        .flatten()
+        .and_then(|(_, bytes)| Memory::decode(&bytes).ok());
+    match live.map(|memory| memory.snapshot_state(version)) {
+        Some(SnapshotState::Pruned) => error(
+            StatusCode::GONE,
+            "snapshot_pruned",
+            &format!("snapshot {version} of `{id}` is older than the retention and was pruned"),
+        ),
+        Some(_) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_snapshot",
+            &format!("context `{id}` has no snapshot {version}"),
+        ),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "unknown_context",
+            &format!("no memory for context `{id}`"),
+        ),
+    }
+}
+
+fn served_here(state: &HttpState, mut response: HttpResponse) -> HttpResponse {
+    if let Some(surface) = state.surface.get()
+        && let Ok(value) = HeaderValue::from_str(&surface.membership.instance_id)
+    {
+        response.headers_mut().insert(SERVED_BY, value);
+    }
+    response
+}
+
+/// The live feed (SSE).
+async fn events(state: &HttpState, request: &Request<Incoming>) -> HttpResponse {
+    let surface = match surface(state) {
+        Ok(surface) => surface,
+        Err(unavailable) => return unavailable.into_response(),
+    };
+    let last_event_id = request
+        .headers()
+        .get("last-event-id")
+        .and_then(|value| value.to_str().ok());
+    let feed_request = match feed::FeedRequest::parse(request.uri().query(), last_event_id) {
+        Ok(feed_request) => feed_request,
+        Err(message) => return error(StatusCode::BAD_REQUEST, "bad_feed_request", &message),
+    };
+    let Some(slot) = state.feeds.acquire() else {
+        return retry_later(
+            "too_many_feeds",
+            "this pod serves as many live feeds as it can",
+        );
+    };
+    let opened = {
+        let kafka = surface.kafka.clone();
+        let topic = surface.status_topic.clone();
+        let feed_request = feed_request.clone();
+        tokio::task::spawn_blocking(move || feed::open_reader(&kafka, &topic, &feed_request)).await
+    };
+    let (consumer, position) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(message)) => return retry_later("feed_unavailable", &message),
+        Err(err) => return error(StatusCode::INTERNAL_SERVER_ERROR, "feed", &err.to_string()),
+    };
+    let (sink, source) = feed::client_queue();
+    tokio::spawn(feed::stream(
+        consumer,
+        position,
+        feed_request,
+        sink,
+        surface.sse_heartbeat,
+        state.shutdown.clone(),
+        slot,
+    ));
+    let body = StreamBody::new(futures::stream::unfold(source, |mut source| async move {
+        source
+            .recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), source))
+    }));
+    let mut response = Response::new(BodyExt::boxed(body));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// What the dashboard polls: this pod, every pod's partitions, DLQ counts.
+async fn overview(state: &HttpState) -> HttpResponse {
+    let surface = match surface(state) {
+        Ok(surface) => surface,
+        Err(unavailable) => return unavailable.into_response(),
+    };
+    let dlq = dlq_counts(state, surface).await;
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "pod": {"instance_id": surface.membership.instance_id, "url": surface.membership.url},
+            "partitions": surface.partitions,
+            "members": surface.membership.members(),
+            "dlq": dlq,
+            "ready": state.readiness.is_ready(),
+        }),
+    )
+}
+
+/// Records in the DLQ and the parked topic, from their offsets (cached for
+/// a couple of seconds: every open dashboard polls this).
+async fn dlq_counts(state: &HttpState, surface: &Surface) -> serde_json::Value {
+    if let Ok(cached) = state.dlq_counts.lock()
+        && let Some((at, value)) = cached.as_ref()
+        && at.elapsed() < Duration::from_secs(2)
+    {
+        return value.clone();
+    }
+    let kafka = surface.kafka.clone();
+    let topics = [surface.dlq_topic.clone(), surface.parked_topic.clone()];
+    let counts = tokio::task::spawn_blocking(move || {
+        topics.map(|topic| kafka::count_records(&kafka, &topic).ok())
+    })
+    .await
+    .unwrap_or([None, None]);
+    let value = json!({"records": counts[0], "parked": counts[1]});
+    if let Ok(mut cached) = state.dlq_counts.lock() {
+        *cached = Some((Instant::now(), value.clone()));
+    }
+    value
+}
+
+fn retry_later(code: &str, message: &str) -> HttpResponse {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, code, message);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
@@ -175,7 +589,7 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> HttpResponse {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -183,25 +597,48 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> HttpRes
     response
 }
 
-/// A GET with hyper's client: (status, body). For `baton state get` and
-/// forwarding between pods.
+/// A GET with hyper's client: (status, body). For `baton state get`.
 pub async fn get(url: &str) -> Result<(u16, String), HttpClientError> {
+    get_with_headers(url, &[])
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+/// A GET with extra headers, for forwarding between pods.
+pub async fn get_with_headers(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, hyper::HeaderMap, String), HttpClientError> {
     let uri: hyper::Uri = url
         .parse()
         .map_err(|err: hyper::http::uri::InvalidUri| HttpClientError(format!("{url}: {err}")))?;
     let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
-    let response = tokio::time::timeout(std::time::Duration::from_secs(10), client.get(uri))
+    let mut builder = Request::get(uri);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let request = builder
+        .body(http_body_util::Empty::new())
+        .map_err(|err| HttpClientError(format!("{url}: {err}")))?;
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
         .await
         .map_err(|_| HttpClientError(format!("{url}: timed out")))?
         .map_err(|err| HttpClientError(format!("{url}: {err}")))?;
     let status = response.status().as_u16();
-    let body = http_body_util::BodyExt::collect(response.into_body())
+    let response_headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
         .await
         .map_err(|err| HttpClientError(format!("{url}: {err}")))?
         .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((
+        status,
+        response_headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
 }
 
 #[derive(Debug, thiserror::Error)]

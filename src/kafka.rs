@@ -223,3 +223,102 @@ mod tests {
         assert!(err.contains("no.such.property"), "{err}");
     }
 }
+
+/// Records in `topic` now: the sum over its partitions of high minus low
+/// watermark (compaction and retention make it an upper bound). Blocking.
+pub fn count_records(settings: &KafkaSettings, topic: &str) -> Result<i64, String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let mut config = settings.client_config(ClientRole::Consumer);
+    config.set("group.id", "baton-offsets");
+    let consumer: BaseConsumer = config.create().map_err(|err| err.to_string())?;
+    let timeout = std::time::Duration::from_secs(5);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|err| err.to_string())?;
+    let found = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .ok_or_else(|| format!("topic {topic} does not exist"))?;
+    let mut total = 0;
+    for partition in found.partitions() {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition.id(), timeout)
+            .map_err(|err| err.to_string())?;
+        total += (high - low).max(0);
+    }
+    Ok(total)
+}
+
+/// The partition Kafka's default partitioner (and librdkafka's
+/// `murmur2_random`, which every baton producer uses) picks for a keyed
+/// record: murmur2 of the key, made positive, modulo the partition count.
+/// It tells any pod which partition, and so which task, owns a context.
+pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
+    if partitions <= 0 {
+        return 0;
+    }
+    ((murmur2(key) & 0x7fff_ffff) % partitions as u32) as i32
+}
+
+/// Kafka's murmur2 (the Java client's `Utils.murmur2`, seed 0x9747b28c).
+fn murmur2(data: &[u8]) -> u32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+#[cfg(test)]
+mod partitioner_tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Kafka's UtilsTest.testMurmur2 vectors.
+        let cases: [(&[u8], i32); 6] = [
+            (b"21", -973_932_308),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            (b"abc", 479_470_107),
+        ];
+        for (key, expected) in cases {
+            assert_eq!(
+                murmur2(key) as i32,
+                expected,
+                "{}",
+                String::from_utf8_lossy(key)
+            );
+        }
+        assert!((0..6).contains(&partition_for_key(b"ctx-1", 6)));
+    }
+}

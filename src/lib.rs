@@ -12,10 +12,13 @@
 //! - [`topology`]: workflow definitions from `topology/`, their loading, validation and diagrams.
 //! - [`workflow`]: per-context workflow state and the pure step `(state, event, definition) -> outcome`.
 //! - [`handover`]: the standard handover record and its deterministic id.
+//! - [`memory`]: per-context memory (upserted entries, recent tool outputs), its numbered snapshots and their prompt rendering.
+//! - [`snapshot_url`]: signed, expiring snapshot URLs, with secret rotation.
 //! - [`dlq`]: poison classes and the dead-letter record.
 //! - [`kafka`]: librdkafka client configuration shared by every producer and consumer baton owns.
 //! - [`runtime`]: the consumer group, one task per partition, and the exactly-once transaction loop.
-//! - [`http`]: the HTTP surface (metrics, health).
+//! - [`http`]: the HTTP surface: metrics, health, state and snapshot queries across pods, the SSE live feed and the dashboard.
+//! - [`members`]: which pod owns which partition, published to and read from `{app}-members` (Kafka Streams' `application.server`).
 //! - [`metrics`]: every Prometheus metric, defined once.
 //! - [`registry`]: the Confluent-compatible Schema Registry: settings, the writer-schema cache, registration and compatibility.
 //! - [`state`]: RocksDB stores per partition, their changelogs, checkpoints and restore.
@@ -30,11 +33,14 @@ pub mod event;
 pub mod handover;
 pub mod http;
 pub mod kafka;
+pub mod members;
+pub mod memory;
 pub mod metrics;
 pub mod registry;
 pub mod runtime;
 pub mod sample;
 pub mod shutdown;
+pub mod snapshot_url;
 pub mod state;
 pub mod topology;
 pub mod workflow;

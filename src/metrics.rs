@@ -54,6 +54,22 @@ pub struct Metrics {
     pub transient_errors: IntCounterVec,
     /// Writer schemas fetched from the registry, by outcome (found, unknown).
     pub schema_lookups: IntCounterVec,
+    /// `memory.upserted` records applied.
+    pub memory_upserts: IntCounter,
+    /// Memory snapshots frozen at handovers.
+    pub snapshots_frozen: IntCounter,
+    /// Snapshots dropped by retention.
+    pub snapshots_pruned: IntCounter,
+    /// Snapshot and state requests, by endpoint and HTTP status.
+    pub http_requests: IntCounterVec,
+    /// Requests answered by forwarding to the owning pod, by outcome.
+    pub forwarded_requests: IntCounterVec,
+    /// Open live-feed (SSE) connections.
+    pub sse_clients: IntGauge,
+    /// Live-feed events sent to clients.
+    pub sse_events: IntCounter,
+    /// Live-feed clients dropped because they fell too far behind.
+    pub sse_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -174,8 +190,48 @@ impl Metrics {
                 &["outcome"],
             )
             .expect("valid metric"),
+            memory_upserts: IntCounter::new(
+                "baton_memory_upserts_total",
+                "memory.upserted records applied to context memory",
+            )
+            .expect("valid metric"),
+            snapshots_frozen: IntCounter::new(
+                "baton_snapshots_frozen_total",
+                "Memory snapshots frozen at handovers",
+            )
+            .expect("valid metric"),
+            snapshots_pruned: IntCounter::new(
+                "baton_snapshots_pruned_total",
+                "Memory snapshots dropped by retention",
+            )
+            .expect("valid metric"),
+            http_requests: IntCounterVec::new(
+                Opts::new(
+                    "baton_http_requests_total",
+                    "HTTP requests, by endpoint and status",
+                ),
+                &["endpoint", "status"],
+            )
+            .expect("valid metric"),
+            forwarded_requests: IntCounterVec::new(
+                Opts::new(
+                    "baton_forwarded_requests_total",
+                    "Requests forwarded to the pod that owns the context, by outcome",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+            sse_clients: IntGauge::new("baton_sse_clients", "Open live-feed (SSE) connections")
+                .expect("valid metric"),
+            sse_events: IntCounter::new("baton_sse_events_total", "Live-feed events sent")
+                .expect("valid metric"),
+            sse_dropped: IntCounter::new(
+                "baton_sse_dropped_total",
+                "Live-feed clients dropped for falling too far behind",
+            )
+            .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 26] = [
             Box::new(metrics.records_consumed.clone()),
             Box::new(metrics.events_unrouted.clone()),
             Box::new(metrics.events_duplicate.clone()),
@@ -194,6 +250,14 @@ impl Metrics {
             Box::new(metrics.partitions_paused.clone()),
             Box::new(metrics.transient_errors.clone()),
             Box::new(metrics.schema_lookups.clone()),
+            Box::new(metrics.memory_upserts.clone()),
+            Box::new(metrics.snapshots_frozen.clone()),
+            Box::new(metrics.snapshots_pruned.clone()),
+            Box::new(metrics.http_requests.clone()),
+            Box::new(metrics.forwarded_requests.clone()),
+            Box::new(metrics.sse_clients.clone()),
+            Box::new(metrics.sse_events.clone()),
+            Box::new(metrics.sse_dropped.clone()),
         ];
         for collector in collectors {
             registry

@@ -24,6 +24,11 @@ impl Shutdown {
         self.token.cancelled().await;
     }
 
+    /// For loops on blocking threads, which cannot await `wait`.
+    pub fn is_triggered(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
     /// Triggers on SIGTERM or Ctrl-C. Spawned once by `main`.
     pub fn listen_for_signals(&self) {
         let shutdown = self.clone();

@@ -184,7 +184,9 @@ fn handover_json(value: &[u8]) -> serde_json::Value {
         };
         object.insert(name, json);
     }
-    serde_json::Value::Object(object)
+    let mut value = serde_json::Value::Object(object);
+    common::normalize_handover(&mut value);
+    value
 }
 
 fn avro_handovers(records: &[common::Record]) -> Vec<(String, serde_json::Value)> {
@@ -615,8 +617,8 @@ fn confluent_python_clients_interoperate() {
             value["produced_at"].as_i64().is_some_and(|t| t > 0),
             "{value}"
         );
+        common::normalize_handover(&mut value);
         let object = value.as_object_mut().expect("object");
-        object.remove("produced_at");
         let output = object.remove("last_tool_output").expect("last_tool_output");
         object.insert(
             "last_tool_output".into(),

@@ -20,6 +20,7 @@ use crate::dlq::ErrorClass;
 use crate::event::{SourceCoordinates, ToolEvent, ToolStatus, Usage};
 use crate::handover::Handover;
 use crate::registry::Avsc;
+use crate::workflow::StatusUpdate;
 
 /// The first byte of every record in the Confluent wire format.
 pub const MAGIC_BYTE: u8 = 0;
@@ -45,6 +46,8 @@ fn compiled(text: &str) -> Avsc {
 pub static TOOL_COMPLETED: LazyLock<Avsc> = LazyLock::new(|| compiled(schemas::TOOL_COMPLETED_V2));
 /// The schema of handover records.
 pub static HANDOVER_EVENT: LazyLock<Avsc> = LazyLock::new(|| compiled(schemas::HANDOVER_EVENT));
+/// The schema of live-feed records.
+pub static STATUS_UPDATE: LazyLock<Avsc> = LazyLock::new(|| compiled(schemas::STATUS_UPDATE));
 
 /// Splits a wire-format record into its schema id and datum.
 pub fn split_frame(bytes: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
@@ -251,8 +254,7 @@ fn millis_from_rfc3339(text: &str) -> i64 {
 }
 
 /// Encodes a handover as a `HandoverEvent` in the wire format.
-pub fn encode_handover(schema_id: u32, handover: &Handover) -> Result<Vec<u8>, apache_avro::Error> {
-    let schema = &HANDOVER_EVENT.parsed;
+pub fn encode_handover(schema_id: u32, handover: &Handover) -> Result<Vec<u8>, String> {
     let optional_string = |value: &Option<String>| match value {
         Some(text) => Value::Union(1, Box::new(Value::String(text.clone()))),
         None => Value::Union(0, Box::new(Value::Null)),
@@ -307,10 +309,118 @@ pub fn encode_handover(schema_id: u32, handover: &Handover) -> Result<Vec<u8>, a
             Value::TimestampMillis(millis_from_rfc3339(&handover.produced_at)),
         ),
     ]);
-    let writer = GenericDatumWriter::builder(schema).build()?;
-    let mut bytes = frame(schema_id, 256 + handover.last_tool_output.to_string().len());
-    writer.write_value_ref(&mut bytes, &record)?;
+    let last_tool_output_len = match &record {
+        Value::Record(fields) => match &fields[6].1 {
+            Value::String(text) => text.len(),
+            _ => 0,
+        },
+        _ => 0,
+    };
+    let mut bytes = frame(schema_id, 256 + last_tool_output_len);
+    HANDOVER_WRITER
+        .as_ref()
+        .map_err(|err| format!("HandoverEvent writer: {err}"))?
+        .write_value_ref(&mut bytes, &record)
+        .map_err(|err| err.to_string())?;
     Ok(bytes)
+}
+
+/// Built once: building a writer resolves the schema's names, which cost
+/// more than encoding a record. The record is built field by field from the
+/// schema above (a unit test decodes it back), so per-record validation,
+/// another full walk of the value, is skipped.
+static HANDOVER_WRITER: LazyLock<Result<GenericDatumWriter<'static>, apache_avro::Error>> =
+    LazyLock::new(|| {
+        GenericDatumWriter::builder(&HANDOVER_EVENT.parsed)
+            .validate(false)
+            .build()
+    });
+
+static STATUS_WRITER: LazyLock<Result<GenericDatumWriter<'static>, apache_avro::Error>> =
+    LazyLock::new(|| {
+        GenericDatumWriter::builder(&STATUS_UPDATE.parsed)
+            .validate(false)
+            .build()
+    });
+
+/// The symbols of `ContextStatus` in `StatusUpdate.avsc`, in order.
+const CONTEXT_STATUS_SYMBOLS: [&str; 6] = [
+    "queued",
+    "waiting",
+    "completed",
+    "plan_b",
+    "budget_exhausted",
+    "failed",
+];
+
+/// Encodes a live-feed update as a `StatusUpdate` in the wire format.
+pub fn encode_status(schema_id: u32, update: &StatusUpdate) -> Result<Vec<u8>, String> {
+    let optional_string = |value: &Option<String>| match value {
+        Some(text) => Value::Union(1, Box::new(Value::String(text.clone()))),
+        None => Value::Union(0, Box::new(Value::Null)),
+    };
+    let status = update.status.as_str();
+    let status_index = CONTEXT_STATUS_SYMBOLS
+        .iter()
+        .position(|symbol| *symbol == status)
+        .unwrap_or(0) as u32;
+    let record = Value::Record(vec![
+        (
+            "context_id".into(),
+            Value::String(update.context_id.clone()),
+        ),
+        ("workflow".into(), Value::String(update.workflow.clone())),
+        ("from".into(), optional_string(&update.from)),
+        ("to".into(), Value::String(update.to.clone())),
+        ("agent".into(), optional_string(&update.agent)),
+        (
+            "status".into(),
+            Value::Enum(status_index, status.to_string()),
+        ),
+        ("message".into(), Value::String(update.message.clone())),
+        (
+            "tokens_left".into(),
+            Value::Long(update.tokens_left.min(i64::MAX as u64) as i64),
+        ),
+        (
+            "token_budget".into(),
+            Value::Union(
+                1,
+                Box::new(Value::Long(update.token_budget.min(i64::MAX as u64) as i64)),
+            ),
+        ),
+        ("at".into(), Value::TimestampMillis(update.at)),
+    ]);
+    let mut bytes = frame(schema_id, 128 + update.message.len());
+    STATUS_WRITER
+        .as_ref()
+        .map_err(|err| format!("StatusUpdate writer: {err}"))?
+        .write_value_ref(&mut bytes, &record)
+        .map_err(|err| err.to_string())?;
+    Ok(bytes)
+}
+
+/// A `StatusUpdate` datum (written by baton, with its own schema) as the
+/// JSON the live feed sends.
+pub fn decode_status_json(datum: &[u8]) -> Option<Json> {
+    let value = GenericDatumReader::builder(&STATUS_UPDATE.parsed)
+        .build()
+        .and_then(|reader| reader.read_value(&mut Cursor::new(datum)))
+        .ok()?;
+    let Value::Record(fields) = value else {
+        return None;
+    };
+    let mut object = serde_json::Map::new();
+    for (name, value) in fields {
+        let json = match unwrap_union(value) {
+            Value::String(text) | Value::Enum(_, text) => Json::String(text),
+            Value::Long(n) | Value::TimestampMillis(n) => Json::from(n),
+            Value::Null => Json::Null,
+            _ => continue,
+        };
+        object.insert(name, json);
+    }
+    Some(Json::Object(object))
 }
 
 /// The symbols of `HandoverStatus` in `HandoverEvent.avsc`, in order.
@@ -474,6 +584,37 @@ mod tests {
         assert_eq!(split_frame(&bytes).expect("frame"), (258, &[42u8][..]));
         assert!(split_frame(&[0, 1]).is_err());
         assert!(split_frame(b"{}").is_err());
+    }
+
+    #[test]
+    fn status_updates_encode_against_their_schema() {
+        let update = StatusUpdate {
+            context_id: "ctx".into(),
+            workflow: "vision-research".into(),
+            from: None,
+            to: "ResearchQueued".into(),
+            agent: Some("researcher".into()),
+            status: crate::workflow::ContextStatus::Queued,
+            message: "Researcher is thinking...".into(),
+            tokens_left: 900,
+            token_budget: 1000,
+            at: 5,
+        };
+        let bytes = encode_status(3, &update).expect("encodes");
+        let (id, datum) = split_frame(&bytes).expect("framed");
+        assert_eq!(id, 3);
+        let value = GenericDatumReader::builder(&STATUS_UPDATE.parsed)
+            .build()
+            .and_then(|reader| reader.read_value(&mut Cursor::new(datum)))
+            .expect("decodes");
+        let Value::Record(fields) = value else {
+            panic!("record")
+        };
+        assert!(fields.contains(&("status".into(), Value::Enum(0, "queued".into()))));
+        assert!(fields.contains(&(
+            "token_budget".into(),
+            Value::Union(1, Box::new(Value::Long(1000)))
+        )));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::dlq::ErrorClass;
 use crate::event::{SourceCoordinates, ToolEvent};
 use crate::handover::Handover;
 use crate::registry::{Registry, WriterSchema};
+use crate::workflow::StatusUpdate;
 
 /// Why a record could not be decoded (yet).
 #[derive(Debug, Error, Clone, PartialEq)]
@@ -177,6 +178,17 @@ pub fn decode_event(
     InputDecoder::json(*limits).decode(value, source)
 }
 
+impl OutputEncoder {
+    pub fn encode_status(&self, update: &StatusUpdate) -> Result<Vec<u8>, String> {
+        match self {
+            OutputEncoder::Json => serde_json::to_vec(update).map_err(|err| err.to_string()),
+            OutputEncoder::Avro {
+                status_schema_id, ..
+            } => avro::encode_status(*status_schema_id, update),
+        }
+    }
+}
+
 /// How handovers are written: JSON, or Avro under the schema id registered
 /// for each handover topic's subject.
 #[derive(Debug, Clone, Default)]
@@ -184,7 +196,10 @@ pub enum OutputEncoder {
     #[default]
     Json,
     Avro {
+        /// By handover topic.
         schema_ids: HashMap<String, u32>,
+        /// Of `StatusUpdate` on the live-feed topic.
+        status_schema_id: u32,
     },
 }
 
@@ -192,11 +207,11 @@ impl OutputEncoder {
     pub fn encode_handover(&self, topic: &str, handover: &Handover) -> Result<Vec<u8>, String> {
         match self {
             OutputEncoder::Json => serde_json::to_vec(handover).map_err(|err| err.to_string()),
-            OutputEncoder::Avro { schema_ids } => {
+            OutputEncoder::Avro { schema_ids, .. } => {
                 let id = schema_ids
                     .get(topic)
                     .ok_or_else(|| format!("no schema id resolved for topic {topic}"))?;
-                avro::encode_handover(*id, handover).map_err(|err| err.to_string())
+                avro::encode_handover(*id, handover)
             }
         }
     }

@@ -22,9 +22,12 @@ use engine::{BatonConsumer, Engine, EngineError, RebalanceHook};
 
 use crate::codec::{InputDecoder, OutputEncoder, avro};
 use crate::config::RunConfig;
+use crate::http::{HttpState, Surface};
 use crate::kafka::{self, ClientRole, ConnectError, KafkaSettings};
-use crate::registry::Registry;
+use crate::members::{self, Membership};
+use crate::registry::{Avsc, Registry};
 use crate::shutdown::Shutdown;
+use crate::snapshot_url::UrlSigner;
 use crate::state;
 use crate::topology::Topology;
 
@@ -46,6 +49,8 @@ pub enum RunError {
     Subscribe { topics: Vec<String>, cause: String },
     #[error("schema registry: {0}")]
     Registry(String),
+    #[error("memory snapshots: {0}")]
+    Snapshots(String),
     #[error("the coordinator thread failed: {0}")]
     Coordinator(String),
 }
@@ -60,8 +65,22 @@ pub struct Pipeline {
     pub workflow_changelog: String,
     pub decoder: InputDecoder,
     pub output: OutputEncoder,
+    pub status_topic: String,
+    pub memory_topic: String,
+    pub memory_changelog: String,
+    /// Set when handovers carry signed memory snapshot URLs.
+    pub snapshots: Option<SnapshotSettings>,
+    /// Open memory store partitions, for the snapshot endpoint.
+    pub memory_stores: Arc<state::OpenStores>,
     /// Open store partitions, readable by the HTTP surface.
     pub stores: Arc<state::OpenStores>,
+}
+
+/// How snapshots are signed, kept and pruned.
+pub struct SnapshotSettings {
+    pub signer: UrlSigner,
+    pub retention_ms: i64,
+    pub max_per_context: usize,
 }
 
 /// What `/readyz` reports: joined the group, and no partition restoring.
@@ -110,10 +129,10 @@ impl Readiness {
 pub async fn run(
     config: RunConfig,
     topology: Arc<Topology>,
-    readiness: Arc<Readiness>,
-    stores: Arc<state::OpenStores>,
+    http: Arc<HttpState>,
     shutdown: Shutdown,
 ) -> Result<(), RunError> {
+    let readiness = Arc::clone(&http.readiness);
     let settings = config.kafka.clone();
     let deadline = config.startup_timeout;
     let metadata =
@@ -123,14 +142,30 @@ pub async fn run(
 
     let workflow_changelog =
         state::changelog_topic(&config.application_id, processor::WORKFLOW_STORE);
+    let memory_changelog = state::changelog_topic(&config.application_id, processor::MEMORY_STORE);
+    let members_topic = members::members_topic(&config.application_id);
     let partitions = check_topics(&config, &topology, &metadata)?;
-    if !metadata
-        .topics()
-        .iter()
-        .any(|t| t.name() == workflow_changelog)
-    {
-        create_compacted_topic(&config.kafka, &workflow_changelog, partitions).await?;
+    for (topic, count) in [
+        (&workflow_changelog, partitions),
+        (&memory_changelog, partitions),
+        (&members_topic, 1),
+    ] {
+        if !metadata.topics().iter().any(|t| t.name() == topic.as_str()) {
+            create_compacted_topic(&config.kafka, topic, count).await?;
+        }
     }
+    let signer = match &config.snapshots {
+        Some(snapshots) => Some(
+            UrlSigner::new(
+                &snapshots.secret,
+                snapshots.previous_secret.as_deref(),
+                &snapshots.public_url,
+                snapshots.expiry,
+            )
+            .map_err(RunError::Snapshots)?,
+        ),
+        None => None,
+    };
 
     // A hostile length prefix must not allocate more than a record can hold.
     apache_avro::util::max_allocation_bytes(config.limits.max_record_bytes);
@@ -142,9 +177,22 @@ pub async fn run(
         None => None,
     };
     let output = match &registry {
-        Some(registry) => OutputEncoder::Avro {
-            schema_ids: resolve_handover_schemas(registry, &topology, deadline).await?,
-        },
+        Some(registry) => {
+            let mut topics: Vec<(String, &Avsc)> = topology
+                .output_topics()
+                .into_iter()
+                .map(|topic| (topic, &*avro::HANDOVER_EVENT))
+                .collect();
+            topics.push((config.status_topic.clone(), &*avro::STATUS_UPDATE));
+            let mut schema_ids = resolve_output_schemas(registry, &topics, deadline).await?;
+            let status_schema_id = schema_ids
+                .remove(&config.status_topic)
+                .ok_or_else(|| RunError::Registry("no schema id for the status topic".into()))?;
+            OutputEncoder::Avro {
+                schema_ids,
+                status_schema_id,
+            }
+        }
         None => OutputEncoder::Json,
     };
     let decoder = InputDecoder::new(config.limits, config.input_formats.clone(), registry);
@@ -158,7 +206,45 @@ pub async fn run(
         workflow_changelog,
         decoder,
         output,
-        stores,
+        status_topic: config.status_topic.clone(),
+        memory_topic: config.memory_topic.clone(),
+        memory_changelog,
+        snapshots: match (&config.snapshots, &signer) {
+            (Some(snapshots), Some(signer)) => Some(SnapshotSettings {
+                signer: signer.clone(),
+                retention_ms: snapshots.retention.as_millis().min(i64::MAX as u128) as i64,
+                max_per_context: snapshots.max_per_context,
+            }),
+            _ => None,
+        },
+        stores: Arc::clone(&http.stores),
+        memory_stores: Arc::clone(&http.memory_stores),
+    });
+
+    let membership = Arc::new(Membership::new(
+        &config.application_id,
+        &config.instance_id,
+        &config.advertised_url,
+        Arc::clone(&readiness),
+    ));
+    {
+        let membership = Arc::clone(&membership);
+        let kafka = config.kafka.clone();
+        let shutdown = shutdown.clone();
+        std::thread::Builder::new()
+            .name("baton-members".into())
+            .spawn(move || members::run(membership, kafka, shutdown))
+            .map_err(|err| RunError::Coordinator(err.to_string()))?;
+    }
+    let _ = http.surface.set(Surface {
+        membership,
+        partitions,
+        kafka: config.kafka.clone(),
+        status_topic: config.status_topic.clone(),
+        dlq_topic: config.dlq_topic.clone(),
+        parked_topic: crate::dlq::parked_topic(&config.dlq_topic),
+        signer,
+        sse_heartbeat: config.sse_heartbeat,
     });
 
     let producer_config = config
@@ -180,7 +266,11 @@ pub async fn run(
     .map_err(|err| RunError::Coordinator(err.to_string()))??;
     let engine = Arc::new(Mutex::new(engine));
 
-    let strategy = if config.input_topics.len() > 1 {
+    // The memory topic is co-partitioned input: partition N's memory lives
+    // with partition N's workflows, in the same task.
+    let mut subscription = config.input_topics.clone();
+    subscription.push(config.memory_topic.clone());
+    let strategy = if subscription.len() > 1 {
         // Range assigns partition N of every topic to the same member, which
         // co-partitioned state needs; cooperative-sticky does not promise it.
         "range"
@@ -195,11 +285,11 @@ pub async fn run(
     let consumer = Arc::new(consumer);
     engine::lock(&engine).attach_consumer(&consumer);
     engine::lock(&engine).start();
-    let topics: Vec<&str> = config.input_topics.iter().map(String::as_str).collect();
+    let topics: Vec<&str> = subscription.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
         .map_err(|err| RunError::Subscribe {
-            topics: config.input_topics.clone(),
+            topics: subscription.clone(),
             cause: err.to_string(),
         })?;
     tracing::info!(
@@ -223,20 +313,21 @@ pub async fn run(
         .map_err(|_| RunError::Coordinator("the coordinator thread panicked".into()))?
 }
 
-/// Finds (or, with auto-registration, registers) the schema id of
-/// `HandoverEvent` under each handover topic's subject. An unreachable
-/// registry is retried until `deadline`; a missing subject fails at once.
-async fn resolve_handover_schemas(
+/// Finds (or, with auto-registration, registers) the schema id of each
+/// output topic's schema under its subject. An unreachable registry is
+/// retried until `deadline`; a missing subject fails at once.
+async fn resolve_output_schemas(
     registry: &Registry,
-    topology: &Topology,
+    topics: &[(String, &Avsc)],
     deadline: Duration,
 ) -> Result<HashMap<String, u32>, RunError> {
-    let schema = &*avro::HANDOVER_EVENT;
     let strategy = registry.config.subject_strategy;
     let started = std::time::Instant::now();
     let mut by_subject: HashMap<String, u32> = HashMap::new();
     let mut ids = HashMap::new();
-    for topic in topology.output_topics() {
+    for (topic, schema) in topics {
+        let topic = topic.clone();
+        let schema: &Avsc = schema;
         let subject = strategy.subject(&topic, &schema.full_name());
         if let Some(id) = by_subject.get(&subject) {
             ids.insert(topic, *id);
@@ -270,7 +361,7 @@ async fn resolve_handover_schemas(
                 }
             }
         };
-        tracing::info!(%subject, schema_id = id, "handover schema resolved");
+        tracing::info!(%subject, schema_id = id, "output schema resolved");
         by_subject.insert(subject, id);
         ids.insert(topic, id);
     }
@@ -343,6 +434,12 @@ fn check_topics(
             missing.push(format!("input topic `{topic}`"));
         }
     }
+    if !existing.contains_key(config.memory_topic.as_str()) {
+        missing.push(format!("memory topic `{}`", config.memory_topic));
+    }
+    if !existing.contains_key(config.status_topic.as_str()) {
+        missing.push(format!("status topic `{}`", config.status_topic));
+    }
     if !existing.contains_key(config.dlq_topic.as_str()) {
         missing.push(format!("dead-letter topic `{}`", config.dlq_topic));
     }
@@ -357,14 +454,17 @@ fn check_topics(
             missing.join(", ")
         )));
     }
-    let counts: BTreeSet<usize> = config
+    let inputs: Vec<&String> = config
         .input_topics
+        .iter()
+        .chain(std::iter::once(&config.memory_topic))
+        .collect();
+    let counts: BTreeSet<usize> = inputs
         .iter()
         .filter_map(|t| existing.get(t.as_str()).copied())
         .collect();
     if counts.len() > 1 {
-        let detail: Vec<String> = config
-            .input_topics
+        let detail: Vec<String> = inputs
             .iter()
             .map(|t| format!("{t}={}", existing.get(t.as_str()).copied().unwrap_or(0)))
             .collect();

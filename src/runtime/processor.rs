@@ -23,13 +23,16 @@ use crate::codec::DecodeError;
 use crate::dlq::{DeadLetter, ErrorClass};
 use crate::event::{SourceCoordinates, ToolEvent};
 use crate::handover::Handover;
+use crate::memory::{self, Memory, Snapshot, ToolOutput};
 use crate::metrics::METRICS;
 use crate::state::restore::{self, RestoreRequest};
 use crate::state::{self, PartitionStore};
-use crate::workflow::{self, StepOutcome, WorkflowState};
+use crate::workflow::{self, StatusUpdate, StepOutcome, WorkflowState};
 
 /// The workflow store's name; its changelog is `{app}-workflow-changelog`.
 pub const WORKFLOW_STORE: &str = "workflow";
+/// The memory store's name: live memory and frozen snapshots per context.
+pub const MEMORY_STORE: &str = "memory";
 
 /// What became of one input record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,16 +49,32 @@ pub struct OutRecord {
     pub topic: String,
     pub partition: Option<i32>,
     pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
+    /// `None` is a tombstone (a changelog delete).
+    pub payload: Option<Vec<u8>>,
     pub headers: Option<rdkafka::message::OwnedHeaders>,
-    /// A changelog write: its offset becomes the store's checkpoint.
-    pub changelog: bool,
+    /// A changelog write of this store: its offset becomes the checkpoint.
+    pub changelog: Option<Store>,
+}
+
+/// The stores of a task, each with its own changelog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Workflow,
+    Memory,
+}
+
+/// The last changelog record of each store in the open transaction.
+#[derive(Default)]
+pub struct LastChangelog {
+    pub workflow: Option<DeliveryFuture>,
+    pub memory: Option<DeliveryFuture>,
 }
 
 pub struct PartitionProcessor {
     pipeline: Arc<Pipeline>,
     partition: i32,
     store: PartitionStore,
+    memory: PartitionStore,
     consumed: HashMap<String, IntCounter>,
     stages: StageTimers,
 }
@@ -135,8 +154,8 @@ impl PartitionProcessor {
             }
         };
         METRICS.partitions_restoring.dec();
-        let store = match result {
-            Ok(Ok(store)) => store,
+        let (store, memory) = match result {
+            Ok(Ok(stores)) => stores,
             Ok(Err(err)) => {
                 tracing::error!(partition, cause = %err, "cannot restore the workflow store; the partition stays unprocessed");
                 return wait_for_stop(control, partition).await;
@@ -147,10 +166,14 @@ impl PartitionProcessor {
             }
         };
         pipeline.stores.register(partition, Arc::clone(store.db()));
+        pipeline
+            .memory_stores
+            .register(partition, Arc::clone(memory.db()));
         Some(PartitionProcessor {
             pipeline: Arc::clone(pipeline),
             partition,
             store,
+            memory,
             consumed: HashMap::new(),
             stages: StageTimers::new(),
         })
@@ -164,6 +187,14 @@ impl PartitionProcessor {
             partition: message.partition(),
             offset: message.offset(),
         };
+        if source.topic == self.pipeline.memory_topic {
+            self.consumed
+                .entry(source.topic.clone())
+                .or_insert_with(|| METRICS.records_consumed.with_label_values(&[&source.topic]))
+                .inc();
+            self.remember(message, &source, out);
+            return Processed::Done;
+        }
         let started = Instant::now();
         let decoded = self.pipeline.decoder.decode(message.payload(), &source);
         self.stages.decode.observe(started.elapsed().as_secs_f64());
@@ -198,21 +229,28 @@ impl PartitionProcessor {
             StepOutcome::Applied {
                 state,
                 handovers,
-                status_updates: _,
+                status_updates,
             } => {
                 let started = Instant::now();
-                self.emit_handovers(&event, &handovers, out);
+                let snapshot_url = match self.update_memory(
+                    &event,
+                    !handovers.is_empty(),
+                    now_ms,
+                    &source,
+                    out,
+                ) {
+                    Ok(url) => url,
+                    Err(reason) => {
+                        tracing::error!(context_id = %event.context_id, cause = %reason, "memory is unreadable; handing over without a snapshot");
+                        None
+                    }
+                };
+                self.emit_handovers(&event, &handovers, snapshot_url, out);
+                self.emit_status_updates(&status_updates, out);
                 let write =
                     self.store
                         .put(&state.context_id, state.encode(), state.version, &source);
-                out.push(OutRecord {
-                    topic: self.pipeline.workflow_changelog.clone(),
-                    partition: Some(self.partition),
-                    key: Some(write.key.into_bytes()),
-                    payload: write.value.unwrap_or_default(),
-                    headers: Some(write.headers),
-                    changelog: true,
-                });
+                out.push(self.changelog_record(Store::Workflow, write));
                 self.stages.encode.observe(started.elapsed().as_secs_f64());
             }
             StepOutcome::Duplicate => METRICS.events_duplicate.inc(),
@@ -234,15 +272,132 @@ impl PartitionProcessor {
         }
     }
 
+    fn changelog_record(&self, store: Store, write: state::ChangelogWrite) -> OutRecord {
+        let topic = match store {
+            Store::Workflow => &self.pipeline.workflow_changelog,
+            Store::Memory => &self.pipeline.memory_changelog,
+        };
+        OutRecord {
+            topic: topic.clone(),
+            partition: Some(self.partition),
+            key: Some(write.key.into_bytes()),
+            payload: write.value,
+            headers: Some(write.headers),
+            changelog: Some(store),
+        }
+    }
+
+    fn load_memory(&self, context_id: &str) -> Result<Memory, String> {
+        match self.memory.get(context_id) {
+            Ok(Some(bytes)) => Memory::decode(&bytes),
+            Ok(None) => Ok(Memory::new(context_id)),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+
+    /// A `memory.upserted` record: the entry joins the context's memory.
+    fn remember<M: Message>(
+        &mut self,
+        message: &M,
+        source: &SourceCoordinates,
+        out: &mut Vec<OutRecord>,
+    ) {
+        let upsert = match memory::decode_upsert(message.payload().unwrap_or_default()) {
+            Ok(upsert) => upsert,
+            Err(reason) => {
+                out.push(self.dead_letter(message, source, ErrorClass::UnrecognizedFormat, reason));
+                return;
+            }
+        };
+        let mut memory = match self.load_memory(&upsert.context_id) {
+            Ok(memory) => memory,
+            Err(reason) => {
+                out.push(self.dead_letter(message, source, ErrorClass::InvalidTransition, reason));
+                return;
+            }
+        };
+        let at = message.timestamp().to_millis().unwrap_or(0);
+        memory.upsert(&upsert, at);
+        let write = self
+            .memory
+            .put(&memory.context_id, memory.encode(), memory.version, source);
+        out.push(self.changelog_record(Store::Memory, write));
+        METRICS.memory_upserts.inc();
+    }
+
+    /// Records the tool output in the context's memory and, when the step
+    /// hands over, freezes the memory as a snapshot and signs its URL.
+    fn update_memory(
+        &mut self,
+        event: &ToolEvent,
+        hands_over: bool,
+        now_ms: i64,
+        source: &SourceCoordinates,
+        out: &mut Vec<OutRecord>,
+    ) -> Result<Option<String>, String> {
+        let mut memory = self.load_memory(&event.context_id)?;
+        memory.record_tool_output(ToolOutput {
+            event_id: event.event_id.clone(),
+            tool: event.tool_name().unwrap_or_default().to_string(),
+            output: event.result.clone(),
+            at: now_ms,
+        });
+        let mut url = None;
+        if hands_over && let Some(snapshots) = &self.pipeline.snapshots {
+            let snapshot = memory.freeze(now_ms);
+            let key = memory::snapshot_key(&snapshot.context_id, snapshot.version);
+            let write = self
+                .memory
+                .put(&key, snapshot.encode(), snapshot.version, source);
+            out.push(self.changelog_record(Store::Memory, write));
+            let now_unix = time::OffsetDateTime::now_utc().unix_timestamp();
+            url = Some(
+                snapshots
+                    .signer
+                    .sign(&snapshot.context_id, snapshot.version, now_unix),
+            );
+            METRICS.snapshots_frozen.inc();
+            for version in memory.prune(now_ms, snapshots.retention_ms, snapshots.max_per_context) {
+                let key = memory::snapshot_key(&memory.context_id, version);
+                let write = self.memory.delete(&key, version, source);
+                out.push(self.changelog_record(Store::Memory, write));
+                METRICS.snapshots_pruned.inc();
+            }
+        }
+        let write = self
+            .memory
+            .put(&memory.context_id, memory.encode(), memory.version, source);
+        out.push(self.changelog_record(Store::Memory, write));
+        Ok(url)
+    }
+
+    fn emit_status_updates(&self, updates: &[StatusUpdate], out: &mut Vec<OutRecord>) {
+        for update in updates {
+            match self.pipeline.output.encode_status(update) {
+                Ok(payload) => out.push(OutRecord {
+                    topic: self.pipeline.status_topic.clone(),
+                    partition: None,
+                    key: Some(update.context_id.clone().into_bytes()),
+                    payload: Some(payload),
+                    headers: None,
+                    changelog: None,
+                }),
+                Err(err) => tracing::error!(cause = %err, "cannot encode a status update"),
+            }
+        }
+    }
+
     fn emit_handovers(
         &self,
         event: &ToolEvent,
         drafts: &[crate::handover::HandoverDraft],
+        snapshot_url: Option<String>,
         out: &mut Vec<OutRecord>,
     ) {
         let produced_at = now_rfc3339();
         for draft in drafts {
-            let handover = Handover::from_draft(draft, event, None, produced_at.clone());
+            let handover =
+                Handover::from_draft(draft, event, snapshot_url.clone(), produced_at.clone());
             match self
                 .pipeline
                 .output
@@ -257,9 +412,9 @@ impl PartitionProcessor {
                         topic: draft.topic.clone(),
                         partition: None,
                         key: Some(event.context_id.clone().into_bytes()),
-                        payload,
+                        payload: Some(payload),
                         headers: None,
-                        changelog: false,
+                        changelog: None,
                     });
                 }
                 Err(err) => tracing::error!(cause = %err, "cannot encode a handover"),
@@ -293,36 +448,50 @@ impl PartitionProcessor {
             partition: None,
             headers: Some(letter.headers()),
             key: letter.key,
-            payload: letter.value.unwrap_or_default(),
-            changelog: false,
+            payload: letter.value,
+            changelog: None,
         }
     }
 
-    /// The transaction committed: write its state and checkpoint to RocksDB.
-    pub async fn on_commit(&mut self, last_changelog: Option<DeliveryFuture>) {
-        let checkpoint = match last_changelog {
-            Some(delivery) => match delivery.await {
-                Ok(Ok(delivery)) => Some(delivery.offset + 1),
-                _ => None,
-            },
-            None => None,
+    /// The transaction committed: write its state and checkpoints to RocksDB.
+    pub async fn on_commit(&mut self, last_changelog: LastChangelog) {
+        let checkpoint = |delivery: Option<DeliveryFuture>| async move {
+            match delivery {
+                Some(delivery) => match delivery.await {
+                    Ok(Ok(delivery)) => Some(delivery.offset + 1),
+                    _ => None,
+                },
+                None => None,
+            }
         };
-        if let Err(err) = self.store.commit(checkpoint).await {
-            // Kafka holds the committed truth; a later restore repairs this.
-            tracing::error!(partition = self.partition, cause = %err, "cannot write committed state locally");
+        let workflow = checkpoint(last_changelog.workflow).await;
+        let memory = checkpoint(last_changelog.memory).await;
+        for (store, checkpoint) in [(&mut self.store, workflow), (&mut self.memory, memory)] {
+            if let Err(err) = store.commit(checkpoint).await {
+                // Kafka holds the committed truth; a later restore repairs this.
+                tracing::error!(partition = self.partition, cause = %err, "cannot write committed state locally");
+            }
         }
     }
 
     pub fn on_abort(&mut self) {
         self.store.abort();
+        self.memory.abort();
     }
 
     pub async fn close(self) {
         self.pipeline.stores.unregister(self.partition);
-        let db = Arc::clone(self.store.db());
+        self.pipeline.memory_stores.unregister(self.partition);
+        let dbs = [Arc::clone(self.store.db()), Arc::clone(self.memory.db())];
         drop(self.store);
-        // Flushing the memtable on close makes the next open fast.
-        let _ = tokio::task::spawn_blocking(move || db.flush()).await;
+        drop(self.memory);
+        // Flushing the memtables on close makes the next open fast.
+        let _ = tokio::task::spawn_blocking(move || {
+            for db in dbs {
+                let _ = db.flush();
+            }
+        })
+        .await;
     }
 }
 
@@ -353,44 +522,59 @@ async fn wait_for_stop(
     None
 }
 
-/// Opens and restores the workflow store of one partition. Blocking.
+/// Opens and restores the workflow and memory stores of one partition. Blocking.
 fn open_and_restore(
     pipeline: &Pipeline,
     partition: i32,
     inputs: &[TopicPartition],
     consumer: &StreamConsumer<RebalanceHook>,
     cancel: &std::sync::atomic::AtomicBool,
-) -> Result<PartitionStore, String> {
-    let path = state::store_path(
-        &pipeline.state_dir,
-        &pipeline.application_id,
-        WORKFLOW_STORE,
-        partition,
-    );
-    let store = PartitionStore::open(&path).map_err(|err| err.to_string())?;
+) -> Result<(PartitionStore, PartitionStore), String> {
     let committed = committed_offsets(consumer, inputs)?;
-    let report = restore::restore(
-        store.db(),
-        &RestoreRequest {
-            kafka: &pipeline.kafka,
-            changelog_topic: &pipeline.workflow_changelog,
+    let open = |store: &str, changelog_topic: &str, version_of: fn(&[u8]) -> Option<u64>| {
+        let path = state::store_path(
+            &pipeline.state_dir,
+            &pipeline.application_id,
+            store,
             partition,
-            committed: &committed,
-            version_of: |bytes| WorkflowState::decode(bytes).ok().map(|s| s.version),
-            cancel,
-        },
-    )
-    .map_err(|err| err.to_string())?;
-    tracing::info!(
-        partition,
-        read = report.read,
-        applied = report.applied,
-        skipped_uncommitted = report.skipped_uncommitted,
-        skipped_stale = report.skipped_stale,
-        elapsed_ms = report.elapsed.as_millis() as u64,
-        "workflow store restored"
-    );
-    Ok(store)
+        );
+        let opened = PartitionStore::open(&path).map_err(|err| err.to_string())?;
+        let report = restore::restore(
+            opened.db(),
+            &RestoreRequest {
+                kafka: &pipeline.kafka,
+                changelog_topic,
+                partition,
+                committed: &committed,
+                version_of,
+                cancel,
+            },
+        )
+        .map_err(|err| err.to_string())?;
+        tracing::info!(
+            partition,
+            store,
+            read = report.read,
+            applied = report.applied,
+            skipped_uncommitted = report.skipped_uncommitted,
+            skipped_stale = report.skipped_stale,
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "store restored"
+        );
+        Ok::<_, String>(opened)
+    };
+    let workflow = open(WORKFLOW_STORE, &pipeline.workflow_changelog, |bytes| {
+        WorkflowState::decode(bytes).ok().map(|s| s.version)
+    })?;
+    let memory = open(MEMORY_STORE, &pipeline.memory_changelog, |bytes| {
+        // Live memory carries a version; a snapshot is written once, so its
+        // own number serves.
+        Memory::decode(bytes)
+            .map(|m| m.version)
+            .or_else(|_| Snapshot::decode(bytes).map(|s| s.version))
+            .ok()
+    })?;
+    Ok((workflow, memory))
 }
 
 /// The group's committed offsets for the task's inputs. Blocking.

@@ -22,12 +22,12 @@ use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::engine::RebalanceHook;
-use super::processor::{OutRecord, PartitionProcessor, Processed};
+use super::processor::{LastChangelog, OutRecord, PartitionProcessor, Processed, Store};
 use super::{Pipeline, Readiness};
 use crate::metrics::METRICS;
 use crate::registry::RegistryError;
@@ -97,8 +97,9 @@ struct Uncommitted {
     positions: BTreeMap<TopicPartition, (i64, i64)>,
     records: u64,
     failure: Option<String>,
-    /// The last changelog write: its offset becomes the store checkpoint.
-    last_changelog: Option<DeliveryFuture>,
+    /// The last changelog write of each store: its offset becomes that
+    /// store's checkpoint.
+    last_changelog: LastChangelog,
 }
 
 /// Everything a task needs to run.
@@ -285,9 +286,8 @@ async fn record_outputs<M: Message>(
     pending: &mut Uncommitted,
 ) {
     let offset = message.offset();
-    match enqueue(producer, outputs).await {
-        Ok(Some(changelog)) => pending.last_changelog = Some(changelog),
-        Ok(None) => {}
+    match enqueue(producer, outputs, &mut pending.last_changelog).await {
+        Ok(()) => {}
         Err(failure) => {
             tracing::error!(offset, cause = %failure, "cannot enqueue output; the transaction will abort");
             pending.failure = Some(failure);
@@ -409,18 +409,21 @@ fn set_paused(consumer: &StreamConsumer<RebalanceHook>, tps: &[TopicPartition], 
     }
 }
 
-/// Enqueues every output of one input in the open transaction and returns
-/// the delivery future of the last changelog record, if any. A full local
+/// Enqueues every output of one input in the open transaction, keeping the
+/// delivery future of each store's last changelog record. A full local
 /// queue is waited out; any other error fails the transaction.
 async fn enqueue(
     producer: &FutureProducer,
     outputs: &[OutRecord],
-) -> Result<Option<DeliveryFuture>, String> {
-    let mut last_changelog = None;
+    last_changelog: &mut LastChangelog,
+) -> Result<(), String> {
     for out in outputs {
         let mut backoff = Duration::from_micros(200);
         loop {
-            let mut record = FutureRecord::to(&out.topic).payload(&out.payload);
+            let mut record = FutureRecord::<Vec<u8>, Vec<u8>>::to(&out.topic);
+            if let Some(payload) = &out.payload {
+                record = record.payload(payload);
+            }
             if let Some(key) = &out.key {
                 record = record.key(key);
             }
@@ -434,8 +437,10 @@ async fn enqueue(
                 // Other delivery reports are not awaited: the commit flushes
                 // every outstanding record and fails if one failed.
                 Ok(delivery) => {
-                    if out.changelog {
-                        last_changelog = Some(delivery);
+                    match out.changelog {
+                        Some(Store::Workflow) => last_changelog.workflow = Some(delivery),
+                        Some(Store::Memory) => last_changelog.memory = Some(delivery),
+                        None => {}
                     }
                     break;
                 }
@@ -447,7 +452,7 @@ async fn enqueue(
             }
         }
     }
-    Ok(last_changelog)
+    Ok(())
 }
 
 /// Seeks the partition back to `offset`. librdkafka discards whatever it had

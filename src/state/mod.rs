@@ -207,6 +207,21 @@ impl PartitionStore {
         }
     }
 
+    /// Records a delete in the open transaction and returns its tombstone.
+    pub fn delete(
+        &mut self,
+        key: &str,
+        version: u64,
+        source: &SourceCoordinates,
+    ) -> ChangelogWrite {
+        self.overlay.insert(key.to_string(), None);
+        ChangelogWrite {
+            key: key.to_string(),
+            value: None,
+            headers: changelog_headers(source, version),
+        }
+    }
+
     /// Forgets the open transaction's writes.
     pub fn abort(&mut self) {
         self.overlay.clear();

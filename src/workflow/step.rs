@@ -65,6 +65,8 @@ pub struct StatusUpdate {
     pub status: ContextStatus,
     pub message: String,
     pub tokens_left: u64,
+    /// The context's whole budget, so a UI can draw `tokens_left` as a bar.
+    pub token_budget: u64,
     /// The input record's timestamp, in milliseconds.
     pub at: i64,
 }
@@ -382,6 +384,7 @@ fn status_update(
         status,
         message,
         tokens_left: next.tokens_left(),
+        token_budget: next.token_budget,
         at: now_ms,
     }
 }

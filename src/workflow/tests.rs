@@ -132,6 +132,7 @@ fn binds_on_the_initial_event_with_the_default_budget() {
             status: ContextStatus::Queued,
             message: "Researcher is thinking...".into(),
             tokens_left: 19_000,
+            token_budget: 20_000,
             at: 1_700_000_000_000,
         }]
     );

@@ -197,6 +197,9 @@ impl Broker {
         self.create_topics(&[
             ("mcp.events.all", partitions),
             ("mcp.events.dlq", partitions),
+            ("mcp.events.dlq.parked", partitions),
+            ("mcp.memory", partitions),
+            ("mcp.orchestration.status", partitions),
             ("mcp.handover.researcher", partitions),
             ("mcp.handover.valuation", partitions),
             ("mcp.handover.playwright", partitions),
@@ -475,6 +478,8 @@ impl Baton {
             .args(["--kafka-prop", "consumer.heartbeat.interval.ms=500"])
             .args(&options.extra_args)
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .env("BATON_SNAPSHOT_SECRET", SNAPSHOT_SECRET)
+            .env_remove("BATON_SNAPSHOT_SECRET_PREVIOUS")
             .env_remove("BATON_BOOTSTRAP_SERVERS")
             .stdout(log_file.try_clone().expect("log"))
             .stderr(log_file);
@@ -563,6 +568,36 @@ impl Baton {
         Some((status, body))
     }
 
+    /// GET with extra request headers: (status, lower-cased response headers, body).
+    pub fn http_request(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<(u16, BTreeMap<String, String>, String)> {
+        use std::io::{Read, Write};
+        let mut stream = TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
+        let mut request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        let mut lines = head.lines();
+        let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+        let headers = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+            .collect();
+        Some((status, headers, body.to_string()))
+    }
+
     pub fn is_ready(&self) -> bool {
         matches!(self.http_get("/readyz"), Some((200, _)))
     }
@@ -594,10 +629,7 @@ pub fn dedup_handovers(records: &[&Record]) -> (BTreeMap<String, serde_json::Val
             .as_str()
             .expect("handover_id")
             .to_string();
-        // produced_at is wall-clock time; everything else must be identical.
-        if let Some(object) = value.as_object_mut() {
-            object.remove("produced_at");
-        }
+        normalize_handover(&mut value);
         if let Some(existing) = unique.get(&id) {
             assert_eq!(existing, &value, "handover {id} differs between copies");
             duplicates += 1;
@@ -606,6 +638,31 @@ pub fn dedup_handovers(records: &[&Record]) -> (BTreeMap<String, serde_json::Val
         }
     }
     (unique, duplicates)
+}
+
+/// Makes a handover comparable with the reference: `produced_at` is wall
+/// clock time and goes; the snapshot URL keeps its path (context and
+/// snapshot version, which must be exact) after its signature query is
+/// checked for shape (its expiry is wall clock time too).
+pub fn normalize_handover(value: &mut serde_json::Value) {
+    let Some(object) = value.as_object_mut() else {
+        return;
+    };
+    object.remove("produced_at");
+    if let Some(url) = object.get("memory_snapshot_url").and_then(|u| u.as_str()) {
+        let (base, query) = url
+            .split_once('?')
+            .expect("a signed snapshot URL has a query");
+        assert!(
+            query.contains("exp=") && query.contains("sig="),
+            "signed snapshot URL: {url}"
+        );
+        let path = base
+            .find("/contexts/")
+            .map(|at| base[at..].to_string())
+            .expect("snapshot URL path");
+        object.insert("memory_snapshot_url".into(), serde_json::json!(path));
+    }
 }
 
 /// Distinct handovers (by `handover_id`) among `records`.
@@ -617,6 +674,8 @@ pub fn unique_handover_count(records: &[Record]) -> usize {
 /// order, giving the handovers and final states a correct run must produce.
 pub struct Reference {
     pub handovers: BTreeMap<String, serde_json::Value>,
+    /// Every live-feed update, in input order.
+    pub status_updates: Vec<baton::workflow::StatusUpdate>,
     pub states: HashMap<String, baton::workflow::WorkflowState>,
     pub dead_letters: usize,
 }
@@ -647,6 +706,8 @@ pub fn reference_of(events: &[Option<baton::event::ToolEvent>]) -> Reference {
     let topology =
         baton::topology::Topology::load(&Path::new(REPO).join("topology")).expect("topology loads");
     let mut states: HashMap<String, workflow::WorkflowState> = HashMap::new();
+    let mut snapshots: HashMap<String, u64> = HashMap::new();
+    let mut status_updates = Vec::new();
     let mut handovers = BTreeMap::new();
     let mut dead_letters = 0;
     for event in events {
@@ -659,10 +720,24 @@ pub fn reference_of(events: &[Option<baton::event::ToolEvent>]) -> Reference {
             StepOutcome::Applied {
                 state,
                 handovers: drafts,
-                ..
+                status_updates: updates,
             } => {
+                status_updates.extend(updates);
+                // Every step that hands over freezes the next snapshot.
+                let snapshot_path = (!drafts.is_empty()).then(|| {
+                    let version = snapshots.entry(event.context_id.clone()).or_insert(0);
+                    *version += 1;
+                    format!(
+                        "/contexts/{}/snapshots/{version}",
+                        percent_encoding::utf8_percent_encode(
+                            &event.context_id,
+                            percent_encoding::NON_ALPHANUMERIC
+                        )
+                    )
+                });
                 for draft in &drafts {
-                    let handover = Handover::from_draft(draft, event, None, String::new());
+                    let handover =
+                        Handover::from_draft(draft, event, snapshot_path.clone(), String::new());
                     let mut value = serde_json::to_value(&handover).expect("json");
                     if let Some(object) = value.as_object_mut() {
                         object.remove("produced_at");
@@ -677,6 +752,7 @@ pub fn reference_of(events: &[Option<baton::event::ToolEvent>]) -> Reference {
     }
     Reference {
         handovers,
+        status_updates,
         states,
         dead_letters,
     }
@@ -697,6 +773,9 @@ pub fn interop_python() -> Option<PathBuf> {
         .is_ok_and(|status| status.success());
     works.then_some(candidate)
 }
+
+/// The key every test pod signs snapshot URLs with.
+pub const SNAPSHOT_SECRET: &str = "test-snapshot-secret-0123456789abcdef";
 
 /// Output topics of the vision-research workflow.
 pub const HANDOVER_TOPICS: [&str; 5] = [

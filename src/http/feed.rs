@@ -1,0 +1,289 @@
+//! The live feed: `StatusUpdate`s from `mcp.orchestration.status` as
+//! Server-Sent Events.
+//!
+//! Every client gets its own `read_committed` reader of the topic, so any pod
+//! serves any context, and a slow client only ever slows its own reader.
+//! Between the reader and the socket sits a small bounded queue: a client
+//! that lets it fill is dropped (its browser reconnects with `Last-Event-ID`
+//! and resumes where it left off), so its backlog never grows in memory.
+//!
+//! An event id is the resume position: `partition:next_offset` for every
+//! partition of the topic, comma separated.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::body::Bytes;
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::codec::avro;
+use crate::kafka::{ClientRole, KafkaSettings};
+use crate::metrics::METRICS;
+use crate::shutdown::Shutdown;
+
+/// Events a client may have queued before it counts as too slow.
+const CLIENT_QUEUE: usize = 256;
+/// Open feeds per pod; each holds a Kafka reader.
+pub const MAX_CLIENTS: usize = 64;
+/// Upper bound on `?replay=N`.
+const MAX_REPLAY: i64 = 1000;
+
+/// What one client asked for.
+#[derive(Debug, Clone, Default)]
+pub struct FeedRequest {
+    pub context_id: Option<String>,
+    /// The most recent N updates per partition, before going live.
+    pub replay: i64,
+    /// From `Last-Event-ID`: where to resume, per partition.
+    pub resume: BTreeMap<i32, i64>,
+}
+
+impl FeedRequest {
+    pub fn parse(query: Option<&str>, last_event_id: Option<&str>) -> Result<FeedRequest, String> {
+        let mut request = FeedRequest::default();
+        for (key, value) in form_pairs(query) {
+            match key.as_str() {
+                "context_id" if !value.is_empty() => request.context_id = Some(value),
+                "replay" => {
+                    request.replay = value
+                        .parse::<i64>()
+                        .ok()
+                        .filter(|n| (0..=MAX_REPLAY).contains(n))
+                        .ok_or_else(|| {
+                            format!("replay: `{value}` is not a number in 0..={MAX_REPLAY}")
+                        })?
+                }
+                _ => {}
+            }
+        }
+        if let Some(id) = last_event_id.filter(|id| !id.trim().is_empty()) {
+            request.resume = parse_position(id)
+                .ok_or_else(|| format!("Last-Event-ID: `{id}` is not a feed position"))?;
+        }
+        Ok(request)
+    }
+}
+
+/// `partition:offset,...` into a map.
+pub fn parse_position(text: &str) -> Option<BTreeMap<i32, i64>> {
+    text.split(',')
+        .map(|pair| {
+            let (partition, offset) = pair.trim().split_once(':')?;
+            Some((partition.parse().ok()?, offset.parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn format_position(position: &BTreeMap<i32, i64>) -> String {
+    position
+        .iter()
+        .map(|(partition, offset)| format!("{partition}:{offset}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Decoded `key=value` pairs of a query string.
+pub fn form_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |text: &str| {
+                percent_encoding::percent_decode_str(&text.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (decode(key), decode(value))
+        })
+        .collect()
+}
+
+/// Counts open feeds and refuses more than `MAX_CLIENTS`.
+#[derive(Default)]
+pub struct FeedSlots {
+    open: AtomicUsize,
+}
+
+/// Held while a feed is open.
+pub struct FeedSlot(Arc<FeedSlots>);
+
+impl FeedSlots {
+    pub fn acquire(self: &Arc<Self>) -> Option<FeedSlot> {
+        let previous = self.open.fetch_add(1, Ordering::SeqCst);
+        if previous >= MAX_CLIENTS {
+            self.open.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        METRICS.sse_clients.inc();
+        Some(FeedSlot(Arc::clone(self)))
+    }
+}
+
+impl Drop for FeedSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        METRICS.sse_clients.dec();
+    }
+}
+
+/// Opens the client's reader at its starting positions. Blocking (metadata
+/// and watermark calls): run it on the blocking pool.
+pub fn open_reader(
+    kafka: &KafkaSettings,
+    topic: &str,
+    request: &FeedRequest,
+) -> Result<(StreamConsumer, BTreeMap<i32, i64>), String> {
+    let mut config = kafka.client_config(ClientRole::Consumer);
+    config
+        .set("group.id", "baton-live-feed")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        // Little prefetch: the client's pace, not the broker's, sets the rate.
+        .set("queued.max.messages.kbytes", "1024")
+        .set("fetch.wait.max.ms", "100");
+    let consumer: StreamConsumer = config
+        .create()
+        .map_err(|err| format!("cannot create a feed reader: {err}"))?;
+    let timeout = Duration::from_secs(5);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|err| format!("cannot read {topic} metadata: {err}"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(format!("topic {topic} does not exist"));
+    }
+    let mut position = BTreeMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for partition in partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, timeout)
+            .map_err(|err| format!("cannot read {topic}-{partition} offsets: {err}"))?;
+        let start = match request.resume.get(&partition) {
+            Some(next) => (*next).clamp(low, high),
+            None => (high - request.replay).max(low),
+        };
+        position.insert(partition, start);
+        assignment
+            .add_partition_offset(topic, partition, Offset::Offset(start))
+            .map_err(|err| err.to_string())?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|err| format!("cannot assign {topic}: {err}"))?;
+    Ok((consumer, position))
+}
+
+/// Streams the reader's updates to `sink` until the client goes away, falls
+/// too far behind, or the pod shuts down.
+pub async fn stream(
+    consumer: StreamConsumer,
+    mut position: BTreeMap<i32, i64>,
+    request: FeedRequest,
+    sink: mpsc::Sender<Bytes>,
+    heartbeat: Duration,
+    shutdown: Shutdown,
+    _slot: FeedSlot,
+) {
+    // The opening comment flushes headers to the client at once.
+    if sink
+        .send(Bytes::from_static(b": baton live feed\n\n"))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.tick().await;
+    loop {
+        let frame = tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = sink.closed() => return,
+            _ = ticker.tick() => Bytes::from_static(b": heartbeat\n\n"),
+            received = consumer.recv() => match received {
+                Ok(message) => {
+                    position.insert(message.partition(), message.offset() + 1);
+                    if let Some(filter) = &request.context_id
+                        && message.key() != Some(filter.as_bytes())
+                    {
+                        continue;
+                    }
+                    let Some(update) = message.payload().and_then(status_json) else {
+                        continue;
+                    };
+                    METRICS.sse_events.inc();
+                    Bytes::from(format!(
+                        "id: {}\nevent: status\ndata: {update}\n\n",
+                        format_position(&position)
+                    ))
+                }
+                Err(err) => {
+                    tracing::debug!(cause = %err, "live feed read error");
+                    continue;
+                }
+            },
+        };
+        match sink.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                METRICS.sse_dropped.inc();
+                tracing::info!(
+                    "live-feed client too slow; dropped (it resumes from its last event id)"
+                );
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
+    }
+}
+
+pub fn client_queue() -> (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>) {
+    mpsc::channel(CLIENT_QUEUE)
+}
+
+/// A status record as one line of JSON: JSON records pass through, Avro
+/// ones (baton wrote them with its own schema) are decoded.
+fn status_json(payload: &[u8]) -> Option<String> {
+    if payload.first() != Some(&avro::MAGIC_BYTE) {
+        let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+        return Some(value.to_string());
+    }
+    let (_, datum) = avro::split_frame(payload).ok()?;
+    avro::decode_status_json(datum).map(|value| value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_round_trip() {
+        let position: BTreeMap<i32, i64> = [(0, 12), (1, 0), (2, 7)].into_iter().collect();
+        let text = format_position(&position);
+        assert_eq!(text, "0:12,1:0,2:7");
+        assert_eq!(parse_position(&text), Some(position));
+        assert_eq!(parse_position("0:x"), None);
+    }
+
+    #[test]
+    fn requests_parse_filters_replay_and_resume() {
+        let request = FeedRequest::parse(Some("context_id=ctx%201&replay=50"), Some("0:3,1:4"))
+            .expect("valid");
+        assert_eq!(request.context_id.as_deref(), Some("ctx 1"));
+        assert_eq!(request.replay, 50);
+        assert_eq!(request.resume.get(&1), Some(&4));
+        assert!(FeedRequest::parse(Some("replay=-1"), None).is_err());
+        assert!(FeedRequest::parse(None, Some("garbage")).is_err());
+    }
+}

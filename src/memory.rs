@@ -1,0 +1,1161 @@
+//! The memory of one context: its recent tool outputs and the entries agents
+//! write through `memory.upserted` records, frozen into an immutable numbered
+//! [`Snapshot`] at every handover and rendered into prompt-ready JSON.
+//!
+//! Like [`crate::workflow`], nothing here does I/O or reads a clock: the shell
+//! passes in record timestamps and writes out whatever these functions return,
+//! so a replay from the changelog rebuilds the same memory.
+
+use std::collections::VecDeque;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::workflow::estimate_tokens;
+
+/// The encoding version [`Memory::encode`] and [`Snapshot::encode`] write.
+/// Bump it when a field changes meaning, and teach the decoders the old layout:
+/// memory outlives deployments in RocksDB and the changelog.
+pub const MEMORY_ENCODING_VERSION: u64 = 1;
+
+/// Recent tool outputs a context keeps. The next agent mostly needs the last
+/// few results; older ones are in the snapshots that carried them.
+pub const MAX_TOOL_OUTPUTS: usize = 8;
+
+/// Memory entries a context keeps. Bounds the stored value and the work of
+/// every render, whatever agents upsert.
+pub const MAX_ENTRIES: usize = 256;
+
+/// The longest `content` one upsert may carry, in bytes.
+pub const MAX_CONTENT_BYTES: usize = 16 * 1024;
+
+/// The only `event` a memory record may name.
+pub const MEMORY_UPSERTED: &str = "memory.upserted";
+
+/// What a memory entry is, as agents classify it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemoryKind {
+    Preference,
+    Fact,
+    Context,
+    Instruction,
+}
+
+impl MemoryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryKind::Preference => "preference",
+            MemoryKind::Fact => "fact",
+            MemoryKind::Context => "context",
+            MemoryKind::Instruction => "instruction",
+        }
+    }
+
+    fn parse(text: &str) -> Option<MemoryKind> {
+        match text {
+            "preference" => Some(MemoryKind::Preference),
+            "fact" => Some(MemoryKind::Fact),
+            "context" => Some(MemoryKind::Context),
+            "instruction" => Some(MemoryKind::Instruction),
+            _ => None,
+        }
+    }
+}
+
+/// One `memory.upserted` record from the memory topic (default `mcp.memory`),
+/// keyed by `context_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryUpsert {
+    pub context_id: String,
+    pub kind: MemoryKind,
+    pub content: String,
+    /// In `0..=1`.
+    pub importance: f64,
+    /// Entries with the same key replace each other; `None` always adds.
+    pub key: Option<String>,
+}
+
+/// Decodes a `memory.upserted` record:
+/// `{"event":"memory.upserted","context_id":"c","type":"fact","content":"...","importance":0.8,"key":"k"}`.
+/// `context_id` may be spelled `conversationId` (or `contextId`), as in tool
+/// events; `event` may be absent; `key` may be absent, `null` or empty for none.
+/// The error names the offending field.
+pub fn decode_upsert(bytes: &[u8]) -> Result<MemoryUpsert, String> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|err| format!("memory record is not valid JSON: {err}"))?;
+    let Value::Object(fields) = value else {
+        return Err(format!(
+            "memory record is not a JSON object: {}",
+            preview(&value)
+        ));
+    };
+    match fields.get("event") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(event)) if event == MEMORY_UPSERTED => {}
+        Some(other) => {
+            return Err(format!(
+                "`event` is {}, not \"{MEMORY_UPSERTED}\"",
+                preview(other)
+            ));
+        }
+    }
+    let context_id = decode_context_id(&fields)?;
+    let kind = match fields.get("type") {
+        None | Some(Value::Null) => return Err("`type` is missing".into()),
+        Some(Value::String(text)) => MemoryKind::parse(text).ok_or_else(|| {
+            format!(
+                "unknown `type` {}: expected preference, fact, context or instruction",
+                preview(&Value::String(text.clone()))
+            )
+        })?,
+        Some(other) => return Err(format!("`type` must be a string, got {}", preview(other))),
+    };
+    let content = match fields.get("content") {
+        None | Some(Value::Null) => return Err("`content` is missing".into()),
+        Some(Value::String(content)) if content.len() > MAX_CONTENT_BYTES => {
+            return Err(format!(
+                "`content` is {} bytes; at most {MAX_CONTENT_BYTES} are accepted",
+                content.len()
+            ));
+        }
+        Some(Value::String(content)) => content.clone(),
+        Some(other) => {
+            return Err(format!(
+                "`content` must be a string, got {}",
+                preview(other)
+            ));
+        }
+    };
+    let importance = match fields.get("importance") {
+        None | Some(Value::Null) => return Err("`importance` is missing".into()),
+        Some(Value::Number(number)) => match number.as_f64() {
+            // `contains` is false for NaN, so NaN is rejected here too.
+            Some(importance) if (0.0..=1.0).contains(&importance) => importance,
+            _ => return Err(format!("`importance` must be in 0..=1, got {number}")),
+        },
+        Some(other) => {
+            return Err(format!(
+                "`importance` must be a number in 0..=1, got {}",
+                preview(other)
+            ));
+        }
+    };
+    let key = match fields.get("key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(key)) if key.is_empty() => None,
+        Some(Value::String(key)) => Some(key.clone()),
+        Some(other) => return Err(format!("`key` must be a string, got {}", preview(other))),
+    };
+    Ok(MemoryUpsert {
+        context_id,
+        kind,
+        content,
+        importance,
+        key,
+    })
+}
+
+fn decode_context_id(fields: &Map<String, Value>) -> Result<String, String> {
+    let spelled = ["context_id", "conversationId", "contextId"]
+        .into_iter()
+        .find_map(|name| fields.get(name).map(|value| (name, value)));
+    match spelled {
+        None | Some((_, Value::Null)) => {
+            Err("`context_id` (or `conversationId`) is missing".into())
+        }
+        Some((name, Value::String(id))) if id.is_empty() => Err(format!("`{name}` is empty")),
+        Some((_, Value::String(id))) => Ok(id.clone()),
+        Some((name, other)) => Err(format!("`{name}` must be a string, got {}", preview(other))),
+    }
+}
+
+/// A value short enough to quote in an error: records come from outside and
+/// a reason must not grow with them.
+fn preview(value: &Value) -> String {
+    const LIMIT: usize = 64;
+    let text = value.to_string();
+    if text.len() <= LIMIT {
+        return text;
+    }
+    let mut end = LIMIT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// One remembered item of a context.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryEntry {
+    pub key: Option<String>,
+    pub kind: MemoryKind,
+    pub content: String,
+    pub importance: f64,
+    /// Recency: larger is newer. Taken from [`Memory::next_seq`] on every
+    /// write, so a replaced entry counts as new.
+    pub seq: u64,
+    /// Milliseconds since the epoch of the record that last wrote it.
+    pub at: i64,
+}
+
+/// The output of one tool call, as the next agent should see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolOutput {
+    pub event_id: String,
+    pub tool: String,
+    pub output: Value,
+    /// Milliseconds since the epoch of the event's record.
+    pub at: i64,
+}
+
+/// The live memory of one context, stored in its own RocksDB store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Memory {
+    pub context_id: String,
+    pub entries: Vec<MemoryEntry>,
+    /// Newest last; at most [`MAX_TOOL_OUTPUTS`].
+    pub tool_outputs: VecDeque<ToolOutput>,
+    pub next_seq: u64,
+    /// The newest snapshot version; 0 before the first. Versions start at 1.
+    pub latest_snapshot: u64,
+    /// Live snapshot versions and when they were frozen, oldest first.
+    pub snapshots: VecDeque<(u64, i64)>,
+    /// Every version up to and including this one was pruned.
+    pub pruned_through: u64,
+    /// Bumped on every change, so a restore can skip changelog records older
+    /// than the value it already holds.
+    pub version: u64,
+}
+
+/// Whether a snapshot version can still be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotState {
+    Live,
+    /// It existed but was pruned: gone for good, unlike a version never frozen.
+    Pruned,
+    Unknown,
+}
+
+/// An immutable frozen memory, stored under [`snapshot_key`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub context_id: String,
+    pub version: u64,
+    /// Milliseconds since the epoch.
+    pub frozen_at: i64,
+    pub entries: Vec<MemoryEntry>,
+    /// Newest last, as in [`Memory::tool_outputs`].
+    pub tool_outputs: Vec<ToolOutput>,
+}
+
+/// The on-disk layout: a value's fields next to a version tag `v`.
+#[derive(Serialize)]
+struct Envelope<'a, T> {
+    v: u64,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+fn encode_versioned<T: Serialize>(body: &T) -> Vec<u8> {
+    let envelope = Envelope {
+        v: MEMORY_ENCODING_VERSION,
+        body,
+    };
+    // Strings, integers, finite floats (upserts clamp importance) and JSON
+    // values with string keys: serialising cannot fail.
+    serde_json::to_vec(&envelope).expect("memory values serialise to JSON")
+}
+
+fn decode_versioned<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String> {
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|err| format!("{what} is not valid JSON: {err}"))?;
+    let version = value
+        .get("v")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format!("{what} carries no encoding version `v`"))?;
+    match version {
+        // Version 1 is today's layout; the tag itself is ignored as an unknown field.
+        1 => serde_json::from_value(value)
+            .map_err(|err| format!("{what} is not valid for encoding version 1: {err}")),
+        found => Err(format!(
+            "{what} has encoding version {found}; this baton reads up to {MEMORY_ENCODING_VERSION}"
+        )),
+    }
+}
+
+impl Memory {
+    pub fn new(context_id: &str) -> Memory {
+        Memory {
+            context_id: context_id.to_owned(),
+            entries: Vec::new(),
+            tool_outputs: VecDeque::new(),
+            next_seq: 0,
+            latest_snapshot: 0,
+            snapshots: VecDeque::new(),
+            pruned_through: 0,
+            version: 0,
+        }
+    }
+
+    /// An upsert with a key already held replaces that entry (kind, content,
+    /// importance, and a fresh seq); one without a key or with a new key adds.
+    /// Beyond [`MAX_ENTRIES`] the least important entry goes, the oldest of
+    /// equals: that may be the new entry itself, when everything held matters
+    /// more, because the bound keeps the most important memories, not the newest.
+    pub fn upsert(&mut self, upsert: &MemoryUpsert, at: i64) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.version += 1;
+        // A NaN would serialise as `null` and make the stored memory unreadable.
+        let importance = if upsert.importance.is_nan() {
+            0.0
+        } else {
+            upsert.importance.clamp(0.0, 1.0)
+        };
+        let held = upsert.key.as_deref().and_then(|key| {
+            self.entries
+                .iter_mut()
+                .find(|entry| entry.key.as_deref() == Some(key))
+        });
+        if let Some(entry) = held {
+            entry.kind = upsert.kind;
+            entry.content.clone_from(&upsert.content);
+            entry.importance = importance;
+            entry.seq = seq;
+            entry.at = at;
+            return;
+        }
+        self.entries.push(MemoryEntry {
+            key: upsert.key.clone(),
+            kind: upsert.kind,
+            content: upsert.content.clone(),
+            importance,
+            seq,
+            at,
+        });
+        while self.entries.len() > MAX_ENTRIES {
+            let least = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by(|(_, a), (_, b)| {
+                    a.importance
+                        .total_cmp(&b.importance)
+                        .then(a.seq.cmp(&b.seq))
+                })
+                .map(|(index, _)| index);
+            if let Some(index) = least {
+                self.entries.remove(index);
+            }
+        }
+    }
+
+    /// Keeps the output, dropping the oldest beyond [`MAX_TOOL_OUTPUTS`]. An
+    /// `event_id` already held is ignored, so a redelivered event changes nothing.
+    pub fn record_tool_output(&mut self, output: ToolOutput) {
+        if self
+            .tool_outputs
+            .iter()
+            .any(|held| held.event_id == output.event_id)
+        {
+            return;
+        }
+        self.tool_outputs.push_back(output);
+        while self.tool_outputs.len() > MAX_TOOL_OUTPUTS {
+            self.tool_outputs.pop_front();
+        }
+        self.version += 1;
+    }
+
+    /// Freezes the memory as the next snapshot version and returns it.
+    pub fn freeze(&mut self, at: i64) -> Snapshot {
+        self.latest_snapshot += 1;
+        self.snapshots.push_back((self.latest_snapshot, at));
+        self.version += 1;
+        Snapshot {
+            context_id: self.context_id.clone(),
+            version: self.latest_snapshot,
+            frozen_at: at,
+            entries: self.entries.clone(),
+            tool_outputs: self.tool_outputs.iter().cloned().collect(),
+        }
+    }
+
+    /// Drops the snapshots frozen before `now - retention_ms`, then the oldest
+    /// beyond `max_snapshots`. Returns the dropped versions, oldest first, for
+    /// the caller to delete from the store.
+    pub fn prune(&mut self, now: i64, retention_ms: i64, max_snapshots: usize) -> Vec<u64> {
+        let cutoff = now.saturating_sub(retention_ms);
+        let mut dropped = Vec::new();
+        self.snapshots.retain(|&(version, frozen_at)| {
+            let keep = frozen_at >= cutoff;
+            if !keep {
+                dropped.push(version);
+            }
+            keep
+        });
+        while self.snapshots.len() > max_snapshots {
+            if let Some((version, _)) = self.snapshots.pop_front() {
+                dropped.push(version);
+            }
+        }
+        if dropped.is_empty() {
+            return dropped;
+        }
+        dropped.sort_unstable();
+        // Record timestamps may run backwards, so age can drop a version
+        // newer than a live one: only the prefix below the oldest live
+        // version is known to be gone entirely.
+        let through = match self.snapshots.front() {
+            Some(&(oldest_live, _)) => oldest_live.saturating_sub(1),
+            None => self.latest_snapshot,
+        };
+        self.pruned_through = self.pruned_through.max(through);
+        self.version += 1;
+        dropped
+    }
+
+    pub fn snapshot_state(&self, version: u64) -> SnapshotState {
+        if self.snapshots.iter().any(|&(live, _)| live == version) {
+            SnapshotState::Live
+        } else if version >= 1 && version <= self.latest_snapshot {
+            SnapshotState::Pruned
+        } else {
+            SnapshotState::Unknown
+        }
+    }
+
+    /// JSON with a version tag: `{"v":1,"context_id":...}`.
+    pub fn encode(&self) -> Vec<u8> {
+        encode_versioned(self)
+    }
+
+    /// Reads bytes any released version of baton wrote.
+    pub fn decode(bytes: &[u8]) -> Result<Memory, String> {
+        decode_versioned(bytes, "memory")
+    }
+}
+
+impl Snapshot {
+    /// JSON with a version tag: `{"v":1,"context_id":...}`.
+    pub fn encode(&self) -> Vec<u8> {
+        encode_versioned(self)
+    }
+
+    /// Reads bytes any released version of baton wrote.
+    pub fn decode(bytes: &[u8]) -> Result<Snapshot, String> {
+        decode_versioned(bytes, "memory snapshot")
+    }
+}
+
+/// The store key of a snapshot. It sorts right after the context's live memory
+/// (stored under the bare context id) and cannot collide with a context id,
+/// because context ids never contain NUL; the zero-padded version keeps a
+/// context's snapshots in version order.
+pub fn snapshot_key(context_id: &str, version: u64) -> String {
+    format!("{context_id}\u{0}snapshot\u{0}{version:020}")
+}
+
+/// The prompt-ready JSON of a snapshot:
+///
+/// ```json
+/// {"context_id": "c", "version": 3, "frozen_at": "2025-01-01T00:00:00Z",
+///  "max_tokens": 2000, "total_tokens": 412, "truncated": false,
+///  "memories": [{"type": "fact", "content": "...", "importance": 0.8, "key": null, "tokens": 12}],
+///  "tool_outputs": [{"tool": "...", "event_id": "...", "output": {}, "tokens": 40, "at": "..."}],
+///  "omitted": {"memories": 0, "tool_outputs": 0}}
+/// ```
+///
+/// Memories come by importance, then recency; tool outputs after them, newest
+/// first. Items are taken in that order while their cl100k tokens fit
+/// `max_tokens`, and taking stops at the first that does not fit: a smaller
+/// item further down never displaces a more important one.
+pub fn render_prompt(snapshot: &Snapshot, max_tokens: u64) -> Value {
+    let mut budget = Budget {
+        max: max_tokens,
+        used: 0,
+        // A zero budget asks for no memory, even items that count zero tokens.
+        exhausted: max_tokens == 0,
+    };
+
+    let mut by_importance: Vec<&MemoryEntry> = snapshot.entries.iter().collect();
+    by_importance.sort_by(|a, b| {
+        b.importance
+            .total_cmp(&a.importance)
+            .then(b.seq.cmp(&a.seq))
+    });
+    let mut memories = Vec::new();
+    let mut omitted_memories = 0u64;
+    for entry in by_importance {
+        let taken = budget.take(|| estimate_tokens(&Value::String(entry.content.clone())));
+        match taken {
+            Some(tokens) => memories.push(json!({
+                "type": entry.kind.as_str(),
+                "content": entry.content,
+                "importance": entry.importance,
+                "key": entry.key,
+                "tokens": tokens,
+            })),
+            None => omitted_memories += 1,
+        }
+    }
+
+    let mut tool_outputs = Vec::new();
+    let mut omitted_tool_outputs = 0u64;
+    for output in snapshot.tool_outputs.iter().rev() {
+        match budget.take(|| estimate_tokens(&output.output)) {
+            Some(tokens) => tool_outputs.push(json!({
+                "tool": output.tool,
+                "event_id": output.event_id,
+                "output": output.output,
+                "tokens": tokens,
+                "at": rfc3339_from_millis(output.at),
+            })),
+            None => omitted_tool_outputs += 1,
+        }
+    }
+
+    json!({
+        "context_id": snapshot.context_id,
+        "version": snapshot.version,
+        "frozen_at": rfc3339_from_millis(snapshot.frozen_at),
+        "max_tokens": max_tokens,
+        "total_tokens": budget.used,
+        "truncated": omitted_memories + omitted_tool_outputs > 0,
+        "memories": memories,
+        "tool_outputs": tool_outputs,
+        "omitted": {"memories": omitted_memories, "tool_outputs": omitted_tool_outputs},
+    })
+}
+
+/// The running token total of one render.
+struct Budget {
+    max: u64,
+    used: u64,
+    exhausted: bool,
+}
+
+impl Budget {
+    /// Counts the item (lazily: nothing is tokenised once the budget ran out)
+    /// and takes it if it fits; after the first misfit nothing more is taken.
+    fn take(&mut self, count: impl FnOnce() -> u64) -> Option<u64> {
+        if self.exhausted {
+            return None;
+        }
+        let tokens = count();
+        match self.used.checked_add(tokens) {
+            Some(total) if total <= self.max => {
+                self.used = total;
+                Some(tokens)
+            }
+            _ => {
+                self.exhausted = true;
+                None
+            }
+        }
+    }
+}
+
+/// `null` for a time RFC 3339 cannot write (beyond year 9999), never a made-up date.
+fn rfc3339_from_millis(millis: i64) -> Value {
+    let nanos = i128::from(millis) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|at| {
+            at.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .map_or(Value::Null, Value::String)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn upsert(key: Option<&str>, content: &str, importance: f64) -> MemoryUpsert {
+        MemoryUpsert {
+            context_id: "c-1".into(),
+            kind: MemoryKind::Fact,
+            content: content.into(),
+            importance,
+            key: key.map(str::to_owned),
+        }
+    }
+
+    fn output(event_id: &str, at: i64) -> ToolOutput {
+        ToolOutput {
+            event_id: event_id.into(),
+            tool: "vision_analyze".into(),
+            output: json!({"labels": ["bicycle"], "event": event_id}),
+            at,
+        }
+    }
+
+    fn contents(entries: &[MemoryEntry]) -> Vec<&str> {
+        entries.iter().map(|entry| entry.content.as_str()).collect()
+    }
+
+    fn tokens_of(text: &str) -> u64 {
+        estimate_tokens(&json!(text))
+    }
+
+    #[test]
+    fn same_key_replaces_the_entry_with_a_fresh_seq() {
+        let mut memory = Memory::new("c-1");
+        memory.upsert(&upsert(Some("lang"), "answers in English", 0.5), 10);
+        memory.upsert(&upsert(None, "likes bicycles", 0.4), 20);
+        let mut replacement = upsert(Some("lang"), "answers in French", 0.9);
+        replacement.kind = MemoryKind::Preference;
+        memory.upsert(&replacement, 30);
+
+        assert_eq!(memory.entries.len(), 2);
+        let lang = &memory.entries[0];
+        assert_eq!(lang.key.as_deref(), Some("lang"));
+        assert_eq!(lang.content, "answers in French");
+        assert_eq!(lang.kind, MemoryKind::Preference);
+        assert_eq!(lang.importance, 0.9);
+        assert_eq!(lang.seq, 2);
+        assert_eq!(lang.at, 30);
+        assert_eq!(memory.next_seq, 3);
+        assert_eq!(memory.version, 3);
+    }
+
+    #[test]
+    fn a_new_key_or_no_key_adds() {
+        let mut memory = Memory::new("c-1");
+        memory.upsert(&upsert(Some("a"), "one", 0.5), 1);
+        memory.upsert(&upsert(Some("b"), "two", 0.5), 2);
+        memory.upsert(&upsert(None, "three", 0.5), 3);
+        memory.upsert(&upsert(None, "three", 0.5), 4);
+        assert_eq!(contents(&memory.entries), ["one", "two", "three", "three"]);
+        let seqs: Vec<u64> = memory.entries.iter().map(|entry| entry.seq).collect();
+        assert_eq!(seqs, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn eviction_at_max_entries_takes_the_least_important_then_the_oldest() {
+        let mut memory = Memory::new("c-1");
+        for i in 0..MAX_ENTRIES {
+            let importance = if i == 5 || i == 7 { 0.2 } else { 0.5 };
+            memory.upsert(&upsert(None, &format!("m{i}"), importance), i as i64);
+        }
+        assert_eq!(memory.entries.len(), MAX_ENTRIES);
+
+        // Two equally unimportant entries: the older (m5) goes first.
+        memory.upsert(&upsert(None, "new-1", 0.5), 1_000);
+        assert_eq!(memory.entries.len(), MAX_ENTRIES);
+        assert!(!contents(&memory.entries).contains(&"m5"));
+        assert!(contents(&memory.entries).contains(&"m7"));
+
+        memory.upsert(&upsert(None, "new-2", 0.5), 1_001);
+        assert!(!contents(&memory.entries).contains(&"m7"));
+
+        // Now all are 0.5: the oldest of them goes.
+        memory.upsert(&upsert(None, "new-3", 0.5), 1_002);
+        assert!(!contents(&memory.entries).contains(&"m0"));
+        assert!(contents(&memory.entries).contains(&"m1"));
+        assert!(contents(&memory.entries).contains(&"new-3"));
+
+        // A new entry less important than everything held is the one dropped.
+        memory.upsert(&upsert(None, "trivia", 0.1), 1_003);
+        assert_eq!(memory.entries.len(), MAX_ENTRIES);
+        assert!(!contents(&memory.entries).contains(&"trivia"));
+        assert!(contents(&memory.entries).contains(&"m1"));
+    }
+
+    #[test]
+    fn replacing_a_key_when_full_evicts_nothing() {
+        let mut memory = Memory::new("c-1");
+        for i in 0..MAX_ENTRIES {
+            memory.upsert(&upsert(Some(&format!("k{i}")), "x", 0.5), 0);
+        }
+        memory.upsert(&upsert(Some("k0"), "replaced", 0.0), 1);
+        assert_eq!(memory.entries.len(), MAX_ENTRIES);
+        assert_eq!(memory.entries[0].content, "replaced");
+    }
+
+    #[test]
+    fn importance_out_of_range_is_clamped_so_the_memory_stays_encodable() {
+        let mut memory = Memory::new("c-1");
+        memory.upsert(&upsert(None, "nan", f64::NAN), 0);
+        memory.upsert(&upsert(None, "big", 7.0), 0);
+        assert_eq!(memory.entries[0].importance, 0.0);
+        assert_eq!(memory.entries[1].importance, 1.0);
+        assert_eq!(Memory::decode(&memory.encode()).unwrap(), memory);
+    }
+
+    #[test]
+    fn tool_outputs_are_bounded_and_drop_the_oldest() {
+        let mut memory = Memory::new("c-1");
+        for i in 0..(MAX_TOOL_OUTPUTS + 3) {
+            memory.record_tool_output(output(&format!("e-{i}"), i as i64));
+        }
+        assert_eq!(memory.tool_outputs.len(), MAX_TOOL_OUTPUTS);
+        assert_eq!(memory.tool_outputs.front().unwrap().event_id, "e-3");
+        assert_eq!(
+            memory.tool_outputs.back().unwrap().event_id,
+            format!("e-{}", MAX_TOOL_OUTPUTS + 2)
+        );
+    }
+
+    #[test]
+    fn a_redelivered_tool_output_changes_nothing() {
+        let mut memory = Memory::new("c-1");
+        memory.record_tool_output(output("e-1", 1));
+        let before = memory.clone();
+        memory.record_tool_output(output("e-1", 2));
+        assert_eq!(memory, before);
+    }
+
+    #[test]
+    fn freeze_numbers_versions_from_one_and_snapshots_are_independent_copies() {
+        let mut memory = Memory::new("c-1");
+        memory.upsert(&upsert(Some("k"), "first", 0.5), 1);
+        memory.record_tool_output(output("e-1", 1));
+        let one = memory.freeze(100);
+        memory.upsert(&upsert(Some("k"), "second", 0.5), 2);
+        memory.record_tool_output(output("e-2", 2));
+        let two = memory.freeze(200);
+        let three = memory.freeze(300);
+
+        assert_eq!([one.version, two.version, three.version], [1, 2, 3]);
+        assert_eq!(memory.latest_snapshot, 3);
+        assert_eq!(
+            memory.snapshots,
+            VecDeque::from([(1, 100), (2, 200), (3, 300)])
+        );
+        assert_eq!(one.frozen_at, 100);
+        assert_eq!(one.context_id, "c-1");
+        assert_eq!(contents(&one.entries), ["first"]);
+        assert_eq!(one.tool_outputs.len(), 1);
+        assert_eq!(contents(&two.entries), ["second"]);
+        assert_eq!(two.tool_outputs.len(), 2);
+        assert_eq!(two.entries, three.entries);
+    }
+
+    #[test]
+    fn prune_by_age_drops_what_was_frozen_before_the_retention() {
+        let mut memory = Memory::new("c-1");
+        for at in [100, 200, 300, 400] {
+            memory.freeze(at);
+        }
+        let version = memory.version;
+        // now 450, retention 200: cutoff 250, so 100 and 200 go.
+        assert_eq!(memory.prune(450, 200, 10), [1, 2]);
+        assert_eq!(memory.snapshots, VecDeque::from([(3, 300), (4, 400)]));
+        assert_eq!(memory.pruned_through, 2);
+        assert!(memory.version > version);
+
+        let version = memory.version;
+        assert!(memory.prune(450, 200, 10).is_empty());
+        assert_eq!(memory.version, version);
+
+        assert_eq!(memory.snapshot_state(1), SnapshotState::Pruned);
+        assert_eq!(memory.snapshot_state(2), SnapshotState::Pruned);
+        assert_eq!(memory.snapshot_state(3), SnapshotState::Live);
+        assert_eq!(memory.snapshot_state(4), SnapshotState::Live);
+        assert_eq!(memory.snapshot_state(5), SnapshotState::Unknown);
+        assert_eq!(memory.snapshot_state(0), SnapshotState::Unknown);
+    }
+
+    #[test]
+    fn prune_by_count_keeps_the_newest() {
+        let mut memory = Memory::new("c-1");
+        for at in 1..=5 {
+            memory.freeze(at);
+        }
+        assert_eq!(memory.prune(5, 1_000, 2), [1, 2, 3]);
+        assert_eq!(memory.snapshots, VecDeque::from([(4, 4), (5, 5)]));
+        assert_eq!(memory.pruned_through, 3);
+
+        assert_eq!(memory.prune(5, 1_000, 0), [4, 5]);
+        assert!(memory.snapshots.is_empty());
+        assert_eq!(memory.pruned_through, 5);
+        assert_eq!(memory.snapshot_state(5), SnapshotState::Pruned);
+        assert_eq!(memory.snapshot_state(6), SnapshotState::Unknown);
+
+        // Versions keep counting after everything was pruned.
+        assert_eq!(memory.freeze(6).version, 6);
+        assert_eq!(memory.snapshot_state(6), SnapshotState::Live);
+    }
+
+    #[test]
+    fn prune_with_timestamps_running_backwards_only_advances_over_the_gone_prefix() {
+        let mut memory = Memory::new("c-1");
+        memory.freeze(500);
+        memory.freeze(100);
+        memory.freeze(600);
+        assert_eq!(memory.prune(600, 200, 10), [2]);
+        assert_eq!(memory.pruned_through, 0);
+        assert_eq!(memory.snapshot_state(1), SnapshotState::Live);
+        assert_eq!(memory.snapshot_state(2), SnapshotState::Pruned);
+        assert_eq!(memory.prune(800, 200, 10), [1]);
+        assert_eq!(memory.pruned_through, 2);
+    }
+
+    fn populated() -> Memory {
+        let mut memory = Memory::new("c-1");
+        memory.upsert(&upsert(Some("lang"), "answers in French", 0.9), 1_000);
+        memory.upsert(&upsert(None, "owns a red bicycle", 0.25), 1_500);
+        memory.record_tool_output(output("e-1", 2_000));
+        memory.freeze(3_000);
+        memory.freeze(4_000);
+        memory.prune(4_000, 500, 10);
+        memory
+    }
+
+    #[test]
+    fn memory_and_snapshots_round_trip() {
+        let mut memory = populated();
+        assert_eq!(Memory::decode(&memory.encode()).unwrap(), memory);
+        let snapshot = memory.freeze(5_000);
+        assert_eq!(Snapshot::decode(&snapshot.encode()).unwrap(), snapshot);
+        assert!(memory.encode().starts_with(br#"{"v":1,"#));
+        assert!(snapshot.encode().starts_with(br#"{"v":1,"#));
+    }
+
+    /// Stored memory outlives deployments: these bytes must decode forever.
+    const MEMORY_V1: &[u8] = br#"{"v":1,"context_id":"c-1","entries":[{"key":"lang","kind":"preference","content":"answers in French","importance":0.9,"seq":0,"at":1000},{"key":null,"kind":"fact","content":"owns a red bicycle","importance":0.25,"seq":1,"at":1500}],"tool_outputs":[{"event_id":"e-1","tool":"vision_analyze","output":{"labels":["bicycle"]},"at":2000}],"next_seq":2,"latest_snapshot":2,"snapshots":[[2,4000]],"pruned_through":1,"version":6}"#;
+
+    const SNAPSHOT_V1: &[u8] = br#"{"v":1,"context_id":"c-1","version":2,"frozen_at":4000,"entries":[{"key":"lang","kind":"preference","content":"answers in French","importance":0.9,"seq":0,"at":1000}],"tool_outputs":[{"event_id":"e-1","tool":"vision_analyze","output":{"labels":["bicycle"]},"at":2000}]}"#;
+
+    #[test]
+    fn a_v1_memory_literal_decodes_and_encodes_to_the_same_bytes() {
+        let memory = Memory::decode(MEMORY_V1).unwrap();
+        assert_eq!(memory.context_id, "c-1");
+        assert_eq!(memory.entries.len(), 2);
+        assert_eq!(memory.entries[0].kind, MemoryKind::Preference);
+        assert_eq!(memory.entries[1].key, None);
+        assert_eq!(
+            memory.tool_outputs[0].output,
+            json!({"labels": ["bicycle"]})
+        );
+        assert_eq!(memory.snapshots, VecDeque::from([(2, 4000)]));
+        assert_eq!(memory.pruned_through, 1);
+        assert_eq!(memory.version, 6);
+        assert_eq!(memory.encode(), MEMORY_V1);
+    }
+
+    #[test]
+    fn a_v1_snapshot_literal_decodes_and_encodes_to_the_same_bytes() {
+        let snapshot = Snapshot::decode(SNAPSHOT_V1).unwrap();
+        assert_eq!(snapshot.version, 2);
+        assert_eq!(snapshot.frozen_at, 4000);
+        assert_eq!(snapshot.entries[0].content, "answers in French");
+        assert_eq!(snapshot.encode(), SNAPSHOT_V1);
+    }
+
+    #[test]
+    fn unknown_or_missing_encoding_versions_are_rejected() {
+        let v2 = String::from_utf8(MEMORY_V1.to_vec())
+            .unwrap()
+            .replacen(r#""v":1"#, r#""v":2"#, 1);
+        let err = Memory::decode(v2.as_bytes()).unwrap_err();
+        assert!(err.contains("encoding version 2"), "{err}");
+        let err = Snapshot::decode(br#"{"v":9,"context_id":"c"}"#).unwrap_err();
+        assert!(err.contains("encoding version 9"), "{err}");
+        let err = Memory::decode(br#"{"context_id":"c"}"#).unwrap_err();
+        assert!(err.contains("`v`"), "{err}");
+        assert!(Memory::decode(b"not json").is_err());
+        assert!(Memory::decode(br#"{"v":1,"context_id":"c"}"#).is_err());
+    }
+
+    #[test]
+    fn snapshot_keys_sort_after_the_context_and_in_version_order() {
+        let key = snapshot_key("c-1", 7);
+        assert_eq!(key, "c-1\u{0}snapshot\u{0}00000000000000000007");
+        assert!(key.as_str() > "c-1");
+        assert!(snapshot_key("c-1", 9) < snapshot_key("c-1", 10));
+        assert!(snapshot_key("c-1", u64::MAX).as_str() < "c-1-");
+    }
+
+    #[test]
+    fn decode_upsert_accepts_both_id_spellings() {
+        let canonical = decode_upsert(
+            br#"{"event":"memory.upserted","context_id":"c-1","type":"fact","content":"owns a bicycle","importance":0.8,"key":"bike"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            canonical,
+            MemoryUpsert {
+                context_id: "c-1".into(),
+                kind: MemoryKind::Fact,
+                content: "owns a bicycle".into(),
+                importance: 0.8,
+                key: Some("bike".into()),
+            }
+        );
+        let legacy = decode_upsert(
+            br#"{"conversationId":"c-2","type":"instruction","content":"be brief","importance":1}"#,
+        )
+        .unwrap();
+        assert_eq!(legacy.context_id, "c-2");
+        assert_eq!(legacy.kind, MemoryKind::Instruction);
+        assert_eq!(legacy.importance, 1.0);
+        assert_eq!(legacy.key, None);
+        let empty_key = decode_upsert(
+            br#"{"context_id":"c","type":"context","content":"","importance":0,"key":""}"#,
+        )
+        .unwrap();
+        assert_eq!(empty_key.key, None);
+        assert_eq!(empty_key.kind, MemoryKind::Context);
+    }
+
+    #[test]
+    fn decode_upsert_names_the_field_of_each_bad_case() {
+        let long = "x".repeat(MAX_CONTENT_BYTES + 1);
+        let at_limit = "x".repeat(MAX_CONTENT_BYTES);
+        let cases: Vec<(String, &str)> = vec![
+            ("not json".into(), "not valid JSON"),
+            ("[1,2]".into(), "not a JSON object"),
+            (
+                r#"{"event":"tool.x.completed","context_id":"c","type":"fact","content":"x","importance":0.5}"#.into(),
+                "`event`",
+            ),
+            (
+                r#"{"type":"fact","content":"x","importance":0.5}"#.into(),
+                "`context_id`",
+            ),
+            (
+                r#"{"context_id":"","type":"fact","content":"x","importance":0.5}"#.into(),
+                "`context_id` is empty",
+            ),
+            (
+                r#"{"conversationId":"","type":"fact","content":"x","importance":0.5}"#.into(),
+                "`conversationId` is empty",
+            ),
+            (
+                r#"{"context_id":7,"type":"fact","content":"x","importance":0.5}"#.into(),
+                "`context_id` must be a string",
+            ),
+            (
+                r#"{"context_id":"c","content":"x","importance":0.5}"#.into(),
+                "`type` is missing",
+            ),
+            (
+                r#"{"context_id":"c","type":"opinion","content":"x","importance":0.5}"#.into(),
+                "unknown `type`",
+            ),
+            (
+                r#"{"context_id":"c","type":"fact","importance":0.5}"#.into(),
+                "`content` is missing",
+            ),
+            (
+                r#"{"context_id":"c","type":"fact","content":["x"],"importance":0.5}"#.into(),
+                "`content` must be a string",
+            ),
+            (
+                format!(r#"{{"context_id":"c","type":"fact","content":"{long}","importance":0.5}}"#),
+                "`content` is 16385 bytes",
+            ),
+            (
+                r#"{"context_id":"c","type":"fact","content":"x"}"#.into(),
+                "`importance` is missing",
+            ),
+            (
+                r#"{"context_id":"c","type":"fact","content":"x","importance":1.5}"#.into(),
+                "`importance` must be in 0..=1",
+            ),
+            (
+                r#"{"context_id":"c","type":"fact","content":"x","importance":-0.1}"#.into(),
+                "`importance` must be in 0..=1",
+            ),
+            (
+                r#"{"context_id":"c","type":"fact","content":"x","importance":"high"}"#.into(),
+                "`importance` must be a number",
+            ),
+            (
+                r#"{"context_id":"c","type":"fact","content":"x","importance":0.5,"key":3}"#.into(),
+                "`key` must be a string",
+            ),
+        ];
+        for (record, reason) in cases {
+            let err = decode_upsert(record.as_bytes()).unwrap_err();
+            assert!(
+                err.contains(reason),
+                "{record:.80}: expected `{reason}` in `{err}`"
+            );
+            assert!(err.len() < 300, "reasons stay short: {err}");
+        }
+        let fits = format!(
+            r#"{{"context_id":"c","type":"fact","content":"{at_limit}","importance":0.5}}"#
+        );
+        assert!(decode_upsert(fits.as_bytes()).is_ok());
+    }
+
+    fn snapshot_of(entries: Vec<MemoryEntry>, tool_outputs: Vec<ToolOutput>) -> Snapshot {
+        Snapshot {
+            context_id: "c-1".into(),
+            version: 3,
+            frozen_at: 1_700_000_000_123,
+            entries,
+            tool_outputs,
+        }
+    }
+
+    fn entry(content: &str, importance: f64, seq: u64) -> MemoryEntry {
+        MemoryEntry {
+            key: None,
+            kind: MemoryKind::Fact,
+            content: content.into(),
+            importance,
+            seq,
+            at: 0,
+        }
+    }
+
+    fn rendered_contents(prompt: &Value) -> Vec<&str> {
+        prompt["memories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|memory| memory["content"].as_str().unwrap())
+            .collect()
+    }
+
+    fn rendered_events(prompt: &Value) -> Vec<&str> {
+        prompt["tool_outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|output| output["event_id"].as_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn render_orders_by_importance_then_recency_then_newest_tool_outputs() {
+        let mut lang = entry("answers in French", 0.5, 1);
+        lang.key = Some("lang".into());
+        lang.kind = MemoryKind::Preference;
+        let snapshot = snapshot_of(
+            vec![
+                lang,
+                entry("old and important", 0.9, 0),
+                entry("new and important", 0.9, 4),
+                entry("trivia", 0.1, 5),
+            ],
+            vec![output("e-1", 1_000), output("e-2", 2_000)],
+        );
+        let prompt = render_prompt(&snapshot, 100_000);
+        assert_eq!(
+            rendered_contents(&prompt),
+            [
+                "new and important",
+                "old and important",
+                "answers in French",
+                "trivia"
+            ]
+        );
+        assert_eq!(rendered_events(&prompt), ["e-2", "e-1"]);
+        assert_eq!(prompt["context_id"], "c-1");
+        assert_eq!(prompt["version"], 3);
+        assert_eq!(prompt["frozen_at"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(prompt["max_tokens"], 100_000);
+        assert_eq!(prompt["truncated"], false);
+        assert_eq!(prompt["omitted"], json!({"memories": 0, "tool_outputs": 0}));
+
+        let lang = &prompt["memories"][2];
+        assert_eq!(lang["type"], "preference");
+        assert_eq!(lang["importance"], 0.5);
+        assert_eq!(lang["key"], "lang");
+        assert_eq!(lang["tokens"], tokens_of("answers in French"));
+        assert_eq!(prompt["memories"][0]["key"], Value::Null);
+
+        let newest = &prompt["tool_outputs"][0];
+        assert_eq!(newest["tool"], "vision_analyze");
+        assert_eq!(newest["output"], output("e-2", 0).output);
+        assert_eq!(newest["tokens"], estimate_tokens(&output("e-2", 0).output));
+        assert_eq!(newest["at"], "1970-01-01T00:00:02Z");
+
+        let total: u64 = prompt["memories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(prompt["tool_outputs"].as_array().unwrap())
+            .map(|item| item["tokens"].as_u64().unwrap())
+            .sum();
+        assert!(total > 0);
+        assert_eq!(prompt["total_tokens"], total);
+    }
+
+    #[test]
+    fn render_stops_at_the_first_item_that_does_not_fit() {
+        let big = "the quick brown fox jumps over the lazy dog ".repeat(4);
+        let snapshot = snapshot_of(
+            vec![
+                entry("hello world", 0.9, 0),
+                entry(&big, 0.8, 1),
+                entry("hi", 0.7, 2),
+            ],
+            vec![output("e-1", 1_000)],
+        );
+        let first = tokens_of("hello world");
+        assert!(tokens_of(&big) > 5);
+        // Room for the first and for "hi", but not for the big one between them.
+        let max_tokens = first + tokens_of("hi") + 2;
+        let prompt = render_prompt(&snapshot, max_tokens);
+        assert_eq!(rendered_contents(&prompt), ["hello world"]);
+        assert!(rendered_events(&prompt).is_empty());
+        assert_eq!(prompt["truncated"], true);
+        assert_eq!(prompt["total_tokens"], first);
+        assert_eq!(prompt["omitted"], json!({"memories": 2, "tool_outputs": 1}));
+
+        // Exactly enough for every memory: only the tool output is left out.
+        let memories = first + tokens_of(&big) + tokens_of("hi");
+        let prompt = render_prompt(&snapshot, memories);
+        assert_eq!(rendered_contents(&prompt).len(), 3);
+        assert_eq!(prompt["total_tokens"], memories);
+        assert_eq!(prompt["omitted"], json!({"memories": 0, "tool_outputs": 1}));
+    }
+
+    #[test]
+    fn render_with_zero_tokens_gives_empty_lists() {
+        let snapshot = snapshot_of(
+            vec![entry("hello world", 0.9, 0), entry("", 0.8, 1)],
+            vec![output("e-1", 1_000)],
+        );
+        let prompt = render_prompt(&snapshot, 0);
+        assert!(rendered_contents(&prompt).is_empty());
+        assert!(rendered_events(&prompt).is_empty());
+        assert_eq!(prompt["total_tokens"], 0);
+        assert_eq!(prompt["truncated"], true);
+        assert_eq!(prompt["omitted"], json!({"memories": 2, "tool_outputs": 1}));
+
+        let empty = render_prompt(&snapshot_of(Vec::new(), Vec::new()), 0);
+        assert_eq!(empty["truncated"], false);
+    }
+
+    #[test]
+    fn render_writes_null_for_a_time_rfc3339_cannot_hold() {
+        let mut snapshot = snapshot_of(Vec::new(), Vec::new());
+        snapshot.frozen_at = i64::MAX;
+        assert_eq!(render_prompt(&snapshot, 10)["frozen_at"], Value::Null);
+    }
+
+    proptest! {
+        #[test]
+        fn decode_upsert_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_upsert(&bytes);
+        }
+
+        #[test]
+        fn decode_upsert_never_panics_on_near_miss_records(
+            id_field in prop::sample::select(vec!["context_id", "conversationId", "contextId", "id"]),
+            id in prop_oneof![Just(json!("")), Just(json!(null)), "\\PC{0,8}".prop_map(Value::from), any::<i64>().prop_map(Value::from)],
+            kind in prop_oneof![Just(json!("fact")), Just(json!("preference")), "\\PC{0,8}".prop_map(Value::from), any::<bool>().prop_map(Value::from)],
+            content in prop_oneof![Just(json!(null)), "\\PC{0,64}".prop_map(Value::from), any::<f64>().prop_map(Value::from)],
+            importance in prop_oneof![any::<f64>().prop_map(Value::from), any::<i64>().prop_map(Value::from), Just(json!("0.5"))],
+            key in prop_oneof![Just(json!(null)), "\\PC{0,8}".prop_map(Value::from), any::<u8>().prop_map(Value::from)],
+        ) {
+            let record = json!({id_field: id, "type": kind, "content": content, "importance": importance, "key": key});
+            if let Ok(upsert) = decode_upsert(record.to_string().as_bytes()) {
+                prop_assert!(!upsert.context_id.is_empty());
+                prop_assert!((0.0..=1.0).contains(&upsert.importance));
+            }
+        }
+    }
+}
