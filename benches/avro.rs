@@ -4,7 +4,8 @@
 //! One thread, so the figures are records/s per core. The record is a
 //! ToolCompleted whose `result` is about 1 KB of JSON; the baseline, in the
 //! same run, is baton's JSON codec on the same event. Decoding includes
-//! turning the embedded `arguments`/`result` JSON into values, as baton does.
+//! turning the embedded `arguments`/`result` JSON into values, as baton does,
+//! with the per-writer-schema decoder baton keeps for each schema id.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -87,14 +88,16 @@ fn main() {
     );
 
     let limits = DecodeLimits::default();
+    let v2_decoder = avro::WriterDecoder::new(2, &v2).expect("v2 decoder");
+    let v1_decoder = avro::WriterDecoder::new(1, &v1).expect("v1 decoder");
     let json_decode = rate(count, || {
         black_box(decode_event(Some(&json), &source, &limits).expect("json decodes"));
     });
     let v2_decode = rate(count, || {
-        black_box(avro::decode_tool_completed(2, &v2, &v2_datum, &source).expect("v2 decodes"));
+        black_box(v2_decoder.decode(&v2_datum, &source).expect("v2 decodes"));
     });
     let v1_decode = rate(count, || {
-        black_box(avro::decode_tool_completed(1, &v1, &v1_datum, &source).expect("v1 decodes"));
+        black_box(v1_decoder.decode(&v1_datum, &source).expect("v1 decodes"));
     });
 
     let event = decode_event(Some(&json), &source, &limits).expect("json decodes");

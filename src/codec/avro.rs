@@ -11,6 +11,7 @@ use std::sync::LazyLock;
 
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::schema::ResolvedSchema;
 use apache_avro::types::Value;
 use apache_avro::writer::datum::GenericDatumWriter;
 use serde_json::Value as Json;
@@ -75,52 +76,89 @@ pub fn frame(schema_id: u32, datum_len: usize) -> Vec<u8> {
     bytes
 }
 
-/// Decodes a `ToolCompleted` datum written with `writer` into a [`ToolEvent`].
+/// Decodes `ToolCompleted` data written with one writer schema.
 ///
-/// Bytes that do not follow the writer schema are `malformed_avro`; a writer
-/// schema that cannot be resolved into baton's reader schema (a producer made
-/// an incompatible change) is `incompatible_schema`. Neither guesses.
+/// Building it resolves the writer schema's names once; decoding then reads
+/// the datum with the writer's schema and resolves the value into baton's
+/// reader schema (whose names are resolved once per process). Bytes that do
+/// not follow the writer schema are `malformed_avro`; a writer schema that
+/// cannot be resolved into the reader's (a producer made an incompatible
+/// change) is `incompatible_schema`. Neither guesses.
+pub struct WriterDecoder<'s> {
+    schema_id: u32,
+    reader: GenericDatumReader<'s>,
+}
+
+static READER_NAMES: LazyLock<Result<ResolvedSchema<'static>, String>> = LazyLock::new(|| {
+    ResolvedSchema::try_from(&TOOL_COMPLETED.parsed).map_err(|err| err.to_string())
+});
+
+impl<'s> WriterDecoder<'s> {
+    pub fn new(schema_id: u32, writer: &'s Schema) -> Result<WriterDecoder<'s>, DecodeError> {
+        let reader = GenericDatumReader::builder(writer).build().map_err(|err| {
+            DecodeError::poison(
+                ErrorClass::IncompatibleSchema,
+                format!("writer schema {schema_id} cannot be used: {err}"),
+            )
+        })?;
+        Ok(WriterDecoder { schema_id, reader })
+    }
+
+    pub fn decode(
+        &self,
+        datum: &[u8],
+        source: &SourceCoordinates,
+    ) -> Result<ToolEvent, DecodeError> {
+        let schema_id = self.schema_id;
+        let mut cursor = Cursor::new(datum);
+        let written = self.reader.read_value(&mut cursor).map_err(|err| {
+            DecodeError::poison(
+                ErrorClass::MalformedAvro,
+                format!("does not decode with writer schema {schema_id}: {err}"),
+            )
+        })?;
+        let consumed = cursor.position() as usize;
+        if consumed != datum.len() {
+            return Err(DecodeError::poison(
+                ErrorClass::MalformedAvro,
+                format!(
+                    "{} trailing bytes after the datum written with schema {schema_id}",
+                    datum.len() - consumed
+                ),
+            ));
+        }
+        let names = READER_NAMES
+            .as_ref()
+            .map_err(|err| DecodeError::poison(ErrorClass::IncompatibleSchema, err.clone()))?;
+        let resolved = written
+            .resolve_with_names(&TOOL_COMPLETED.parsed, names.get_names())
+            .map_err(|err| {
+                DecodeError::poison(
+                    ErrorClass::IncompatibleSchema,
+                    format!(
+                        "writer schema {schema_id} does not resolve into dev.baton.ToolCompleted: {err}"
+                    ),
+                )
+            })?;
+        let Value::Record(fields) = resolved else {
+            return Err(DecodeError::poison(
+                ErrorClass::IncompatibleSchema,
+                format!("writer schema {schema_id} is not a record"),
+            ));
+        };
+        tool_event(fields, source)
+    }
+}
+
+/// Decodes one datum written with `writer`; see [`WriterDecoder`], which a
+/// caller decoding many records should keep instead.
 pub fn decode_tool_completed(
     schema_id: u32,
     writer: &Schema,
     datum: &[u8],
     source: &SourceCoordinates,
 ) -> Result<ToolEvent, DecodeError> {
-    let mut cursor = Cursor::new(datum);
-    let written = GenericDatumReader::builder(writer)
-        .build()
-        .and_then(|reader| reader.read_value(&mut cursor))
-        .map_err(|err| {
-            DecodeError::poison(
-                ErrorClass::MalformedAvro,
-                format!("does not decode with writer schema {schema_id}: {err}"),
-            )
-        })?;
-    let consumed = cursor.position() as usize;
-    if consumed != datum.len() {
-        return Err(DecodeError::poison(
-            ErrorClass::MalformedAvro,
-            format!(
-                "{} trailing bytes after the datum written with schema {schema_id}",
-                datum.len() - consumed
-            ),
-        ));
-    }
-    let resolved = written.resolve(&TOOL_COMPLETED.parsed).map_err(|err| {
-        DecodeError::poison(
-            ErrorClass::IncompatibleSchema,
-            format!(
-                "writer schema {schema_id} does not resolve into dev.baton.ToolCompleted: {err}"
-            ),
-        )
-    })?;
-    let Value::Record(fields) = resolved else {
-        return Err(DecodeError::poison(
-            ErrorClass::IncompatibleSchema,
-            format!("writer schema {schema_id} is not a record"),
-        ));
-    };
-    tool_event(fields, source)
+    WriterDecoder::new(schema_id, writer)?.decode(datum, source)
 }
 
 /// Reads the resolved fields by name; resolution guarantees every reader

@@ -9,7 +9,7 @@ pub mod avro;
 pub mod json;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use thiserror::Error;
 
@@ -85,11 +85,27 @@ impl InputFormat {
 }
 
 /// Decodes input records by their topic's format.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct InputDecoder {
     pub limits: DecodeLimits,
     formats: HashMap<String, InputFormat>,
     registry: Option<Arc<Registry>>,
+    /// A decoder per writer schema id, built on first use, or why none can
+    /// be. Its schema is leaked to give the decoder a `'static` borrow:
+    /// schema ids are immutable and never evicted, so this is the lifetime
+    /// the cache would give them anyway, and it is leaked once per id (a
+    /// failure is cached too), bounded by the ids producers actually use.
+    writers: Arc<RwLock<HashMap<u32, WriterDecoderOutcome>>>,
+}
+
+impl std::fmt::Debug for InputDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InputDecoder")
+            .field("limits", &self.limits)
+            .field("formats", &self.formats)
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
 }
 
 impl InputDecoder {
@@ -102,6 +118,7 @@ impl InputDecoder {
             limits,
             formats,
             registry,
+            writers: Arc::default(),
         }
     }
 
@@ -159,13 +176,39 @@ impl InputDecoder {
         };
         match registry.cached(id) {
             Some(WriterSchema::Found(writer)) => {
-                avro::decode_tool_completed(id, &writer, datum, source)
+                self.writer_decoder(id, &writer)?.decode(datum, source)
             }
             Some(WriterSchema::Unknown(reason)) => {
                 Err(DecodeError::poison(ErrorClass::UnknownSchema, reason))
             }
             None => Err(DecodeError::MissingSchema { id }),
         }
+    }
+}
+
+type WriterDecoderOutcome = Result<Arc<avro::WriterDecoder<'static>>, DecodeError>;
+
+impl InputDecoder {
+    fn writer_decoder(&self, id: u32, writer: &apache_avro::Schema) -> WriterDecoderOutcome {
+        if let Some(outcome) = self
+            .writers
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&id)
+        {
+            return outcome.clone();
+        }
+        let mut writers = self
+            .writers
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        writers
+            .entry(id)
+            .or_insert_with(|| {
+                let schema: &'static apache_avro::Schema = Box::leak(Box::new(writer.clone()));
+                avro::WriterDecoder::new(id, schema).map(Arc::new)
+            })
+            .clone()
     }
 }
 
