@@ -218,6 +218,7 @@ fn d_unreachable_broker_is_a_clear_error_not_a_panic() {
         .args(["--topology", &format!("{}/topology", common::REPO)])
         .args(["--instance-id", "pod-d", "--startup-timeout-ms", "2000"])
         .args(["--http-addr", "127.0.0.1:0"])
+        .env("BATON_SNAPSHOT_SECRET", common::SNAPSHOT_SECRET)
         .env("RUST_LOG", "warn")
         .output()
         .expect("baton runs");
@@ -242,6 +243,7 @@ fn e_bad_config_is_one_line_naming_the_key() {
         .args(["run", "--bootstrap-servers", "127.0.0.1:9"])
         .args(["--topology", &format!("{}/topology", common::REPO)])
         .args(["--instance-id", "pod-e", "--commit-interval-ms", "0"])
+        .env("BATON_SNAPSHOT_SECRET", common::SNAPSHOT_SECRET)
         .output()
         .expect("baton runs");
     assert_eq!(output.status.code(), Some(2));
@@ -256,6 +258,7 @@ fn e_bad_config_is_one_line_naming_the_key() {
     let output = Command::new(env!("CARGO_BIN_EXE_baton"))
         .args(["run", "--config"])
         .arg(&file)
+        .env("BATON_SNAPSHOT_SECRET", common::SNAPSHOT_SECRET)
         .output()
         .expect("baton runs");
     assert_eq!(output.status.code(), Some(2));
