@@ -8,12 +8,13 @@
 //! `Retry-After`. Errors are JSON with a code and a message, so agents and
 //! operators can act on them without scraping text.
 
+mod dlq_tally;
 mod feed;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -54,7 +55,7 @@ pub struct HttpState {
     pub surface: Arc<OnceLock<Surface>>,
     pub shutdown: Shutdown,
     feeds: Arc<feed::FeedSlots>,
-    dlq_counts: Mutex<Option<(Instant, serde_json::Value)>>,
+    dlq_tally: Arc<dlq_tally::DlqTally>,
 }
 
 impl HttpState {
@@ -72,7 +73,7 @@ impl HttpState {
             surface,
             shutdown,
             feeds: Arc::default(),
-            dlq_counts: Mutex::new(None),
+            dlq_tally: Arc::default(),
         }
     }
 }
@@ -533,7 +534,14 @@ async fn overview(state: &HttpState) -> HttpResponse {
         Ok(surface) => surface,
         Err(unavailable) => return unavailable.into_response(),
     };
-    let dlq = dlq_counts(state, surface).await;
+    state.dlq_tally.start(
+        surface.kafka.clone(),
+        [surface.dlq_topic.clone(), surface.parked_topic.clone()],
+        state.shutdown.clone(),
+    );
+    let dlq = state
+        .dlq_tally
+        .json(&surface.dlq_topic, &surface.parked_topic);
     json_response(
         StatusCode::OK,
         &json!({
@@ -544,29 +552,6 @@ async fn overview(state: &HttpState) -> HttpResponse {
             "ready": state.readiness.is_ready(),
         }),
     )
-}
-
-/// Records in the DLQ and the parked topic, from their offsets (cached for
-/// a couple of seconds: every open dashboard polls this).
-async fn dlq_counts(state: &HttpState, surface: &Surface) -> serde_json::Value {
-    if let Ok(cached) = state.dlq_counts.lock()
-        && let Some((at, value)) = cached.as_ref()
-        && at.elapsed() < Duration::from_secs(2)
-    {
-        return value.clone();
-    }
-    let kafka = surface.kafka.clone();
-    let topics = [surface.dlq_topic.clone(), surface.parked_topic.clone()];
-    let counts = tokio::task::spawn_blocking(move || {
-        topics.map(|topic| kafka::count_records(&kafka, &topic).ok())
-    })
-    .await
-    .unwrap_or([None, None]);
-    let value = json!({"records": counts[0], "parked": counts[1]});
-    if let Ok(mut cached) = state.dlq_counts.lock() {
-        *cached = Some((Instant::now(), value.clone()));
-    }
-    value
 }
 
 fn retry_later(code: &str, message: &str) -> HttpResponse {

@@ -224,32 +224,6 @@ mod tests {
     }
 }
 
-/// Records in `topic` now: the sum over its partitions of high minus low
-/// watermark (compaction and retention make it an upper bound). Blocking.
-pub fn count_records(settings: &KafkaSettings, topic: &str) -> Result<i64, String> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let mut config = settings.client_config(ClientRole::Consumer);
-    config.set("group.id", "baton-offsets");
-    let consumer: BaseConsumer = config.create().map_err(|err| err.to_string())?;
-    let timeout = std::time::Duration::from_secs(5);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|err| err.to_string())?;
-    let found = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .ok_or_else(|| format!("topic {topic} does not exist"))?;
-    let mut total = 0;
-    for partition in found.partitions() {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, partition.id(), timeout)
-            .map_err(|err| err.to_string())?;
-        total += (high - low).max(0);
-    }
-    Ok(total)
-}
-
 /// The partition Kafka's default partitioner (and librdkafka's
 /// `murmur2_random`, which every baton producer uses) picks for a keyed
 /// record: murmur2 of the key, made positive, modulo the partition count.
