@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what baton's builds, tests and demo need, only where it is missing.
 # Sourced by scripts/test.sh and scripts/demo.sh; `install_prerequisites`
-# does it all and exports CARGO_TARGET_DIR and BATON_TANSU_BIN.
+# does it all and exports CARGO_TARGET_DIR, BATON_TANSU_BIN,
+# BATON_INTEROP_PYTHON and BATON_CHROMIUM.
 #
 #   - apt packages the native dependencies build with (RocksDB, librdkafka);
 #   - the rustfmt and clippy components;
 #   - the pinned tansu broker (scripts/broker.sh install);
-#   - Confluent's Python client in a venv, for the Avro interop tests.
+#   - Confluent's Python client in a venv, for the Avro interop tests;
+#   - Debian's chromium, for the dashboard's headless-browser test.
 
 REPO_ROOT="${REPO_ROOT:-$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)}"
 export DEBIAN_FRONTEND=noninteractive
@@ -92,11 +94,33 @@ install_python_tools() {
     export BATON_INTEROP_PYTHON="$python"
 }
 
+# Debian's chromium, which the dashboard test drives headless. Installed only
+# when no chromium is on PATH: with its libraries it takes some 400 MB.
+install_browser() {
+    if [[ -n "${BATON_CHROMIUM:-}" && -x "${BATON_CHROMIUM}" ]]; then
+        echo "using BATON_CHROMIUM=${BATON_CHROMIUM} from the environment"
+        return 0
+    fi
+    local binary
+    binary="$(command -v chromium || command -v chromium-browser || true)"
+    if [[ -z "$binary" ]]; then
+        install_apt_packages chromium
+        binary="$(command -v chromium || true)"
+    fi
+    if [[ -z "$binary" ]]; then
+        echo "no chromium: install it (or set BATON_CHROMIUM) for the dashboard's browser test"
+        return 0
+    fi
+    export BATON_CHROMIUM="$binary"
+    echo "BATON_CHROMIUM=${BATON_CHROMIUM}"
+}
+
 install_prerequisites() {
     install_apt_packages
     install_rust_components
     install_broker
     install_python_tools
+    install_browser
     mkdir -p "$CARGO_TARGET_DIR"
     echo "CARGO_TARGET_DIR=${CARGO_TARGET_DIR}"
 }

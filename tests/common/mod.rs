@@ -21,6 +21,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+pub mod browser;
 pub mod registry;
 
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
