@@ -47,6 +47,8 @@ echo "==> creating topics"
 "$BATON" topics create --bootstrap-servers "$BOOTSTRAP" --partitions 6 --topology topology
 
 echo "==> starting baton (log: $LOG)"
+# A fresh signing key per demo run: snapshot URLs in handovers are signed.
+export BATON_SNAPSHOT_SECRET="${BATON_SNAPSHOT_SECRET:-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')}"
 "$BATON" run --bootstrap-servers "$BOOTSTRAP" --instance-id demo-0 --topology topology \
     --state-dir "$STATE_DIR" --http-addr "$HTTP_ADDR" \
     --kafka-prop consumer.session.timeout.ms=6000 >"$LOG" 2>&1 &
@@ -84,6 +86,8 @@ echo
 echo "The state of context ctx-$SEED-0, asked from the running pod:"
 "$BATON" state get --url "http://$HTTP_ADDR" "ctx-$SEED-0" || true
 echo
+echo "dashboard: http://$HTTP_ADDR/"
+echo "live feed: curl -N http://$HTTP_ADDR/events?replay=20"
 echo "metrics:   http://$HTTP_ADDR/metrics"
 echo "readiness: http://$HTTP_ADDR/readyz"
 echo "state:     $BATON state get --url http://$HTTP_ADDR <context_id>"
