@@ -23,6 +23,21 @@ pub mod headers {
     pub const SOURCE_PARTITION: &str = "baton.source.partition";
     pub const SOURCE_OFFSET: &str = "baton.source.offset";
     pub const FAILED_AT: &str = "baton.failed.at";
+    /// On `tool_failed`: the context's workflow, the state (step) the failed
+    /// call belongs to, the step's dispatch count when it failed, and the
+    /// event name of the failed call.
+    pub const WORKFLOW: &str = "baton.workflow";
+    pub const STEP: &str = "baton.step";
+    pub const ATTEMPTS: &str = "baton.attempts";
+    pub const FAILED_EVENT: &str = "baton.failed.event";
+    /// On parked records: why the healer gave up, and when.
+    pub const PARKED_REASON: &str = "baton.parked.reason";
+    pub const PARKED_AT: &str = "baton.parked.at";
+    /// On records `baton dlq replay` republished: the DLQ coordinates
+    /// (`topic/partition/offset`) it came from, when, and the replay's id.
+    pub const REPLAY_OF: &str = "baton.replay.of";
+    pub const REPLAYED_AT: &str = "baton.replayed.at";
+    pub const REPLAY_ID: &str = "baton.replay.id";
 }
 
 /// Why a record could not be used. The set is fixed so dashboards and the
