@@ -58,6 +58,40 @@ pub enum Command {
     /// Check or register baton's Avro schemas in a Schema Registry.
     #[command(subcommand)]
     Schemas(schemas::SchemasCommand),
+    /// Run the DLQ healer: retry, fall back, move to PlanB, or park.
+    Heal(HealArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HealArgs {
+    #[arg(long, env = "BATON_BOOTSTRAP_SERVERS")]
+    pub bootstrap_servers: String,
+    /// Names the healer's consumer group (`{app}-healer`) and transactional id.
+    #[arg(long, env = "BATON_APPLICATION_ID", default_value = crate::config::DEFAULT_APPLICATION_ID)]
+    pub application_id: String,
+    /// This healer's stable id (defaults to the host name).
+    #[arg(long, env = "BATON_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// The workflow definitions whose retry policies the healer applies.
+    #[arg(long, env = "BATON_TOPOLOGY", default_value = "topology")]
+    pub topology: PathBuf,
+    #[arg(long, env = "BATON_DLQ_TOPIC", default_value = crate::dlq::DEFAULT_DLQ_TOPIC)]
+    pub dlq_topic: String,
+    #[arg(long, env = "BATON_CONTROL_TOPIC", default_value = crate::control::DEFAULT_CONTROL_TOPIC)]
+    pub control_topic: String,
+    #[arg(long, env = "BATON_RETRY_TOPIC", default_value = crate::control::DEFAULT_RETRY_TOPIC)]
+    pub retry_topic: String,
+    /// Milliseconds per transaction.
+    #[arg(long, env = "BATON_COMMIT_INTERVAL_MS", default_value_t = 100)]
+    pub commit_interval_ms: u64,
+    /// How long start-up tries to reach Kafka before failing.
+    #[arg(long, env = "BATON_STARTUP_TIMEOUT_MS", default_value_t = 30_000)]
+    pub startup_timeout_ms: u64,
+    /// Metrics and health: `/metrics`, `/healthz`.
+    #[arg(long, env = "BATON_HTTP_ADDR", default_value = "0.0.0.0:8081")]
+    pub http_addr: std::net::SocketAddr,
+    #[arg(long = "kafka-prop", env = "BATON_KAFKA_PROPS", value_delimiter = ',')]
+    pub kafka_props: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,6 +180,10 @@ pub struct SurfaceArgs {
     /// `memory.upserted` records, co-partitioned with the input topics.
     #[arg(long, env = "BATON_MEMORY_TOPIC")]
     pub memory_topic: Option<String>,
+    /// The healer's commands (`baton heal` writes them), co-partitioned with
+    /// the input topics.
+    #[arg(long, env = "BATON_CONTROL_TOPIC")]
+    pub control_topic: Option<String>,
     /// Base of snapshot URLs in handovers, as agents reach it (an ingress, say).
     #[arg(long, env = "BATON_PUBLIC_URL")]
     pub public_url: Option<String>,
@@ -262,6 +300,10 @@ pub struct TopicsCreateArgs {
     pub memory_topic: String,
     #[arg(long, env = "BATON_STATUS_TOPIC", default_value = crate::config::DEFAULT_STATUS_TOPIC)]
     pub status_topic: String,
+    #[arg(long, env = "BATON_CONTROL_TOPIC", default_value = crate::control::DEFAULT_CONTROL_TOPIC)]
+    pub control_topic: String,
+    #[arg(long, env = "BATON_RETRY_TOPIC", default_value = crate::control::DEFAULT_RETRY_TOPIC)]
+    pub retry_topic: String,
     #[arg(long = "kafka-prop", env = "BATON_KAFKA_PROPS", value_delimiter = ',')]
     pub kafka_props: Vec<String>,
 }
@@ -320,6 +362,74 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Simulate(args) => simulate(args).await,
         Command::State(StateCommand::Get(args)) => state_get(args).await,
         Command::Schemas(command) => schemas::execute(command).await,
+        Command::Heal(args) => heal(args).await,
+    }
+}
+
+async fn heal(args: HealArgs) -> anyhow::Result<ExitCode> {
+    let topology = match Topology::load(&args.topology) {
+        Ok(topology) => Arc::new(topology),
+        Err(err) => {
+            eprintln!("{err}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if !(1..=60_000).contains(&args.commit_interval_ms) {
+        eprintln!(
+            "invalid configuration: commit_interval_ms: {} is outside 1..=60000",
+            args.commit_interval_ms
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let Some(instance_id) = args
+        .instance_id
+        .clone()
+        .or_else(crate::config::default_instance_id)
+    else {
+        eprintln!("invalid configuration: instance_id: required (no host name to default to)");
+        return Ok(ExitCode::from(2));
+    };
+    let config = crate::healer::HealerConfig {
+        kafka: settings(&args.bootstrap_servers, &args.kafka_props)?,
+        application_id: args.application_id.clone(),
+        instance_id,
+        parked_topic: crate::dlq::parked_topic(&args.dlq_topic),
+        dlq_topic: args.dlq_topic.clone(),
+        control_topic: args.control_topic.clone(),
+        retry_topic: args.retry_topic.clone(),
+        commit_interval: std::time::Duration::from_millis(args.commit_interval_ms),
+        startup_timeout: std::time::Duration::from_millis(args.startup_timeout_ms),
+    };
+    let shutdown = Shutdown::new();
+    shutdown.listen_for_signals();
+    // The pod's HTTP surface, of which a healer serves /metrics and /healthz.
+    let http_state = Arc::new(HttpState::new(
+        Arc::new(Readiness::default()),
+        Arc::new(crate::state::OpenStores::default()),
+        Arc::new(crate::state::OpenStores::default()),
+        Arc::default(),
+        shutdown.clone(),
+    ));
+    let (bound, server) = http::bind(args.http_addr, http_state)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.http_addr))?;
+    tracing::info!(addr = %bound, "http server listening");
+    let server = tokio::spawn(server);
+    let healer = crate::healer::spawn(config, topology, shutdown.clone());
+    let result = tokio::task::spawn_blocking(move || healer.join()).await;
+    shutdown.trigger();
+    let _ = server.await;
+    match result {
+        Ok(Ok(Ok(()))) => Ok(ExitCode::SUCCESS),
+        Ok(Ok(Err(err))) => {
+            tracing::error!(cause = %err, "healer stopped");
+            eprintln!("error: {err}");
+            Ok(ExitCode::FAILURE)
+        }
+        _ => {
+            eprintln!("error: the healer thread panicked");
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 
@@ -440,6 +550,9 @@ async fn create_topics(args: TopicsCreateArgs) -> anyhow::Result<ExitCode> {
     // Memory is co-partitioned with the inputs: same partition count.
     topics.push((args.memory_topic.clone(), args.partitions, false));
     topics.push((args.status_topic.clone(), args.partitions, false));
+    // Healer commands are co-partitioned with the inputs too.
+    topics.push((args.control_topic.clone(), args.partitions, false));
+    topics.push((args.retry_topic.clone(), args.partitions, false));
     for topic in topology.output_topics() {
         topics.push((topic, args.partitions, false));
     }

@@ -49,6 +49,7 @@ pub struct FileConfig {
     pub auto_register_schemas: Option<bool>,
     pub status_topic: Option<String>,
     pub memory_topic: Option<String>,
+    pub control_topic: Option<String>,
     pub public_url: Option<String>,
     pub advertised_url: Option<String>,
     pub snapshots: Option<SnapshotMode>,
@@ -82,6 +83,8 @@ pub struct RunConfig {
     pub schema_registry: Option<RegistryConfig>,
     pub status_topic: String,
     pub memory_topic: String,
+    /// The healer's commands, co-partitioned with the input topics.
+    pub control_topic: String,
     pub advertised_url: String,
     pub snapshots: Option<SnapshotConfig>,
     pub sse_heartbeat: Duration,
@@ -339,9 +342,15 @@ impl RunConfig {
             .clone()
             .or(file.memory_topic)
             .unwrap_or_else(|| DEFAULT_MEMORY_TOPIC.into());
+        let control_topic = surface
+            .control_topic
+            .clone()
+            .or(file.control_topic)
+            .unwrap_or_else(|| crate::control::DEFAULT_CONTROL_TOPIC.into());
         for (key, topic) in [
             ("status_topic", &status_topic),
             ("memory_topic", &memory_topic),
+            ("control_topic", &control_topic),
         ] {
             if let Err(reason) = check_topic_name(topic) {
                 problems.push(format!("{key}: `{topic}` {reason}"));
@@ -350,6 +359,11 @@ impl RunConfig {
         if input_topics.contains(&memory_topic) {
             problems.push(format!(
                 "memory_topic: `{memory_topic}` is also an input topic"
+            ));
+        }
+        if input_topics.contains(&control_topic) || control_topic == memory_topic {
+            problems.push(format!(
+                "control_topic: `{control_topic}` is also an input or the memory topic"
             ));
         }
         let advertised_url = surface
@@ -467,6 +481,7 @@ impl RunConfig {
             schema_registry,
             status_topic,
             memory_topic,
+            control_topic,
             advertised_url,
             snapshots,
             sse_heartbeat: Duration::from_millis(sse_heartbeat_ms),
@@ -586,7 +601,7 @@ fn default_advertised_url(http_addr: SocketAddr, instance_id: &str) -> String {
 }
 
 /// The host name: in a StatefulSet it is the pod name, stable across restarts.
-fn default_instance_id() -> Option<String> {
+pub fn default_instance_id() -> Option<String> {
     std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())

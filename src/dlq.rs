@@ -30,6 +30,8 @@ pub mod headers {
     pub const STEP: &str = "baton.step";
     pub const ATTEMPTS: &str = "baton.attempts";
     pub const FAILED_EVENT: &str = "baton.failed.event";
+    /// The agent that held the context when the call failed, if any.
+    pub const LOCKED_BY: &str = "baton.locked.by";
     /// On parked records: why the healer gave up, and when.
     pub const PARKED_REASON: &str = "baton.parked.reason";
     pub const PARKED_AT: &str = "baton.parked.at";

@@ -93,6 +93,35 @@ impl Handover {
     }
 }
 
+impl Handover {
+    /// A handover caused by a healer command: its cause names the failed
+    /// call, the action and the attempt, and it carries the context's newest
+    /// tool output.
+    pub fn for_command(
+        draft: &HandoverDraft,
+        context_id: &str,
+        causation_id: &str,
+        last_tool_output: Value,
+        memory_snapshot_url: Option<String>,
+        produced_at: String,
+    ) -> Handover {
+        Handover {
+            handover_id: handover_id(causation_id, &draft.agent, &draft.intent, draft.status),
+            context_id: context_id.to_owned(),
+            intent: draft.intent.clone(),
+            agent: draft.agent.clone(),
+            workflow: draft.workflow.clone(),
+            status: draft.status,
+            last_tool_output,
+            memory_snapshot_url,
+            token_budget: draft.token_budget,
+            correlation_id: None,
+            causation_id: causation_id.to_owned(),
+            produced_at,
+        }
+    }
+}
+
 /// A handover id is a function of its cause: the input's `event_id` and what
 /// it asks of whom. A replay of the same input yields the same id, so
 /// downstream agents (and baton's own verifiers) can deduplicate.

@@ -15,6 +15,8 @@
 //! - [`memory`]: per-context memory (upserted entries, recent tool outputs), its numbered snapshots and their prompt rendering.
 //! - [`snapshot_url`]: signed, expiring snapshot URLs, with secret rotation.
 //! - [`dlq`]: poison classes and the dead-letter record.
+//! - [`control`]: the healer's commands to the task that owns a context (retry, alternate, plan B, fail).
+//! - [`healer`]: `baton heal`: reads the DLQ, decides per record, schedules retries through Kafka, parks what cannot heal.
 //! - [`kafka`]: librdkafka client configuration shared by every producer and consumer baton owns.
 //! - [`runtime`]: the consumer group, one task per partition, and the exactly-once transaction loop.
 //! - [`http`]: the HTTP surface: metrics, health, state and snapshot queries across pods, the SSE live feed and the dashboard.
@@ -28,9 +30,11 @@
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod control;
 pub mod dlq;
 pub mod event;
 pub mod handover;
+pub mod healer;
 pub mod http;
 pub mod kafka;
 pub mod members;

@@ -354,6 +354,11 @@ impl Memory {
 
     /// Keeps the output, dropping the oldest beyond [`MAX_TOOL_OUTPUTS`]. An
     /// `event_id` already held is ignored, so a redelivered event changes nothing.
+    /// The newest recorded tool output, if any.
+    pub fn last_tool_output(&self) -> Option<&serde_json::Value> {
+        self.tool_outputs.back().map(|output| &output.output)
+    }
+
     pub fn record_tool_output(&mut self, output: ToolOutput) {
         if self
             .tool_outputs

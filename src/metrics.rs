@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 /// The registry `/metrics` serves.
@@ -70,6 +70,22 @@ pub struct Metrics {
     pub sse_events: IntCounter,
     /// Live-feed clients dropped because they fell too far behind.
     pub sse_dropped: IntCounter,
+    /// Events held in a context's state while a retry is pending.
+    pub events_held: IntCounter,
+    /// Held events released after the healer's command was applied.
+    pub events_released: IntCounter,
+    /// Healer commands a task received, by action and outcome
+    /// (applied, duplicate, stale).
+    pub control_commands: IntCounterVec,
+    /// `baton heal`: decisions per DLQ record, by kind (retry, alternate,
+    /// plan_b, park).
+    pub healer_decisions: IntCounterVec,
+    /// `baton heal`: records parked, by class.
+    pub parked_records: IntCounterVec,
+    /// `baton heal`: retries scheduled and not yet due.
+    pub retries_pending: IntGauge,
+    /// `baton heal`: how long the oldest pending retry has waited, in seconds.
+    pub oldest_retry_seconds: Gauge,
 }
 
 impl Metrics {
@@ -230,8 +246,52 @@ impl Metrics {
                 "Live-feed clients dropped for falling too far behind",
             )
             .expect("valid metric"),
+            events_held: IntCounter::new(
+                "baton_events_held_total",
+                "Events held in state while their context's retry is pending",
+            )
+            .expect("valid metric"),
+            events_released: IntCounter::new(
+                "baton_events_released_total",
+                "Held events released once the healer's command was applied",
+            )
+            .expect("valid metric"),
+            control_commands: IntCounterVec::new(
+                Opts::new(
+                    "baton_control_commands_total",
+                    "Healer commands received, by action and outcome",
+                ),
+                &["action", "outcome"],
+            )
+            .expect("valid metric"),
+            healer_decisions: IntCounterVec::new(
+                Opts::new(
+                    "baton_healer_decisions_total",
+                    "Healer decisions per dead letter, by kind",
+                ),
+                &["decision"],
+            )
+            .expect("valid metric"),
+            parked_records: IntCounterVec::new(
+                Opts::new(
+                    "baton_parked_records_total",
+                    "Records parked by the healer, by class",
+                ),
+                &["class"],
+            )
+            .expect("valid metric"),
+            retries_pending: IntGauge::new(
+                "baton_healer_retries_pending",
+                "Retries scheduled by the healer and not yet due",
+            )
+            .expect("valid metric"),
+            oldest_retry_seconds: Gauge::new(
+                "baton_healer_oldest_retry_age_seconds",
+                "How long the oldest pending retry has waited",
+            )
+            .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 26] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 33] = [
             Box::new(metrics.records_consumed.clone()),
             Box::new(metrics.events_unrouted.clone()),
             Box::new(metrics.events_duplicate.clone()),
@@ -258,6 +318,13 @@ impl Metrics {
             Box::new(metrics.sse_clients.clone()),
             Box::new(metrics.sse_events.clone()),
             Box::new(metrics.sse_dropped.clone()),
+            Box::new(metrics.events_held.clone()),
+            Box::new(metrics.events_released.clone()),
+            Box::new(metrics.control_commands.clone()),
+            Box::new(metrics.healer_decisions.clone()),
+            Box::new(metrics.parked_records.clone()),
+            Box::new(metrics.retries_pending.clone()),
+            Box::new(metrics.oldest_retry_seconds.clone()),
         ];
         for collector in collectors {
             registry
@@ -278,6 +345,12 @@ impl Metrics {
         metrics
             .transient_errors
             .with_label_values(&["schema_registry"]);
+        for decision in ["retry", "alternate", "plan_b", "park"] {
+            metrics.healer_decisions.with_label_values(&[decision]);
+        }
+        for class in crate::dlq::ErrorClass::ALL {
+            metrics.parked_records.with_label_values(&[class.as_str()]);
+        }
         for outcome in ["found", "unknown"] {
             metrics.schema_lookups.with_label_values(&[outcome]);
         }

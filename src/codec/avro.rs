@@ -382,13 +382,14 @@ static STATUS_WRITER: LazyLock<Result<GenericDatumWriter<'static>, apache_avro::
     });
 
 /// The symbols of `ContextStatus` in `StatusUpdate.avsc`, in order.
-const CONTEXT_STATUS_SYMBOLS: [&str; 6] = [
+const CONTEXT_STATUS_SYMBOLS: [&str; 7] = [
     "queued",
     "waiting",
     "completed",
     "plan_b",
     "budget_exhausted",
     "failed",
+    "retrying",
 ];
 
 /// Encodes a live-feed update as a `StatusUpdate` in the wire format.

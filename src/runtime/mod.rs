@@ -67,6 +67,7 @@ pub struct Pipeline {
     pub output: OutputEncoder,
     pub status_topic: String,
     pub memory_topic: String,
+    pub control_topic: String,
     pub memory_changelog: String,
     /// Set when handovers carry signed memory snapshot URLs.
     pub snapshots: Option<SnapshotSettings>,
@@ -208,6 +209,7 @@ pub async fn run(
         output,
         status_topic: config.status_topic.clone(),
         memory_topic: config.memory_topic.clone(),
+        control_topic: config.control_topic.clone(),
         memory_changelog,
         snapshots: match (&config.snapshots, &signer) {
             (Some(snapshots), Some(signer)) => Some(SnapshotSettings {
@@ -266,10 +268,12 @@ pub async fn run(
     .map_err(|err| RunError::Coordinator(err.to_string()))??;
     let engine = Arc::new(Mutex::new(engine));
 
-    // The memory topic is co-partitioned input: partition N's memory lives
-    // with partition N's workflows, in the same task.
+    // The memory and control topics are co-partitioned input: partition N's
+    // memory and healer commands live with partition N's workflows, in the
+    // same task.
     let mut subscription = config.input_topics.clone();
     subscription.push(config.memory_topic.clone());
+    subscription.push(config.control_topic.clone());
     let strategy = if subscription.len() > 1 {
         // Range assigns partition N of every topic to the same member, which
         // co-partitioned state needs; cooperative-sticky does not promise it.
@@ -437,6 +441,9 @@ fn check_topics(
     if !existing.contains_key(config.memory_topic.as_str()) {
         missing.push(format!("memory topic `{}`", config.memory_topic));
     }
+    if !existing.contains_key(config.control_topic.as_str()) {
+        missing.push(format!("control topic `{}`", config.control_topic));
+    }
     if !existing.contains_key(config.status_topic.as_str()) {
         missing.push(format!("status topic `{}`", config.status_topic));
     }
@@ -457,7 +464,7 @@ fn check_topics(
     let inputs: Vec<&String> = config
         .input_topics
         .iter()
-        .chain(std::iter::once(&config.memory_topic))
+        .chain([&config.memory_topic, &config.control_topic])
         .collect();
     let counts: BTreeSet<usize> = inputs
         .iter()

@@ -20,14 +20,15 @@ use super::Pipeline;
 use super::engine::RebalanceHook;
 use super::task::{Control, TaskProgress, TopicPartition};
 use crate::codec::DecodeError;
-use crate::dlq::{DeadLetter, ErrorClass};
+use crate::control::ControlCommand;
+use crate::dlq::{self, DeadLetter, ErrorClass};
 use crate::event::{SourceCoordinates, ToolEvent};
 use crate::handover::Handover;
 use crate::memory::{self, Memory, Snapshot, ToolOutput};
 use crate::metrics::METRICS;
 use crate::state::restore::{self, RestoreRequest};
 use crate::state::{self, PartitionStore};
-use crate::workflow::{self, StatusUpdate, StepOutcome, WorkflowState};
+use crate::workflow::{self, CommandOutcome, HeldRecord, StatusUpdate, StepOutcome, WorkflowState};
 
 /// The workflow store's name; its changelog is `{app}-workflow-changelog`.
 pub const WORKFLOW_STORE: &str = "workflow";
@@ -41,6 +42,15 @@ pub enum Processed {
     Done,
     /// It is Avro written with a schema not yet fetched; nothing was output.
     NeedsSchema(u32),
+}
+
+/// An input record as the processor sees it: from the consumer, or released
+/// from a context's held records.
+struct InputRecord<'a> {
+    source: SourceCoordinates,
+    timestamp_ms: i64,
+    key: Option<&'a [u8]>,
+    payload: Option<&'a [u8]>,
 }
 
 /// One record to produce inside the open transaction.
@@ -182,43 +192,59 @@ impl PartitionProcessor {
     /// Turns one input record into output records, or says which writer
     /// schema must be fetched first (nothing is output then).
     pub fn process<M: Message>(&mut self, message: &M, out: &mut Vec<OutRecord>) -> Processed {
-        let source = SourceCoordinates {
-            topic: message.topic().to_string(),
-            partition: message.partition(),
-            offset: message.offset(),
+        let record = InputRecord {
+            source: SourceCoordinates {
+                topic: message.topic().to_string(),
+                partition: message.partition(),
+                offset: message.offset(),
+            },
+            timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+            key: message.key(),
+            payload: message.payload(),
         };
-        if source.topic == self.pipeline.memory_topic {
-            self.consumed
-                .entry(source.topic.clone())
-                .or_insert_with(|| METRICS.records_consumed.with_label_values(&[&source.topic]))
-                .inc();
-            self.remember(message, &source, out);
+        let topic = record.source.topic.as_str();
+        if topic == self.pipeline.memory_topic {
+            self.count_consumed(topic);
+            self.remember(&record, out);
             return Processed::Done;
         }
+        if topic == self.pipeline.control_topic {
+            return self.command(&record, out);
+        }
+        self.event(&record, out)
+    }
+
+    fn count_consumed(&mut self, topic: &str) {
+        self.consumed
+            .entry(topic.to_string())
+            .or_insert_with(|| METRICS.records_consumed.with_label_values(&[topic]))
+            .inc();
+    }
+
+    /// A tool event: decode, step, and write what the step decided.
+    fn event(&mut self, record: &InputRecord<'_>, out: &mut Vec<OutRecord>) -> Processed {
+        let source = &record.source;
         let started = Instant::now();
-        let decoded = self.pipeline.decoder.decode(message.payload(), &source);
+        let decoded = self.pipeline.decoder.decode(record.payload, source);
         self.stages.decode.observe(started.elapsed().as_secs_f64());
         if let Err(DecodeError::MissingSchema { id }) = decoded {
             return Processed::NeedsSchema(id);
         }
-        self.consumed
-            .entry(source.topic.clone())
-            .or_insert_with(|| METRICS.records_consumed.with_label_values(&[&source.topic]))
-            .inc();
+        self.count_consumed(&source.topic);
         let event = match decoded {
             Ok(event) => event,
             Err(DecodeError::Poison { class, reason }) => {
-                out.push(self.dead_letter(message, &source, class, reason));
+                out.push(self.dead_letter(record, class, reason, vec![]));
                 return Processed::Done;
             }
             Err(DecodeError::MissingSchema { .. }) => return Processed::Done,
         };
-        let now_ms = message.timestamp().to_millis().unwrap_or(0);
+        let now_ms = record.timestamp_ms;
         let current = match self.load_state(&event.context_id) {
             Ok(state) => state,
             Err(reason) => {
                 tracing::error!(context_id = %event.context_id, cause = %reason, "stored state is unreadable");
-                out.push(self.dead_letter(message, &source, ErrorClass::InvalidTransition, reason));
+                out.push(self.dead_letter(record, ErrorClass::InvalidTransition, reason, vec![]));
                 return Processed::Done;
             }
         };
@@ -232,34 +258,239 @@ impl PartitionProcessor {
                 status_updates,
             } => {
                 let started = Instant::now();
-                let snapshot_url = match self.update_memory(
-                    &event,
-                    !handovers.is_empty(),
-                    now_ms,
-                    &source,
-                    out,
-                ) {
-                    Ok(url) => url,
-                    Err(reason) => {
-                        tracing::error!(context_id = %event.context_id, cause = %reason, "memory is unreadable; handing over without a snapshot");
-                        None
-                    }
-                };
-                self.emit_handovers(&event, &handovers, snapshot_url, out);
+                let snapshot_url =
+                    self.record_output(&event, !handovers.is_empty(), now_ms, source, out);
+                let produced_at = now_rfc3339();
+                let handovers: Vec<(String, Handover)> = handovers
+                    .iter()
+                    .map(|draft| {
+                        let handover = Handover::from_draft(
+                            draft,
+                            &event,
+                            snapshot_url.clone(),
+                            produced_at.clone(),
+                        );
+                        (draft.topic.clone(), handover)
+                    })
+                    .collect();
+                self.emit_handovers(&handovers, out);
                 self.emit_status_updates(&status_updates, out);
-                let write =
-                    self.store
-                        .put(&state.context_id, state.encode(), state.version, &source);
-                out.push(self.changelog_record(Store::Workflow, write));
+                self.write_state(&state, source, out);
                 self.stages.encode.observe(started.elapsed().as_secs_f64());
             }
             StepOutcome::Duplicate => METRICS.events_duplicate.inc(),
             StepOutcome::Unrouted => METRICS.events_unrouted.inc(),
             StepOutcome::Invalid { reason } => {
-                out.push(self.dead_letter(message, &source, ErrorClass::InvalidTransition, reason));
+                out.push(self.dead_letter(record, ErrorClass::InvalidTransition, reason, vec![]));
+            }
+            StepOutcome::ToolFailed {
+                state,
+                failure,
+                status_updates,
+            } => {
+                self.record_output(&event, false, now_ms, source, out);
+                let mut headers = vec![
+                    (dlq::headers::WORKFLOW, state.workflow.clone()),
+                    (dlq::headers::STEP, failure.step.clone()),
+                    (dlq::headers::ATTEMPTS, failure.attempt.to_string()),
+                    (dlq::headers::FAILED_EVENT, failure.event.clone()),
+                ];
+                if let Some(agent) = &failure.locked_by {
+                    headers.push((dlq::headers::LOCKED_BY, agent.clone()));
+                }
+                let reason = format!(
+                    "tool call `{}` failed{}",
+                    failure.event,
+                    event
+                        .error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+                out.push(self.dead_letter(record, ErrorClass::ToolFailed, reason, headers));
+                self.emit_status_updates(&status_updates, out);
+                self.write_state(&state, source, out);
+            }
+            StepOutcome::Hold => {
+                // `failure` is set, so the state exists.
+                if let Some(mut state) = current {
+                    state.held.push(HeldRecord {
+                        topic: source.topic.clone(),
+                        partition: source.partition,
+                        offset: source.offset,
+                        timestamp_ms: record.timestamp_ms,
+                        key: record.key.map(<[u8]>::to_vec),
+                        value: record.payload.map(<[u8]>::to_vec),
+                    });
+                    state.version = state.version.saturating_add(1);
+                    METRICS.events_held.inc();
+                    self.write_state(&state, source, out);
+                }
             }
         }
         Processed::Done
+    }
+
+    /// A healer command: applied through the pure step; the records it
+    /// releases are then processed in their arrival order.
+    fn command(&mut self, record: &InputRecord<'_>, out: &mut Vec<OutRecord>) -> Processed {
+        let source = &record.source;
+        let command = match ControlCommand::decode(record.payload.unwrap_or_default()) {
+            Ok(command) => command,
+            Err(reason) => {
+                self.count_consumed(&source.topic);
+                out.push(self.dead_letter(record, ErrorClass::UnrecognizedFormat, reason, vec![]));
+                return Processed::Done;
+            }
+        };
+        let current = match self.load_state(&command.context_id) {
+            Ok(state) => state,
+            Err(reason) => {
+                self.count_consumed(&source.topic);
+                out.push(self.dead_letter(record, ErrorClass::InvalidTransition, reason, vec![]));
+                return Processed::Done;
+            }
+        };
+        // Released Avro records need their writer schemas: fetch them before
+        // anything is applied, so the command can be processed whole.
+        for held in current.iter().flat_map(|state| &state.held) {
+            let coordinates = SourceCoordinates {
+                topic: held.topic.clone(),
+                partition: held.partition,
+                offset: held.offset,
+            };
+            if let Err(DecodeError::MissingSchema { id }) = self
+                .pipeline
+                .decoder
+                .decode(held.value.as_deref(), &coordinates)
+            {
+                return Processed::NeedsSchema(id);
+            }
+        }
+        self.count_consumed(&source.topic);
+        let now_ms = record.timestamp_ms;
+        let outcome =
+            workflow::apply_command(current.as_ref(), &command, &self.pipeline.topology, now_ms);
+        match outcome {
+            CommandOutcome::Ignored { duplicate, reason } => {
+                let outcome = if duplicate { "duplicate" } else { "stale" };
+                METRICS
+                    .control_commands
+                    .with_label_values(&[command.action.as_str(), outcome])
+                    .inc();
+                tracing::info!(context_id = %command.context_id, command_id = %command.command_id, %reason, "control command ignored");
+            }
+            CommandOutcome::Applied {
+                state,
+                handovers,
+                status_updates,
+                release,
+                causation_id,
+            } => {
+                METRICS
+                    .control_commands
+                    .with_label_values(&[command.action.as_str(), "applied"])
+                    .inc();
+                let snapshot_url = if handovers.is_empty() {
+                    None
+                } else {
+                    self.freeze_snapshot(&command.context_id, now_ms, source, out)
+                };
+                let last_output = self.last_tool_output(&command.context_id);
+                let produced_at = now_rfc3339();
+                let handovers: Vec<(String, Handover)> = handovers
+                    .iter()
+                    .map(|draft| {
+                        let handover = Handover::for_command(
+                            draft,
+                            &command.context_id,
+                            &causation_id,
+                            last_output.clone(),
+                            snapshot_url.clone(),
+                            produced_at.clone(),
+                        );
+                        (draft.topic.clone(), handover)
+                    })
+                    .collect();
+                self.emit_handovers(&handovers, out);
+                self.emit_status_updates(&status_updates, out);
+                self.write_state(&state, source, out);
+                for held in &release {
+                    METRICS.events_released.inc();
+                    let released = InputRecord {
+                        source: SourceCoordinates {
+                            topic: held.topic.clone(),
+                            partition: held.partition,
+                            offset: held.offset,
+                        },
+                        timestamp_ms: held.timestamp_ms,
+                        key: held.key.as_deref(),
+                        payload: held.value.as_deref(),
+                    };
+                    // Schemas were checked above; `event` cannot ask for one.
+                    self.event(&released, out);
+                }
+            }
+        }
+        Processed::Done
+    }
+
+    fn write_state(
+        &mut self,
+        state: &WorkflowState,
+        source: &SourceCoordinates,
+        out: &mut Vec<OutRecord>,
+    ) {
+        let write = self
+            .store
+            .put(&state.context_id, state.encode(), state.version, source);
+        out.push(self.changelog_record(Store::Workflow, write));
+    }
+
+    /// Records a tool output in memory; see [`Self::update_memory`]. A memory
+    /// that cannot be read only costs the snapshot URL.
+    fn record_output(
+        &mut self,
+        event: &ToolEvent,
+        hands_over: bool,
+        now_ms: i64,
+        source: &SourceCoordinates,
+        out: &mut Vec<OutRecord>,
+    ) -> Option<String> {
+        match self.update_memory(event, hands_over, now_ms, source, out) {
+            Ok(url) => url,
+            Err(reason) => {
+                tracing::error!(context_id = %event.context_id, cause = %reason, "memory is unreadable; handing over without a snapshot");
+                None
+            }
+        }
+    }
+
+    /// The newest tool output in a context's memory, for handovers a healer
+    /// command causes (they have no tool event of their own).
+    fn last_tool_output(&self, context_id: &str) -> serde_json::Value {
+        self.load_memory(context_id)
+            .ok()
+            .and_then(|memory| memory.last_tool_output().cloned())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Freezes the context's memory as a snapshot for a command's handover.
+    fn freeze_snapshot(
+        &mut self,
+        context_id: &str,
+        now_ms: i64,
+        source: &SourceCoordinates,
+        out: &mut Vec<OutRecord>,
+    ) -> Option<String> {
+        let memory = match self.load_memory(context_id) {
+            Ok(memory) => memory,
+            Err(reason) => {
+                tracing::error!(%context_id, cause = %reason, "memory is unreadable; handing over without a snapshot");
+                return None;
+            }
+        };
+        self.snapshot(memory, now_ms, source, out)
     }
 
     fn load_state(&self, context_id: &str) -> Result<Option<WorkflowState>, String> {
@@ -296,31 +527,28 @@ impl PartitionProcessor {
     }
 
     /// A `memory.upserted` record: the entry joins the context's memory.
-    fn remember<M: Message>(
-        &mut self,
-        message: &M,
-        source: &SourceCoordinates,
-        out: &mut Vec<OutRecord>,
-    ) {
-        let upsert = match memory::decode_upsert(message.payload().unwrap_or_default()) {
+    fn remember(&mut self, record: &InputRecord<'_>, out: &mut Vec<OutRecord>) {
+        let upsert = match memory::decode_upsert(record.payload.unwrap_or_default()) {
             Ok(upsert) => upsert,
             Err(reason) => {
-                out.push(self.dead_letter(message, source, ErrorClass::UnrecognizedFormat, reason));
+                out.push(self.dead_letter(record, ErrorClass::UnrecognizedFormat, reason, vec![]));
                 return;
             }
         };
         let mut memory = match self.load_memory(&upsert.context_id) {
             Ok(memory) => memory,
             Err(reason) => {
-                out.push(self.dead_letter(message, source, ErrorClass::InvalidTransition, reason));
+                out.push(self.dead_letter(record, ErrorClass::InvalidTransition, reason, vec![]));
                 return;
             }
         };
-        let at = message.timestamp().to_millis().unwrap_or(0);
-        memory.upsert(&upsert, at);
-        let write = self
-            .memory
-            .put(&memory.context_id, memory.encode(), memory.version, source);
+        memory.upsert(&upsert, record.timestamp_ms);
+        let write = self.memory.put(
+            &memory.context_id,
+            memory.encode(),
+            memory.version,
+            &record.source,
+        );
         out.push(self.changelog_record(Store::Memory, write));
         METRICS.memory_upserts.inc();
     }
@@ -342,8 +570,27 @@ impl PartitionProcessor {
             output: event.result.clone(),
             at: now_ms,
         });
+        if hands_over {
+            return Ok(self.snapshot(memory, now_ms, source, out));
+        }
+        let write = self
+            .memory
+            .put(&memory.context_id, memory.encode(), memory.version, source);
+        out.push(self.changelog_record(Store::Memory, write));
+        Ok(None)
+    }
+
+    /// Writes `memory`, frozen as a new snapshot (older ones pruned) when
+    /// snapshots are enabled, and returns the snapshot's signed URL.
+    fn snapshot(
+        &mut self,
+        mut memory: Memory,
+        now_ms: i64,
+        source: &SourceCoordinates,
+        out: &mut Vec<OutRecord>,
+    ) -> Option<String> {
         let mut url = None;
-        if hands_over && let Some(snapshots) = &self.pipeline.snapshots {
+        if let Some(snapshots) = &self.pipeline.snapshots {
             let snapshot = memory.freeze(now_ms);
             let key = memory::snapshot_key(&snapshot.context_id, snapshot.version);
             let write = self
@@ -368,7 +615,7 @@ impl PartitionProcessor {
             .memory
             .put(&memory.context_id, memory.encode(), memory.version, source);
         out.push(self.changelog_record(Store::Memory, write));
-        Ok(url)
+        url
     }
 
     fn emit_status_updates(&self, updates: &[StatusUpdate], out: &mut Vec<OutRecord>) {
@@ -387,31 +634,19 @@ impl PartitionProcessor {
         }
     }
 
-    fn emit_handovers(
-        &self,
-        event: &ToolEvent,
-        drafts: &[crate::handover::HandoverDraft],
-        snapshot_url: Option<String>,
-        out: &mut Vec<OutRecord>,
-    ) {
-        let produced_at = now_rfc3339();
-        for draft in drafts {
-            let handover =
-                Handover::from_draft(draft, event, snapshot_url.clone(), produced_at.clone());
-            match self
-                .pipeline
-                .output
-                .encode_handover(&draft.topic, &handover)
-            {
+    /// Produces each handover to its topic.
+    fn emit_handovers(&self, handovers: &[(String, Handover)], out: &mut Vec<OutRecord>) {
+        for (topic, handover) in handovers {
+            match self.pipeline.output.encode_handover(topic, handover) {
                 Ok(payload) => {
                     METRICS
                         .handovers_produced
-                        .with_label_values(&[&draft.agent])
+                        .with_label_values(&[&handover.agent])
                         .inc();
                     out.push(OutRecord {
-                        topic: draft.topic.clone(),
+                        topic: topic.clone(),
                         partition: None,
-                        key: Some(event.context_id.clone().into_bytes()),
+                        key: Some(handover.context_id.clone().into_bytes()),
                         payload: Some(payload),
                         headers: None,
                         changelog: None,
@@ -422,26 +657,26 @@ impl PartitionProcessor {
         }
     }
 
-    fn dead_letter<M: Message>(
+    fn dead_letter(
         &self,
-        message: &M,
-        source: &SourceCoordinates,
+        record: &InputRecord<'_>,
         class: ErrorClass,
         reason: String,
+        extra_headers: Vec<(&'static str, String)>,
     ) -> OutRecord {
         METRICS
             .dlq_records
             .with_label_values(&[class.as_str()])
             .inc();
-        tracing::debug!(class = class.as_str(), %reason, offset = source.offset, "dead-lettered");
+        tracing::debug!(class = class.as_str(), %reason, offset = record.source.offset, "dead-lettered");
         let letter = DeadLetter {
             class,
             reason,
-            source: source.clone(),
-            key: message.key().map(<[u8]>::to_vec),
-            value: message.payload().map(<[u8]>::to_vec),
+            source: record.source.clone(),
+            key: record.key.map(<[u8]>::to_vec),
+            value: record.payload.map(<[u8]>::to_vec),
             failed_at: now_rfc3339(),
-            extra_headers: vec![],
+            extra_headers,
         };
         OutRecord {
             topic: self.pipeline.dlq_topic.clone(),

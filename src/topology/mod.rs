@@ -61,10 +61,49 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     /// The terminal state of a workflow the healer parks.
     pub failed_state: String,
+    /// The healer's delay before retry `n` (n >= 1) is
+    /// `initial_backoff_ms * 2^(n-1)`, capped at `max_backoff_ms`.
+    #[serde(default = "default_initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alternates: Vec<Alternate>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_b: Option<PlanB>,
+}
+
+fn default_initial_backoff_ms() -> u64 {
+    1_000
+}
+
+fn default_max_backoff_ms() -> u64 {
+    60_000
+}
+
+impl RetryPolicy {
+    /// How long the healer waits before dispatching attempt `attempt`
+    /// (the first retry is attempt 2).
+    pub fn backoff_ms(&self, attempt: u32) -> u64 {
+        let doublings = attempt.saturating_sub(2).min(62);
+        self.initial_backoff_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.max_backoff_ms)
+    }
+
+    /// The alternate that replaces `tool`, if any.
+    pub fn alternate_for_tool(&self, tool: &str) -> Option<&Alternate> {
+        self.alternates
+            .iter()
+            .find(|alternate| alternate.tool == tool)
+    }
+
+    /// The alternate whose own completion event `event` is, if any.
+    pub fn alternate_completing_with(&self, event: &str) -> Option<&Alternate> {
+        self.alternates
+            .iter()
+            .find(|alternate| alternate.completion_event == event)
+    }
 }
 
 /// Another agent that can do a failing tool's job; its completion event
@@ -92,6 +131,7 @@ impl Alternate {
             agent: self.agent.clone(),
             intent: self.intent.clone(),
             topic: self.topic.clone(),
+            tool: None,
         }
     }
 }
@@ -111,6 +151,11 @@ pub struct HandoverTarget {
     pub agent: String,
     pub intent: String,
     pub topic: String,
+    /// The tool this agent is expected to complete with. A retry of that
+    /// tool goes back to this target; needed only where a state is entered
+    /// with several handovers (see [`WorkflowDefinition::retry_target`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
 }
 
 /// A move from one of `from` to `to` once every event in `on` has arrived.
@@ -228,6 +273,50 @@ impl WorkflowDefinition {
         transitions.chain(alternates).chain(plan_b)
     }
 
+    /// Whom a retry of the failed call `failed_event` in `state` goes to:
+    /// the alternate, when the failed call was the alternate's own; else,
+    /// among the handovers of the transitions into `state`, the one that
+    /// declares the failed tool, the only one, or the one to `locked_by`.
+    /// `None` when nobody dispatched the step (the initial state) or the
+    /// target is ambiguous: then retrying is not possible.
+    pub fn retry_target(
+        &self,
+        state: &str,
+        failed_event: &str,
+        locked_by: Option<&str>,
+    ) -> Option<HandoverTarget> {
+        if let Some(alternate) = self.retry.alternate_completing_with(failed_event) {
+            return Some(alternate.target());
+        }
+        let mut candidates: Vec<&HandoverTarget> = Vec::new();
+        for target in self
+            .transitions
+            .iter()
+            .filter(|transition| transition.to == state)
+            .flat_map(|transition| transition.handovers.iter())
+        {
+            if !candidates.contains(&target) {
+                candidates.push(target);
+            }
+        }
+        let tool = tool_of_event(failed_event);
+        if let Some(target) = candidates
+            .iter()
+            .find(|target| target.tool.as_deref() == Some(tool))
+        {
+            return Some((*target).clone());
+        }
+        if let [only] = candidates.as_slice() {
+            return Some((*only).clone());
+        }
+        locked_by.and_then(|agent| {
+            candidates
+                .iter()
+                .find(|target| target.agent == agent)
+                .map(|target| (*target).clone())
+        })
+    }
+
     /// How problems name this definition: its file, else its name.
     pub fn origin_label(&self) -> String {
         match &self.origin {
@@ -235,6 +324,15 @@ impl WorkflowDefinition {
             None => format!("workflow `{}`", self.name),
         }
     }
+}
+
+/// `browser_take_screenshot` for `tool.browser_take_screenshot.completed`;
+/// any other name is returned whole.
+pub fn tool_of_event(event: &str) -> &str {
+    event
+        .strip_prefix("tool.")
+        .and_then(|rest| rest.strip_suffix(".completed"))
+        .unwrap_or(event)
 }
 
 /// The event name a tool's completion carries.

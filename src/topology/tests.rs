@@ -67,8 +67,14 @@ fn loads_the_shipped_vision_research_contract() {
     assert_eq!(
         second.transition.handovers,
         [
-            target("valuation", "estimate_value", "mcp.handover.valuation"),
-            target("playwright", "capture_evidence", "mcp.handover.playwright"),
+            HandoverTarget {
+                tool: Some("valuation_estimate".into()),
+                ..target("valuation", "estimate_value", "mcp.handover.valuation")
+            },
+            HandoverTarget {
+                tool: Some("browser_take_screenshot".into()),
+                ..target("playwright", "capture_evidence", "mcp.handover.playwright")
+            },
         ]
     );
     let join = workflow
@@ -107,6 +113,7 @@ fn target(agent: &str, intent: &str, topic: &str) -> HandoverTarget {
         agent: agent.into(),
         intent: intent.into(),
         topic: topic.into(),
+        tool: None,
     }
 }
 

@@ -158,6 +158,18 @@ fn check_policy_states(
             "must be at least 1: 0 attempts would never dispatch a step",
         );
     }
+    if definition.retry.initial_backoff_ms == 0 {
+        report.push(
+            "retry.initial_backoff_ms",
+            "must be at least 1: retries without a pause hammer a failing tool",
+        );
+    }
+    if definition.retry.max_backoff_ms < definition.retry.initial_backoff_ms {
+        report.push(
+            "retry.max_backoff_ms",
+            "must be at least `initial_backoff_ms`",
+        );
+    }
     if let Some(plan_b) = &definition.retry.plan_b {
         report.known_state("retry.plan_b.state", &plan_b.state, states);
         report.target("retry.plan_b.handover", &plan_b.handover);
@@ -289,6 +301,7 @@ fn check_alternates(definition: &WorkflowDefinition, report: &mut Report<'_>) {
                 agent: alternate.agent.clone(),
                 intent: alternate.intent.clone(),
                 topic: alternate.topic.clone(),
+                tool: None,
             },
         );
         let completion_known = report.present(

@@ -9,8 +9,11 @@ mod state;
 mod step;
 mod tokens;
 
-pub use state::{RECENT_EVENT_IDS, STATE_ENCODING_VERSION, StateDecodeError, WorkflowState};
-pub use step::{ContextStatus, StatusUpdate, StepOutcome, step};
+pub use state::{
+    HeldRecord, PendingFailure, RECENT_EVENT_IDS, STATE_ENCODING_VERSION, StateDecodeError,
+    WorkflowState,
+};
+pub use step::{CommandOutcome, ContextStatus, StatusUpdate, StepOutcome, apply_command, step};
 pub use tokens::estimate_tokens;
 
 #[cfg(test)]

@@ -111,6 +111,51 @@ proptest! {
                 StepOutcome::Invalid { reason } => {
                     prop_assert!(!reason.is_empty());
                 }
+                StepOutcome::ToolFailed { state: next, failure, status_updates } => {
+                    prop_assert_eq!(event.status, ToolStatus::Error);
+                    if let Some(previous) = &state {
+                        prop_assert_eq!(next.version, previous.version + 1);
+                        prop_assert_eq!(&next.state, &previous.state, "a failure stays on its step");
+                        prop_assert_eq!(failure.attempt, previous.attempts);
+                    }
+                    prop_assert_eq!(next.locked_by.as_ref(), None);
+                    prop_assert_eq!(next.failure.as_ref(), Some(&failure));
+                    prop_assert_eq!(status_updates.len(), 1);
+                    prop_assert_eq!(step(Some(&next), event, &topology, now + 1), StepOutcome::Duplicate);
+                    prop_assert_eq!(&WorkflowState::decode(&next.encode()).expect("decode"), &next);
+                    applied_ids.insert(event.event_id.clone());
+                    // The healer answers with a retry; applying it twice does nothing.
+                    let command = crate::control::ControlCommand {
+                        command_id: format!("dlq/0/{index}"),
+                        context_id: next.context_id.clone(),
+                        action: crate::control::ControlAction::Retry,
+                        step: failure.step.clone(),
+                        attempt: failure.attempt + 1,
+                        dlq_topic: "dlq".into(),
+                        dlq_partition: 0,
+                        dlq_offset: index as i64,
+                        not_before: None,
+                    };
+                    let applied = match apply_command(Some(&next), &command, &topology, now) {
+                        CommandOutcome::Applied { state: applied, release, .. } => {
+                            prop_assert!(release.is_empty());
+                            prop_assert_eq!(applied.failure.as_ref(), None);
+                            prop_assert_eq!(applied.attempts, failure.attempt + 1);
+                            applied
+                        }
+                        other => {
+                            prop_assert!(false, "the retry applies: {:?}", other);
+                            unreachable!()
+                        }
+                    };
+                    let again = apply_command(Some(&applied), &command, &topology, now);
+                    let duplicate = matches!(again, CommandOutcome::Ignored { duplicate: true, .. });
+                    prop_assert!(duplicate, "a second delivery is ignored: {:?}", again);
+                    state = Some(applied);
+                }
+                StepOutcome::Hold => {
+                    prop_assert!(state.as_ref().is_some_and(|s| s.failure.is_some()));
+                }
             }
         }
     }

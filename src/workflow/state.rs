@@ -44,8 +44,76 @@ pub struct WorkflowState {
     /// (an alternate's event is recorded as the trigger it stands in for).
     /// Cleared whenever the state changes.
     pub join_arrived: BTreeSet<String>,
-    /// The last [`RECENT_EVENT_IDS`] applied `event_id`s, oldest first.
+    /// The last [`RECENT_EVENT_IDS`] applied `event_id`s (and control
+    /// `command:` ids), oldest first.
     pub recent_event_ids: VecDeque<String>,
+    /// A failed tool call the healer has not answered yet. While it is set,
+    /// the context's later events wait in `held`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<PendingFailure>,
+    /// Input records that arrived while `failure` was pending, in arrival
+    /// order; released, in order, once the healer's command is applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<HeldRecord>,
+}
+
+/// The failed call a context waits on the healer for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingFailure {
+    /// The state the failed call belongs to.
+    pub step: String,
+    /// The failed call's event name, e.g. `tool.browser_take_screenshot.completed`.
+    pub event: String,
+    /// The failed call's `event_id`: handovers the healer's answer causes
+    /// derive their ids from it, so they are the same however often the
+    /// answer is delivered.
+    pub event_id: String,
+    /// `attempts` when it failed: the healer's command starts `attempt + 1`.
+    pub attempt: u32,
+    /// Who held the context when the call failed (the lock is released while
+    /// the healer decides); it picks the retry target where several agents
+    /// work on one step.
+    #[serde(default)]
+    pub locked_by: Option<String>,
+    /// The input record's timestamp, in milliseconds.
+    pub at: i64,
+}
+
+/// An input record held back while a retry is pending: its bytes exactly as
+/// they arrived, so releasing it (or dead-lettering it) loses nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: i64,
+    #[serde(default, with = "hex_bytes")]
+    pub key: Option<Vec<u8>>,
+    #[serde(default, with = "hex_bytes")]
+    pub value: Option<Vec<u8>>,
+}
+
+/// Bytes as a hex string in the JSON state encoding.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        bytes: &Option<Vec<u8>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(bytes) => serializer.serialize_some(&hex::encode(bytes)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(deserializer)?
+            .map(|text| hex::decode(text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 /// Why stored state bytes could not be read back.
@@ -88,6 +156,8 @@ impl WorkflowState {
             updated_at: 0,
             join_arrived: BTreeSet::new(),
             recent_event_ids: VecDeque::new(),
+            failure: None,
+            held: Vec::new(),
         }
     }
 

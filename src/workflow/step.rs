@@ -18,11 +18,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::state::WorkflowState;
+use super::state::{HeldRecord, PendingFailure, WorkflowState};
 use super::tokens::estimate_tokens;
+use crate::control::{ControlAction, ControlCommand};
 use crate::event::{ToolEvent, ToolStatus};
 use crate::handover::{HandoverDraft, HandoverStatus};
-use crate::topology::{HandoverTarget, Topology, Transition, WorkflowDefinition};
+use crate::topology::{HandoverTarget, Topology, Transition, WorkflowDefinition, tool_of_event};
 
 /// Where a context stands after a step, as the UI shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -32,6 +33,8 @@ pub enum ContextStatus {
     Queued,
     /// Part of a join arrived; the rest has not.
     Waiting,
+    /// A tool call failed; the healer decides what happens next.
+    Retrying,
     /// A terminal state other than the budget and failure states.
     Completed,
     PlanB,
@@ -44,6 +47,7 @@ impl ContextStatus {
         match self {
             ContextStatus::Queued => "queued",
             ContextStatus::Waiting => "waiting",
+            ContextStatus::Retrying => "retrying",
             ContextStatus::Completed => "completed",
             ContextStatus::PlanB => "plan_b",
             ContextStatus::BudgetExhausted => "budget_exhausted",
@@ -90,6 +94,37 @@ pub enum StepOutcome {
     /// The event is impossible here: dead-letter it as `invalid_transition`;
     /// the state is unchanged.
     Invalid { reason: String },
+    /// The tool call failed: write `state` (the failure recorded, the lock
+    /// released, the step unchanged), dead-letter the record as
+    /// `tool_failed` with `failure`, and emit the status updates.
+    ToolFailed {
+        state: WorkflowState,
+        failure: PendingFailure,
+        status_updates: Vec<StatusUpdate>,
+    },
+    /// The context waits on the healer for an earlier failure: hold the
+    /// record in its state until the healer's command is applied.
+    Hold,
+}
+
+/// What the shell must do with one [`ControlCommand`].
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommandOutcome {
+    /// Write `state`, produce the handovers and status updates, then process
+    /// the `release`d records, in order, as if they arrived now.
+    Applied {
+        state: WorkflowState,
+        handovers: Vec<HandoverDraft>,
+        status_updates: Vec<StatusUpdate>,
+        release: Vec<HeldRecord>,
+        /// What the handovers name as their cause: the failed call's
+        /// `event_id`, the action and the attempt.
+        causation_id: String,
+    },
+    /// Already applied, or answering a failure that is no longer pending:
+    /// nothing changes. `duplicate` tells the two apart for metrics.
+    Ignored { duplicate: bool, reason: String },
 }
 
 /// Applies `event` to a context's `state` (`None` for a context never seen).
@@ -128,10 +163,10 @@ fn step_unbound(event: &ToolEvent, topology: &Topology, now_ms: i64) -> StepOutc
         Ok(definition) => definition,
         Err(reason) => return invalid(reason),
     };
-    if let Some(reason) = failed_tool(event) {
-        return invalid(reason);
-    }
     let fresh = WorkflowState::bind(&event.context_id, definition, event.token_budget);
+    if event.status == ToolStatus::Error {
+        return fail_step(&fresh, None, definition, event, now_ms);
+    }
     advance(&fresh, None, definition, event, now_ms)
 }
 
@@ -146,6 +181,9 @@ fn step_bound(
     }
     if !topology.mentions(&event.event) {
         return StepOutcome::Unrouted;
+    }
+    if current.failure.is_some() {
+        return StepOutcome::Hold;
     }
     let Some(definition) = topology.workflow(&current.workflow) else {
         return invalid(format!(
@@ -167,26 +205,201 @@ fn step_bound(
             current.context_id, current.state, current.workflow
         ));
     }
-    if let Some(reason) = failed_tool(event) {
-        return invalid(reason);
+    if event.status == ToolStatus::Error {
+        return fail_step(current, Some(&current.state), definition, event, now_ms);
     }
     advance(current, Some(&current.state), definition, event, now_ms)
 }
 
-/// A failed tool call must not count as its completion (a failed screenshot
-/// cannot complete the join), so it leaves the state unchanged.
-fn failed_tool(event: &ToolEvent) -> Option<String> {
-    (event.status == ToolStatus::Error).then(|| {
-        let detail = event
-            .error
-            .as_deref()
-            .map(|error| format!(" ({error})"))
-            .unwrap_or_default();
-        format!(
-            "tool call `{}` failed{detail}; a failed call does not advance the workflow",
-            event.event
-        )
-    })
+/// A failed tool call of the current step. It must not count as the tool's
+/// completion (a failed screenshot cannot complete the join), so the state
+/// stays on the step; the lock is released and the failure recorded, and the
+/// shell dead-letters the record as `tool_failed` for the healer. The tokens
+/// it reports were spent all the same, so they are debited; a failure that
+/// uses up the budget ends the workflow like any other step would.
+/// A failed call the current state does not wait for is an invalid transition.
+fn fail_step(
+    current: &WorkflowState,
+    from: Option<&str>,
+    definition: &WorkflowDefinition,
+    event: &ToolEvent,
+    now_ms: i64,
+) -> StepOutcome {
+    let Some(matched) = definition.match_trigger(&current.state, &event.event) else {
+        return invalid(not_allowed(current, from, definition, event));
+    };
+    let mut next = current.clone();
+    next.tokens_used = next.tokens_used.saturating_add(tokens_spent(event));
+    next.version = next.version.saturating_add(1);
+    next.updated_at = now_ms;
+    next.remember(&event.event_id);
+    if next.tokens_used >= next.token_budget {
+        return exhaust(next, from, definition, matched.transition, now_ms);
+    }
+    let failure = PendingFailure {
+        step: current.state.clone(),
+        event: event.event.clone(),
+        event_id: event.event_id.clone(),
+        attempt: current.attempts,
+        locked_by: current.locked_by.clone(),
+        at: now_ms,
+    };
+    next.locked_by = None;
+    next.failure = Some(failure.clone());
+    let detail = event
+        .error
+        .as_deref()
+        .map(|error| format!(": {error}"))
+        .unwrap_or_default();
+    let message = format!(
+        "{} failed (attempt {} of {}){detail}",
+        tool_of_event(&event.event),
+        current.attempts.max(1),
+        definition.retry.max_attempts
+    );
+    let update = status_update(&next, from, ContextStatus::Retrying, message, now_ms);
+    StepOutcome::ToolFailed {
+        state: next,
+        failure,
+        status_updates: vec![update],
+    }
+}
+
+/// Applies the healer's answer to a context's pending failure. See
+/// [`CommandOutcome`]; the command's `attempt` must be the one after the
+/// failed attempt, so a late or replayed command cannot act twice.
+pub fn apply_command(
+    state: Option<&WorkflowState>,
+    command: &ControlCommand,
+    topology: &Topology,
+    now_ms: i64,
+) -> CommandOutcome {
+    let ignored = |duplicate: bool, reason: String| CommandOutcome::Ignored { duplicate, reason };
+    let Some(current) = state else {
+        return ignored(
+            false,
+            format!("context `{}` has no state", command.context_id),
+        );
+    };
+    let command_key = command_key(&command.command_id);
+    if current.has_seen(&command_key) {
+        return ignored(
+            true,
+            format!("command `{}` was applied already", command.command_id),
+        );
+    }
+    let Some(definition) = topology.workflow(&current.workflow) else {
+        return ignored(
+            false,
+            format!("workflow `{}` is no longer defined", current.workflow),
+        );
+    };
+    let Some(failure) = current.failure.as_ref() else {
+        return ignored(
+            false,
+            format!("context `{}` has no failure pending", current.context_id),
+        );
+    };
+    if failure.step != command.step || command.attempt != failure.attempt.saturating_add(1) {
+        return ignored(
+            false,
+            format!(
+                "command for step `{}` attempt {} does not answer the pending failure (step `{}`, attempt {})",
+                command.step, command.attempt, failure.step, failure.attempt
+            ),
+        );
+    }
+    let mut next = current.clone();
+    next.failure = None;
+    let release = std::mem::take(&mut next.held);
+    next.version = next.version.saturating_add(1);
+    next.updated_at = now_ms;
+    next.attempts = command.attempt;
+    next.remember(&command_key);
+    let from = Some(current.state.as_str());
+    let tool = tool_of_event(&failure.event);
+
+    let retry_target =
+        || definition.retry_target(&failure.step, &failure.event, failure.locked_by.as_deref());
+    let route = match command.action {
+        ControlAction::Retry => retry_target().map(|target| {
+            let message = format!(
+                "{} is retrying {tool} (attempt {} of {})",
+                capitalised(&target.agent),
+                command.attempt,
+                definition.retry.max_attempts
+            );
+            (
+                target,
+                HandoverStatus::Retrying,
+                ContextStatus::Queued,
+                message,
+            )
+        }),
+        ControlAction::Alternate => definition.retry.alternate_for_tool(tool).map(|alternate| {
+            let message = format!(
+                "Falling back to {} for {tool}",
+                capitalised(&alternate.agent)
+            );
+            (
+                alternate.target(),
+                HandoverStatus::Fallback,
+                ContextStatus::Queued,
+                message,
+            )
+        }),
+        ControlAction::PlanB => definition.retry.plan_b.as_ref().map(|plan_b| {
+            next.state = plan_b.state.clone();
+            next.join_arrived.clear();
+            let message = format!("Moved to {} after {tool} kept failing", plan_b.state);
+            (
+                plan_b.handover.clone(),
+                HandoverStatus::PlanB,
+                ContextStatus::PlanB,
+                message,
+            )
+        }),
+        ControlAction::Fail => None,
+    };
+    let (handovers, update) = match route {
+        Some((target, handover_status, status, message)) => {
+            next.locked_by = Some(target.agent.clone());
+            let handover = draft(definition, &target, handover_status, next.tokens_left());
+            let update = status_update(&next, from, status, message, now_ms);
+            (vec![handover], update)
+        }
+        // Asked to fail, or asked for a route this workflow does not have:
+        // failing is the only move that cannot leave the context stuck.
+        None => {
+            next.state = definition.retry.failed_state.clone();
+            next.locked_by = None;
+            next.join_arrived.clear();
+            let message = format!(
+                "Failed: {tool} failed in {} after {} attempt(s)",
+                failure.step,
+                failure.attempt.max(1)
+            );
+            let update = status_update(&next, from, ContextStatus::Failed, message, now_ms);
+            (Vec::new(), update)
+        }
+    };
+    CommandOutcome::Applied {
+        state: next,
+        handovers,
+        status_updates: vec![update],
+        release,
+        causation_id: format!(
+            "{}/{}/{}",
+            failure.event_id,
+            command.action.as_str(),
+            command.attempt
+        ),
+    }
+}
+
+/// How an applied command is remembered among the context's recent ids.
+fn command_key(command_id: &str) -> String {
+    format!("command:{command_id}")
 }
 
 /// Steps a bound context (`from` is `None` if it bound just now).
@@ -279,7 +492,7 @@ fn wait(
         .on
         .iter()
         .filter(|trigger| !next.join_arrived.contains(*trigger))
-        .map(|trigger| tool_of(trigger))
+        .map(|trigger| tool_of_event(trigger))
         .collect();
     let message = format!("Waiting for {}", human_list(&missing));
     // The step that dispatched the join is still running: `attempts` and
@@ -426,14 +639,6 @@ fn human_list(items: &[&str]) -> String {
         [only] => (*only).to_owned(),
         [init @ .., last] => format!("{} and {last}", init.join(", ")),
     }
-}
-
-/// `browser_take_screenshot` for `tool.browser_take_screenshot.completed`.
-fn tool_of(event: &str) -> &str {
-    event
-        .strip_prefix("tool.")
-        .and_then(|rest| rest.strip_suffix(".completed"))
-        .unwrap_or(event)
 }
 
 fn not_allowed(

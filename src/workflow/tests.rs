@@ -3,6 +3,7 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::control::{ControlAction, ControlCommand};
 use crate::event::{ToolEvent, ToolStatus, Usage};
 use crate::handover::{HandoverDraft, HandoverStatus};
 use crate::topology::Topology;
@@ -379,16 +380,246 @@ fn terminal_states_absorb() {
 }
 
 #[test]
-fn a_failed_tool_call_does_not_advance() {
+fn a_failed_tool_call_records_the_failure_and_stays_on_the_step() {
     let topology = topology();
     let start = downstream(&topology);
     let mut failed = event("j1", SCREENSHOT, 10);
     failed.status = ToolStatus::Error;
     failed.error = Some("timeout".into());
-    let reason = invalid_reason(step(Some(&start), &failed, &topology, 30));
+    let StepOutcome::ToolFailed {
+        state,
+        failure,
+        status_updates,
+    } = step(Some(&start), &failed, &topology, 30)
+    else {
+        panic!("a tool failure")
+    };
+    assert_eq!(state.state, "DownstreamQueued");
+    assert_eq!(state.locked_by, None, "the lock is released");
+    assert_eq!(state.attempts, 1);
     assert_eq!(
-        reason,
-        "tool call `tool.browser_take_screenshot.completed` failed (timeout); a failed call does not advance the workflow"
+        state.tokens_used,
+        start.tokens_used + 10,
+        "its tokens were spent"
+    );
+    assert_eq!(state.version, start.version + 1);
+    assert!(state.join_arrived.is_empty(), "a failure is no arrival");
+    assert_eq!(
+        failure,
+        PendingFailure {
+            step: "DownstreamQueued".into(),
+            event: SCREENSHOT.into(),
+            event_id: "j1".into(),
+            attempt: 1,
+            locked_by: Some("valuation".into()),
+            at: 30,
+        }
+    );
+    assert_eq!(state.failure.as_ref(), Some(&failure));
+    assert_eq!(status_updates[0].status, ContextStatus::Retrying);
+    assert_eq!(
+        status_updates[0].message,
+        "browser_take_screenshot failed (attempt 1 of 3): timeout"
+    );
+    // A failed call the state does not wait for is an invalid transition.
+    let mut stray = event("x1", VISION, 10);
+    stray.status = ToolStatus::Error;
+    let reason = invalid_reason(step(Some(&start), &stray, &topology, 30));
+    assert!(
+        reason.contains("not allowed in state `DownstreamQueued`"),
+        "{reason}"
+    );
+}
+
+fn failed_downstream(topology: &Topology) -> WorkflowState {
+    let mut failed = event("j1", SCREENSHOT, 10);
+    failed.status = ToolStatus::Error;
+    match step(Some(&downstream(topology)), &failed, topology, 30) {
+        StepOutcome::ToolFailed { state, .. } => state,
+        other => panic!("a tool failure, not {other:?}"),
+    }
+}
+
+fn command(action: ControlAction, attempt: u32) -> ControlCommand {
+    ControlCommand {
+        command_id: format!("mcp.events.dlq/0/{attempt}"),
+        context_id: "c-42".into(),
+        action,
+        step: "DownstreamQueued".into(),
+        attempt,
+        dlq_topic: "mcp.events.dlq".into(),
+        dlq_partition: 0,
+        dlq_offset: i64::from(attempt),
+        not_before: None,
+    }
+}
+
+fn applied_command(
+    outcome: CommandOutcome,
+) -> (
+    WorkflowState,
+    Vec<HandoverDraft>,
+    Vec<StatusUpdate>,
+    Vec<HeldRecord>,
+) {
+    match outcome {
+        CommandOutcome::Applied {
+            state,
+            handovers,
+            status_updates,
+            release,
+            ..
+        } => (state, handovers, status_updates, release),
+        other => panic!("expected Applied, got {other:?}"),
+    }
+}
+
+#[test]
+fn later_events_are_held_while_a_failure_is_pending() {
+    let topology = topology();
+    let failed = failed_downstream(&topology);
+    assert_eq!(
+        step(Some(&failed), &event("v1", VALUATION, 10), &topology, 40),
+        StepOutcome::Hold
+    );
+    // Duplicates and unrelated events are not held.
+    assert_eq!(
+        step(Some(&failed), &event("j1", SCREENSHOT, 10), &topology, 40),
+        StepOutcome::Duplicate
+    );
+    assert_eq!(
+        step(
+            Some(&failed),
+            &event("u1", "tool.unrelated.completed", 10),
+            &topology,
+            40
+        ),
+        StepOutcome::Unrouted
+    );
+}
+
+#[test]
+fn a_retry_hands_the_step_back_to_the_tool_s_agent_and_releases_held_records() {
+    let topology = topology();
+    let mut failed = failed_downstream(&topology);
+    let held = HeldRecord {
+        topic: "mcp.events.all".into(),
+        partition: 0,
+        offset: 7,
+        timestamp_ms: 40,
+        key: Some(b"c-42".to_vec()),
+        value: Some(b"{}".to_vec()),
+    };
+    failed.held.push(held.clone());
+    let (state, handovers, updates, release) = applied_command(apply_command(
+        Some(&failed),
+        &command(ControlAction::Retry, 2),
+        &topology,
+        50,
+    ));
+    assert_eq!(state.attempts, 2);
+    assert_eq!(state.failure, None);
+    assert!(state.held.is_empty());
+    assert_eq!(release, [held]);
+    assert_eq!(state.locked_by.as_deref(), Some("playwright"));
+    assert_eq!(state.state, "DownstreamQueued");
+    assert_eq!(handovers.len(), 1);
+    assert_eq!(handovers[0].agent, "playwright");
+    assert_eq!(handovers[0].status, HandoverStatus::Retrying);
+    assert_eq!(
+        updates[0].message,
+        "Playwright is retrying browser_take_screenshot (attempt 2 of 3)"
+    );
+    // Delivered twice: no effect the second time.
+    let again = apply_command(
+        Some(&state),
+        &command(ControlAction::Retry, 2),
+        &topology,
+        60,
+    );
+    assert!(
+        matches!(
+            again,
+            CommandOutcome::Ignored {
+                duplicate: true,
+                ..
+            }
+        ),
+        "{again:?}"
+    );
+    // A command for an attempt that is not pending is stale.
+    let stale = apply_command(
+        Some(&failed),
+        &command(ControlAction::Retry, 5),
+        &topology,
+        60,
+    );
+    assert!(
+        matches!(
+            stale,
+            CommandOutcome::Ignored {
+                duplicate: false,
+                ..
+            }
+        ),
+        "{stale:?}"
+    );
+}
+
+#[test]
+fn alternate_plan_b_and_fail_route_the_workflow() {
+    let topology = topology();
+    let failed = failed_downstream(&topology);
+    let (state, handovers, _, _) = applied_command(apply_command(
+        Some(&failed),
+        &command(ControlAction::Alternate, 2),
+        &topology,
+        50,
+    ));
+    assert_eq!(handovers[0].agent, "fetcher");
+    assert_eq!(handovers[0].intent, "fetch_page");
+    assert_eq!(handovers[0].status, HandoverStatus::Fallback);
+    assert_eq!(state.locked_by.as_deref(), Some("fetcher"));
+
+    let (state, handovers, updates, _) = applied_command(apply_command(
+        Some(&failed),
+        &command(ControlAction::PlanB, 2),
+        &topology,
+        50,
+    ));
+    assert_eq!(state.state, "PlanB");
+    assert_eq!(handovers[0].agent, "researcher");
+    assert_eq!(handovers[0].intent, "plan_b_manual_review");
+    assert_eq!(handovers[0].status, HandoverStatus::PlanB);
+    assert_eq!(updates[0].status, ContextStatus::PlanB);
+
+    let (state, handovers, updates, _) = applied_command(apply_command(
+        Some(&failed),
+        &command(ControlAction::Fail, 2),
+        &topology,
+        50,
+    ));
+    assert_eq!(state.state, "Failed");
+    assert_eq!(state.locked_by, None);
+    assert!(handovers.is_empty());
+    assert_eq!(updates[0].status, ContextStatus::Failed);
+}
+
+#[test]
+fn state_with_a_pending_failure_and_held_bytes_round_trips() {
+    let topology = topology();
+    let mut failed = failed_downstream(&topology);
+    failed.held.push(HeldRecord {
+        topic: "mcp.events.all".into(),
+        partition: 1,
+        offset: 9,
+        timestamp_ms: 40,
+        key: None,
+        value: Some(vec![0, 1, 2, 255]),
+    });
+    assert_eq!(
+        WorkflowState::decode(&failed.encode()).expect("decodes"),
+        failed
     );
 }
 

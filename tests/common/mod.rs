@@ -201,6 +201,8 @@ impl Broker {
             ("mcp.events.dlq.parked", partitions),
             ("mcp.memory", partitions),
             ("mcp.orchestration.status", partitions),
+            ("mcp.orchestration.control", partitions),
+            ("mcp.events.dlq.retry", partitions),
             ("mcp.handover.researcher", partitions),
             ("mcp.handover.valuation", partitions),
             ("mcp.handover.playwright", partitions),
@@ -678,7 +680,10 @@ pub struct Reference {
     /// Every live-feed update, in input order.
     pub status_updates: Vec<baton::workflow::StatusUpdate>,
     pub states: HashMap<String, baton::workflow::WorkflowState>,
+    /// Records that go to the DLQ: poison, invalid transitions, tool failures.
     pub dead_letters: usize,
+    /// Dead letters the healer parks (every one but the healed tool failures).
+    pub parked: usize,
 }
 
 pub fn reference(records: &[baton::sample::SampleRecord]) -> Reference {
@@ -701,19 +706,54 @@ pub fn reference(records: &[baton::sample::SampleRecord]) -> Reference {
 }
 
 /// The reference over decoded events, in input order; `None` is poison.
+///
+/// The healer is in the loop: a failed tool call is answered at once with
+/// the healer's decision, applied through the same pure step. The real
+/// system holds a context's later events until the answer arrives and then
+/// applies them in order, so the final states and handovers are the same.
 pub fn reference_of(events: &[Option<baton::event::ToolEvent>]) -> Reference {
-    use baton::handover::Handover;
-    use baton::workflow::{self, StepOutcome};
-    let topology =
-        baton::topology::Topology::load(&Path::new(REPO).join("topology")).expect("topology loads");
+    reference_with(events, &Path::new(REPO).join("topology"))
+}
+
+/// [`reference_of`] for the workflows in `topology` (a file or directory).
+pub fn reference_with(events: &[Option<baton::event::ToolEvent>], topology: &Path) -> Reference {
+    use baton::control::{ControlAction, ControlCommand};
+    use baton::handover::{Handover, HandoverDraft};
+    use baton::healer::{DeadLetterView, Decision, decide};
+    use baton::workflow::{self, CommandOutcome, StepOutcome};
+    let topology = baton::topology::Topology::load(topology).expect("topology loads");
     let mut states: HashMap<String, workflow::WorkflowState> = HashMap::new();
     let mut snapshots: HashMap<String, u64> = HashMap::new();
+    let mut last_output: HashMap<String, serde_json::Value> = HashMap::new();
     let mut status_updates = Vec::new();
     let mut handovers = BTreeMap::new();
     let mut dead_letters = 0;
+    let mut parked = 0;
+    // Every step that hands over freezes the next snapshot.
+    let mut snapshot_path = |context_id: &str, hands_over: bool| {
+        hands_over.then(|| {
+            let version = snapshots.entry(context_id.to_owned()).or_insert(0);
+            *version += 1;
+            format!(
+                "/contexts/{}/snapshots/{version}",
+                percent_encoding::utf8_percent_encode(
+                    context_id,
+                    percent_encoding::NON_ALPHANUMERIC
+                )
+            )
+        })
+    };
+    let mut keep = |handover: Handover| {
+        let mut value = serde_json::to_value(&handover).expect("json");
+        if let Some(object) = value.as_object_mut() {
+            object.remove("produced_at");
+        }
+        handovers.insert(handover.handover_id.clone(), value);
+    };
     for event in events {
         let Some(event) = event else {
             dead_letters += 1;
+            parked += 1;
             continue;
         };
         let current = states.get(&event.context_id);
@@ -724,31 +764,97 @@ pub fn reference_of(events: &[Option<baton::event::ToolEvent>]) -> Reference {
                 status_updates: updates,
             } => {
                 status_updates.extend(updates);
-                // Every step that hands over freezes the next snapshot.
-                let snapshot_path = (!drafts.is_empty()).then(|| {
-                    let version = snapshots.entry(event.context_id.clone()).or_insert(0);
-                    *version += 1;
-                    format!(
-                        "/contexts/{}/snapshots/{version}",
-                        percent_encoding::utf8_percent_encode(
-                            &event.context_id,
-                            percent_encoding::NON_ALPHANUMERIC
-                        )
-                    )
-                });
+                last_output.insert(event.context_id.clone(), event.result.clone());
+                let path = snapshot_path(&event.context_id, !drafts.is_empty());
                 for draft in &drafts {
-                    let handover =
-                        Handover::from_draft(draft, event, snapshot_path.clone(), String::new());
-                    let mut value = serde_json::to_value(&handover).expect("json");
-                    if let Some(object) = value.as_object_mut() {
-                        object.remove("produced_at");
-                    }
-                    handovers.insert(handover.handover_id.clone(), value);
+                    keep(Handover::from_draft(
+                        draft,
+                        event,
+                        path.clone(),
+                        String::new(),
+                    ));
                 }
                 states.insert(event.context_id.clone(), state);
             }
-            StepOutcome::Invalid { .. } => dead_letters += 1,
+            StepOutcome::Invalid { .. } => {
+                dead_letters += 1;
+                parked += 1;
+            }
             StepOutcome::Duplicate | StepOutcome::Unrouted => {}
+            StepOutcome::Hold => unreachable!("the reference answers every failure at once"),
+            StepOutcome::ToolFailed {
+                state,
+                failure,
+                status_updates: updates,
+            } => {
+                dead_letters += 1;
+                status_updates.extend(updates);
+                last_output.insert(event.context_id.clone(), event.result.clone());
+                let letter = DeadLetterView {
+                    class: Some("tool_failed".into()),
+                    reason: None,
+                    context_id: Some(event.context_id.clone()),
+                    workflow: Some(state.workflow.clone()),
+                    step: Some(failure.step.clone()),
+                    attempts: Some(failure.attempt),
+                    failed_event: Some(failure.event.clone()),
+                    locked_by: failure.locked_by.clone(),
+                };
+                let (action, attempt) = match decide(&topology, &letter) {
+                    Decision::Command {
+                        action, attempt, ..
+                    } => (action, attempt),
+                    Decision::Park { fail, .. } => {
+                        parked += 1;
+                        (
+                            ControlAction::Fail,
+                            fail.map_or(failure.attempt + 1, |(_, a)| a),
+                        )
+                    }
+                };
+                let command = ControlCommand {
+                    command_id: format!("reference/{}", failure.event_id),
+                    context_id: event.context_id.clone(),
+                    action,
+                    step: failure.step.clone(),
+                    attempt,
+                    dlq_topic: "mcp.events.dlq".into(),
+                    dlq_partition: 0,
+                    dlq_offset: 0,
+                    not_before: None,
+                };
+                match workflow::apply_command(Some(&state), &command, &topology, 0) {
+                    CommandOutcome::Applied {
+                        state,
+                        handovers: drafts,
+                        status_updates: updates,
+                        causation_id,
+                        ..
+                    } => {
+                        status_updates.extend(updates);
+                        let path = snapshot_path(&event.context_id, !drafts.is_empty());
+                        let output = last_output
+                            .get(&event.context_id)
+                            .cloned()
+                            .unwrap_or(serde_json::Value::Null);
+                        for draft in &drafts {
+                            let draft: &HandoverDraft = draft;
+                            keep(Handover::for_command(
+                                draft,
+                                &event.context_id,
+                                &causation_id,
+                                output.clone(),
+                                path.clone(),
+                                String::new(),
+                            ));
+                        }
+                        states.insert(event.context_id.clone(), state);
+                    }
+                    CommandOutcome::Ignored { reason, .. } => {
+                        panic!("the reference's own command was ignored: {reason}")
+                    }
+                }
+            }
         }
     }
     Reference {
@@ -756,6 +862,7 @@ pub fn reference_of(events: &[Option<baton::event::ToolEvent>]) -> Reference {
         status_updates,
         states,
         dead_letters,
+        parked,
     }
 }
 
