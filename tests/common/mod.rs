@@ -620,6 +620,119 @@ impl Drop for Baton {
     }
 }
 
+/// A `baton heal` process, killed on drop (its log is printed if the test
+/// is failing).
+pub struct Healer {
+    child: Option<Child>,
+    pub instance_id: String,
+    pub topology: PathBuf,
+    pub http_port: u16,
+    log: PathBuf,
+}
+
+impl Healer {
+    pub fn start(broker: &Broker, instance_id: &str, topology: &Path) -> Healer {
+        let http_port = free_port();
+        let log = std::env::temp_dir().join(format!(
+            "baton-healer-{}-{instance_id}-{http_port}.log",
+            std::process::id()
+        ));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_baton"));
+        command
+            .arg("heal")
+            .args(["--bootstrap-servers", &broker.bootstrap])
+            .args(["--instance-id", instance_id])
+            .args(["--application-id", "baton-test"])
+            .arg("--topology")
+            .arg(topology)
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .args(["--kafka-prop", "consumer.session.timeout.ms=6000"])
+            .args(["--kafka-prop", "consumer.heartbeat.interval.ms=500"])
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .env_remove("BATON_BOOTSTRAP_SERVERS")
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file);
+        die_with_parent(&mut command);
+        let child = command.spawn().expect("baton heal starts");
+        Healer {
+            child: Some(child),
+            instance_id: instance_id.to_string(),
+            topology: topology.to_path_buf(),
+            http_port,
+            log,
+        }
+    }
+
+    /// SIGKILL, then start again under the same instance id.
+    pub fn restart(mut self, broker: &Broker) -> Healer {
+        self.kill();
+        Healer::start(broker, &self.instance_id, &self.topology)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One sample of the healer's metrics, `NaN` when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.http_port)) else {
+            return f64::NAN;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        );
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|value| value.trim().parse().ok())
+            })
+            .unwrap_or(f64::NAN)
+    }
+}
+
+impl Drop for Healer {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- log of healer {} ----\n{}",
+                self.instance_id,
+                self.log()
+            );
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The shipped topology with `replace` applied (each `(from, to)` must
+/// occur), written to a temporary directory for one test.
+pub fn topology_variant(replace: &[(&str, &str)]) -> tempfile::TempDir {
+    let mut text = std::fs::read_to_string(Path::new(REPO).join("topology/vision-research.toml"))
+        .expect("the shipped topology");
+    for (from, to) in replace {
+        assert!(text.contains(from), "the shipped topology has `{from}`");
+        text = text.replace(from, to);
+    }
+    let dir = tempfile::tempdir().expect("topology dir");
+    std::fs::write(dir.path().join("vision-research.toml"), text).expect("write topology");
+    dir
+}
+
 /// Handovers deduplicated by `handover_id`; panics if one id carries two
 /// different handovers (ids must be deterministic). Returns the map and the
 /// number of duplicates seen.
