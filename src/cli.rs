@@ -1,6 +1,7 @@
 //! The command line. Every flag of `baton run` also reads a `BATON_*`
 //! variable, so pods are configured from their environment.
 
+mod dlq;
 mod schemas;
 
 use std::path::PathBuf;
@@ -58,6 +59,9 @@ pub enum Command {
     /// Check or register baton's Avro schemas in a Schema Registry.
     #[command(subcommand)]
     Schemas(schemas::SchemasCommand),
+    /// Inspect the dead-letter queue, or replay dead letters exactly once.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -320,6 +324,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Simulate(args) => simulate(args).await,
         Command::State(StateCommand::Get(args)) => state_get(args).await,
         Command::Schemas(command) => schemas::execute(command).await,
+        Command::Dlq(command) => dlq::execute(command).await,
     }
 }
 
