@@ -1,6 +1,7 @@
 //! The command line. Every flag of `baton run` also reads a `BATON_*`
 //! variable, so pods are configured from their environment.
 
+mod dlq;
 mod schemas;
 
 use std::path::PathBuf;
@@ -60,6 +61,9 @@ pub enum Command {
     Schemas(schemas::SchemasCommand),
     /// Run the DLQ healer: retry, fall back, move to PlanB, or park.
     Heal(HealArgs),
+    /// Inspect the dead-letter queue, or replay dead letters exactly once.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 }
 
 #[derive(Debug, Args)]
@@ -363,6 +367,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::State(StateCommand::Get(args)) => state_get(args).await,
         Command::Schemas(command) => schemas::execute(command).await,
         Command::Heal(args) => heal(args).await,
+        Command::Dlq(command) => dlq::execute(command).await,
     }
 }
 

@@ -5,7 +5,7 @@
 //!
 //! Each module is one room; a record travels through them in this order.
 //!
-//! - [`cli`]: the command line (`baton run`, `topology`, `state`, ...), parsed with clap.
+//! - [`cli`]: the command line (`baton run`, `topology`, `state`, `dlq`, ...), parsed with clap.
 //! - [`config`]: run configuration from flags, `BATON_*` variables and an optional TOML file, validated in one place.
 //! - [`event`]: [`event::ToolEvent`], the one shape every input format decodes into.
 //! - [`codec`]: bytes to events and back (JSON, Confluent wire-format Avro); classifies every decode failure as poison or a schema to fetch first.

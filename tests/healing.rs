@@ -468,7 +468,10 @@ fn events_that_arrive_during_a_pending_retry_apply_after_it_in_order() {
     );
     // The retry was attempt 2; the join then fired and dispatched the reporter.
     let state = context_state(&baton, waiting);
-    assert_eq!((state["state"].as_str(), state["attempts"].as_u64()), (Some("Completed"), Some(1)));
+    assert_eq!(
+        (state["state"].as_str(), state["attempts"].as_u64()),
+        (Some("Completed"), Some(1))
+    );
     assert!(
         state
             .get("held")

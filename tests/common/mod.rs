@@ -238,6 +238,51 @@ impl Broker {
         producer.flush(Duration::from_secs(30)).expect("flush");
     }
 
+    /// Produces records exactly as given: partition, key, value and headers
+    /// (hand-made dead letters, say). Waits for every ack.
+    pub fn produce_raw(&self, topic: &str, records: &[RawRecord]) {
+        let producer: ThreadedProducer<DefaultProducerContext> = self
+            .client_config()
+            .set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random")
+            .create()
+            .expect("producer");
+        for record in records {
+            let mut headers = rdkafka::message::OwnedHeaders::new();
+            for (key, value) in &record.headers {
+                headers = headers.insert(rdkafka::message::Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            let mut base = BaseRecord::<[u8], [u8]>::to(topic)
+                .payload(&record.value)
+                .headers(headers);
+            if let Some(key) = &record.key {
+                base = base.key(key);
+            }
+            if let Some(partition) = record.partition {
+                base = base.partition(partition);
+            }
+            producer.send(base).map_err(|(e, _)| e).expect("send");
+        }
+        producer.flush(Duration::from_secs(30)).expect("flush");
+    }
+
+    /// The names of the topics the broker has. Lists all topics, so it
+    /// never auto-creates the one a test asks about.
+    pub fn topic_names(&self) -> Vec<String> {
+        let consumer: BaseConsumer = self.client_config().create().expect("client");
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .expect("metadata");
+        metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect()
+    }
+
     /// Every committed record of `topic`, read up to the fetch-side end of
     /// each partition.
     pub fn read_all(&self, topic: &str) -> Vec<Record> {
@@ -252,6 +297,16 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A record to produce as is, for [`Broker::produce_raw`].
+#[derive(Debug, Clone, Default)]
+pub struct RawRecord {
+    /// None: the partitioner picks (by key).
+    pub partition: Option<i32>,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, String)>,
 }
 
 /// One consumed record.
