@@ -6,7 +6,8 @@
 #
 # Installs what it needs (apt packages, the pinned broker), builds baton into
 # CARGO_TARGET_DIR (default ~/.cache/baton/target), starts the broker on a
-# loopback port, creates the topics, starts one baton pod and feeds it.
+# loopback port, creates the topics, starts one baton pod and the DLQ healer,
+# and feeds them (some screenshots fail once: the healer retries them).
 # Everything it started is stopped on exit.
 set -euo pipefail
 
@@ -23,6 +24,8 @@ CONTEXTS="${BATON_DEMO_CONTEXTS:-25}"
 BOOTSTRAP="127.0.0.1:${BROKER_PORT}"
 STATE_DIR="$(mktemp -d -t baton-demo-state.XXXXXX)"
 LOG="$(mktemp -t baton-demo-log.XXXXXX)"
+HEALER_LOG="$(mktemp -t baton-demo-healer-log.XXXXXX)"
+HEALER_ADDR="${BATON_DEMO_HEALER_ADDR:-127.0.0.1:8081}"
 
 install_prerequisites
 echo "==> building baton (the first build compiles RocksDB and librdkafka: ~15 min on 2 cores)"
@@ -30,11 +33,14 @@ cargo build --all-targets --locked
 BATON="$CARGO_TARGET_DIR/debug/baton"
 
 BATON_PID=""
+HEALER_PID=""
 cleanup() {
-    if [[ -n "$BATON_PID" ]] && kill -0 "$BATON_PID" 2>/dev/null; then
-        kill -TERM "$BATON_PID" 2>/dev/null || true
-        wait "$BATON_PID" 2>/dev/null || true
-    fi
+    for pid in "$HEALER_PID" "$BATON_PID"; do
+        if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+            kill -TERM "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+        fi
+    done
     bash "$REPO_ROOT/scripts/broker.sh" stop "$BROKER_PORT" >/dev/null 2>&1 || true
     rm -rf "$STATE_DIR"
 }
@@ -65,9 +71,15 @@ wait_ready() {
 wait_ready
 echo "baton is ready: http://$HTTP_ADDR/readyz"
 
-echo "==> feeding $CONTEXTS vision-research workflows (4 events each) and 4% poison"
+echo "==> starting the DLQ healer (log: $HEALER_LOG)"
+"$BATON" heal --bootstrap-servers "$BOOTSTRAP" --instance-id demo-healer --topology topology \
+    --http-addr "$HEALER_ADDR" --kafka-prop consumer.session.timeout.ms=6000 >"$HEALER_LOG" 2>&1 &
+HEALER_PID=$!
+
+echo "==> feeding $CONTEXTS vision-research workflows (4 events each), 4% poison, 10% failing a screenshot once"
 SEED=$RANDOM
-"$BATON" simulate --bootstrap-servers "$BOOTSTRAP" --contexts "$CONTEXTS" --poison-percent 4 --seed "$SEED"
+"$BATON" simulate --bootstrap-servers "$BOOTSTRAP" --contexts "$CONTEXTS" --poison-percent 4 \
+    --failure-percent 10 --seed "$SEED"
 
 metric() {
     curl -fsS "http://$HTTP_ADDR/metrics" | awk -v name="$1" '$1 ~ "^"name {sum += $2} END {print sum + 0}'
@@ -81,7 +93,13 @@ done
 
 echo
 echo "==> results"
-curl -fsS "http://$HTTP_ADDR/metrics" | grep -E '^baton_(handovers_produced|dlq_records|transactions|records_consumed)_total' || true
+curl -fsS "http://$HTTP_ADDR/metrics" | grep -E '^baton_(handovers_produced|dlq_records|transactions|records_consumed|control_commands)_total' || true
+echo
+echo "The healer's decisions:"
+curl -fsS "http://$HEALER_ADDR/metrics" | grep -E '^baton_(healer_decisions_total|parked_records_total|healer_retries_pending)' | grep -v ' 0$' || true
+echo
+echo "The dead-letter queue and what was parked:"
+"$BATON" dlq inspect --bootstrap-servers "$BOOTSTRAP" --limit 10 || true
 echo
 echo "The state of context ctx-$SEED-0, asked from the running pod:"
 "$BATON" state get --url "http://$HTTP_ADDR" "ctx-$SEED-0" || true
@@ -91,12 +109,14 @@ echo "live feed: curl -N http://$HTTP_ADDR/events?replay=20"
 echo "metrics:   http://$HTTP_ADDR/metrics"
 echo "readiness: http://$HTTP_ADDR/readyz"
 echo "state:     $BATON state get --url http://$HTTP_ADDR <context_id>"
+echo "DLQ:       $BATON dlq inspect --bootstrap-servers $BOOTSTRAP [--class tool_failed] [--format json]"
+echo "healer:    http://$HEALER_ADDR/metrics"
 
 if (( ONCE )); then
     exit 0
 fi
 echo
 echo "baton keeps running; feed more with:"
-echo "  $BATON simulate --bootstrap-servers $BOOTSTRAP --contexts 10"
+echo "  $BATON simulate --bootstrap-servers $BOOTSTRAP --contexts 10 --failure-percent 20"
 echo "Ctrl-C stops baton and the broker."
 wait "$BATON_PID"

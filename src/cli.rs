@@ -324,6 +324,9 @@ pub struct SimulateArgs {
     /// Percentage of extra poison records mixed in.
     #[arg(long, default_value_t = 0.0)]
     pub poison_percent: f64,
+    /// Percent of contexts whose screenshot fails once (the healer retries it).
+    #[arg(long, default_value_t = 0.0)]
+    pub failure_percent: f64,
     /// Seed for the deterministic generator.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -570,7 +573,12 @@ async fn create_topics(args: TopicsCreateArgs) -> anyhow::Result<ExitCode> {
 
 async fn simulate(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     let settings = settings(&args.bootstrap_servers, &args.kafka_props)?;
-    let records = sample::vision_research_traffic(args.contexts, args.poison_percent, args.seed);
+    let records = sample::vision_research_traffic_with_failures(
+        args.contexts,
+        args.poison_percent,
+        args.failure_percent,
+        args.seed,
+    );
     let count = records.len();
     sample::produce(&settings, &args.topic, records).await?;
     println!("produced {count} records to {}", args.topic);

@@ -63,6 +63,32 @@ pub fn context_events(context_id: &str, rng: &mut fastrand::Rng) -> Vec<SampleRe
         .collect()
 }
 
+/// Puts a failed screenshot call before the successful one.
+fn fail_screenshot_once(events: &mut Vec<SampleRecord>) {
+    let Some(at) = events.iter().position(|record| {
+        String::from_utf8_lossy(&record.value).contains("\"browser_take_screenshot\"")
+    }) else {
+        return;
+    };
+    let Ok(mut failed) = serde_json::from_slice::<serde_json::Value>(&events[at].value) else {
+        return;
+    };
+    let event_id = format!(
+        "{}-failed",
+        failed["event_id"].as_str().unwrap_or("screenshot")
+    );
+    failed["event_id"] = json!(event_id);
+    failed["status"] = json!("error");
+    failed["error"] = json!("navigation timeout after 30 s");
+    failed["result"] =
+        json!({"isError": true, "content": [{"type": "text", "text": "navigation timeout"}]});
+    let record = SampleRecord {
+        key: events[at].key.clone(),
+        value: failed.to_string().into_bytes(),
+    };
+    events.insert(at, record);
+}
+
 /// Poison records of every JSON-era class.
 pub fn poison_record(n: u64) -> SampleRecord {
     let value: &[u8] = match n % 4 {
@@ -84,9 +110,26 @@ pub fn vision_research_traffic(
     poison_percent: f64,
     seed: u64,
 ) -> Vec<SampleRecord> {
+    vision_research_traffic_with_failures(contexts, poison_percent, 0.0, seed)
+}
+
+/// [`vision_research_traffic`] where `failure_percent` of the contexts see
+/// their screenshot fail once before it succeeds: the healer retries it.
+pub fn vision_research_traffic_with_failures(
+    contexts: usize,
+    poison_percent: f64,
+    failure_percent: f64,
+    seed: u64,
+) -> Vec<SampleRecord> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut per_context: Vec<std::collections::VecDeque<SampleRecord>> = (0..contexts)
-        .map(|i| context_events(&format!("ctx-{seed}-{i}"), &mut rng).into())
+        .map(|i| {
+            let mut events = context_events(&format!("ctx-{seed}-{i}"), &mut rng);
+            if rng.f64() * 100.0 < failure_percent {
+                fail_screenshot_once(&mut events);
+            }
+            events.into()
+        })
         .collect();
     let mut out = Vec::new();
     let mut poison = 0;
