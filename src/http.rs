@@ -44,6 +44,9 @@ const FORWARDED: &str = "x-baton-forwarded";
 /// Names the pod that answered.
 const SERVED_BY: &str = "x-baton-served-by";
 
+/// hyper's read and write buffer limit per connection (request heads larger
+/// than this are refused).
+const CONNECTION_BUFFER: usize = 64 * 1024;
 const DASHBOARD: &str = include_str!("http/dashboard.html");
 
 /// State every request handler can see.
@@ -124,7 +127,11 @@ async fn serve(listener: TcpListener, state: Arc<HttpState>) {
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(route(&state, request).await) }
             });
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            // hyper buffers up to ~400 KiB per connection by default; a
+            // live-feed client's backlog belongs in Kafka, not in memory.
+            let connection = http1::Builder::new()
+                .max_buf_size(CONNECTION_BUFFER)
+                .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {
                 result = connection.as_mut() => {

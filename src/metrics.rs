@@ -68,7 +68,7 @@ pub struct Metrics {
     pub sse_clients: IntGauge,
     /// Live-feed events sent to clients.
     pub sse_events: IntCounter,
-    /// Live-feed clients dropped because they fell too far behind.
+    /// Live-feed clients dropped after accepting nothing for the stall limit.
     pub sse_dropped: IntCounter,
     /// Events held in a context's state while a retry is pending.
     pub events_held: IntCounter,
@@ -243,7 +243,7 @@ impl Metrics {
                 .expect("valid metric"),
             sse_dropped: IntCounter::new(
                 "baton_sse_dropped_total",
-                "Live-feed clients dropped for falling too far behind",
+                "Live-feed clients dropped after accepting nothing for the stall limit (10 s)",
             )
             .expect("valid metric"),
             events_held: IntCounter::new(

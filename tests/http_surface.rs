@@ -612,3 +612,49 @@ fn the_live_feed_streams_filters_and_resumes_after_a_disconnect() {
     assert!(events.iter().all(|e| e.data["context_id"] == only.as_str()));
     assert!(metric(&baton, "baton_sse_clients") >= 1.0);
 }
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_without_slowing_the_others() {
+    let broker = Broker::start();
+    broker.create_baton_topics(PARTITIONS);
+    let baton = Baton::start(&broker, BatonOptions::new("feed-slow"));
+    common::wait_for("ready", Duration::from_secs(60), || baton.is_ready());
+
+    // A client that never reads, with a tiny window and small segments so
+    // that loopback's kernel buffers stay small: its bytes pile up in baton's
+    // bounded per-client queue. Both options only take effect before connect.
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.set_tcp_mss(536).expect("TCP_MAXSEG");
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], baton.http_port));
+    socket.connect(&address.into()).expect("connect");
+    let mut stalled = TcpStream::from(socket);
+    write!(
+        stalled,
+        "GET /events HTTP/1.0\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .expect("request");
+    let mut reader = Feed::open(&baton, "/events", None);
+    common::wait_for("both clients", Duration::from_secs(10), || {
+        metric(&baton, "baton_sse_clients") >= 2.0
+    });
+
+    let traffic = sample::vision_research_traffic(500, 0.0, 41);
+    let expected = reference(&traffic);
+    broker.produce("mcp.events.all", &traffic);
+    let wanted = expected.status_updates.len();
+    let (events, _) = reader.read(wanted, Duration::from_secs(120));
+    assert_eq!(events.len(), wanted, "the reading client got every update");
+    common::wait_for(
+        "the stalled client dropped",
+        Duration::from_secs(30),
+        || metric(&baton, "baton_sse_dropped_total") >= 1.0,
+    );
+    assert_eq!(
+        metric(&baton, "baton_sse_clients"),
+        1.0,
+        "only the reader is left"
+    );
+    drop(stalled);
+}

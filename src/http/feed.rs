@@ -3,9 +3,11 @@
 //!
 //! Every client gets its own `read_committed` reader of the topic, so any pod
 //! serves any context, and a slow client only ever slows its own reader.
-//! Between the reader and the socket sits a small bounded queue: a client
-//! that lets it fill is dropped (its browser reconnects with `Last-Event-ID`
-//! and resumes where it left off), so its backlog never grows in memory.
+//! Between the reader and the socket sits a small bounded queue. A client
+//! that reads slowly is lagged: its queue fills and its own reader waits, so
+//! its backlog stays in Kafka, not in memory. A client that accepts nothing
+//! for [`STALL_LIMIT`] is dropped (its browser reconnects with `Last-Event-ID`
+//! and resumes where it left off), which frees its reader and its slot.
 //!
 //! An event id is the resume position: `partition:next_offset` for every
 //! partition of the topic, comma separated.
@@ -26,8 +28,12 @@ use crate::kafka::{ClientRole, KafkaSettings};
 use crate::metrics::METRICS;
 use crate::shutdown::Shutdown;
 
-/// Events a client may have queued before it counts as too slow.
+/// Events queued between a client's reader and its socket.
 const CLIENT_QUEUE: usize = 256;
+/// How long a client may accept nothing, with its queue full, before it is
+/// dropped. Bursts only lag a reading client; a stalled one gives back its
+/// Kafka reader.
+pub const STALL_LIMIT: Duration = Duration::from_secs(10);
 /// Open feeds per pod; each holds a Kafka reader.
 pub const MAX_CLIENTS: usize = 64;
 /// Upper bound on `?replay=N`.
@@ -185,8 +191,8 @@ pub fn open_reader(
     Ok((consumer, position))
 }
 
-/// Streams the reader's updates to `sink` until the client goes away, falls
-/// too far behind, or the pod shuts down.
+/// Streams the reader's updates to `sink` until the client goes away,
+/// stalls for longer than [`STALL_LIMIT`], or the pod shuts down.
 pub async fn stream(
     consumer: StreamConsumer,
     mut position: BTreeMap<i32, i64>,
@@ -205,6 +211,8 @@ pub async fn stream(
         return;
     }
     let mut ticker = tokio::time::interval(heartbeat);
+    // Heartbeats missed while lagged are not owed afterwards.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
         let frame = tokio::select! {
@@ -234,16 +242,22 @@ pub async fn stream(
                 }
             },
         };
-        match sink.try_send(frame) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        // Waiting here is the lag: this client's reader stops fetching.
+        let queued = tokio::select! {
+            _ = shutdown.wait() => return,
+            queued = tokio::time::timeout(STALL_LIMIT, sink.send(frame)) => queued,
+        };
+        match queued {
+            Ok(Ok(())) => {}
+            Ok(Err(_closed)) => return,
+            Err(_stalled) => {
                 METRICS.sse_dropped.inc();
                 tracing::info!(
-                    "live-feed client too slow; dropped (it resumes from its last event id)"
+                    stall_limit_s = STALL_LIMIT.as_secs(),
+                    "live-feed client stalled; dropped (it resumes from its last event id)"
                 );
                 return;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
     }
 }
