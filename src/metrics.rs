@@ -33,6 +33,9 @@ pub struct Metrics {
     pub transaction_commit_seconds: Histogram,
     /// Input records per committed transaction.
     pub transaction_records: Histogram,
+    /// Output records handed to the transactional producer: handovers,
+    /// changelogs, status updates and dead letters (aborted ones included).
+    pub records_sent: IntCounter,
     /// Partitions currently assigned to this pod.
     pub assigned_partitions: IntGauge,
     /// Rebalance callbacks, by kind (assign, revoke, lost).
@@ -140,6 +143,11 @@ impl Metrics {
                     "Input records per committed transaction",
                 )
                 .buckets(prometheus::exponential_buckets(1.0, 4.0, 10).expect("valid buckets")),
+            )
+            .expect("valid metric"),
+            records_sent: IntCounter::new(
+                "baton_records_sent_total",
+                "Output records handed to the transactional producer (aborted transactions included)",
             )
             .expect("valid metric"),
             assigned_partitions: IntGauge::new(
@@ -291,7 +299,7 @@ impl Metrics {
             )
             .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 33] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 34] = [
             Box::new(metrics.records_consumed.clone()),
             Box::new(metrics.events_unrouted.clone()),
             Box::new(metrics.events_duplicate.clone()),
@@ -300,6 +308,7 @@ impl Metrics {
             Box::new(metrics.transactions.clone()),
             Box::new(metrics.transaction_commit_seconds.clone()),
             Box::new(metrics.transaction_records.clone()),
+            Box::new(metrics.records_sent.clone()),
             Box::new(metrics.assigned_partitions.clone()),
             Box::new(metrics.rebalances.clone()),
             Box::new(metrics.producer_rebuilds.clone()),

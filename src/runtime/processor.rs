@@ -701,8 +701,9 @@ impl PartitionProcessor {
         };
         let workflow = checkpoint(last_changelog.workflow).await;
         let memory = checkpoint(last_changelog.memory).await;
-        for (store, checkpoint) in [(&mut self.store, workflow), (&mut self.memory, memory)] {
-            if let Err(err) = store.commit(checkpoint).await {
+        let written = tokio::join!(self.store.commit(workflow), self.memory.commit(memory));
+        for result in [written.0, written.1] {
+            if let Err(err) = result {
                 // Kafka holds the committed truth; a later restore repairs this.
                 tracing::error!(partition = self.partition, cause = %err, "cannot write committed state locally");
             }
@@ -720,10 +721,14 @@ impl PartitionProcessor {
         let dbs = [Arc::clone(self.store.db()), Arc::clone(self.memory.db())];
         drop(self.store);
         drop(self.memory);
-        // Flushing the memtables on close makes the next open fast.
+        // The stores write no WAL: flushing on close keeps their state, so
+        // the next open restores nothing.
+        let partition = self.partition;
         let _ = tokio::task::spawn_blocking(move || {
             for db in dbs {
-                let _ = db.flush();
+                if let Err(err) = crate::state::flush(&db) {
+                    tracing::warn!(partition, cause = %err, "cannot flush a store on close; the next open restores from the changelog");
+                }
             }
         })
         .await;

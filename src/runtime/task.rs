@@ -437,6 +437,7 @@ async fn enqueue(
                 // Other delivery reports are not awaited: the commit flushes
                 // every outstanding record and fails if one failed.
                 Ok(delivery) => {
+                    METRICS.records_sent.inc();
                     match out.changelog {
                         Some(Store::Workflow) => last_changelog.workflow = Some(delivery),
                         Some(Store::Memory) => last_changelog.memory = Some(delivery),

@@ -6,6 +6,13 @@
 //! never runs ahead of the committed input offsets. A checkpoint records the
 //! changelog offset the local copy has applied, so a restore only reads the
 //! tail.
+//!
+//! Like Kafka Streams, the stores write no RocksDB write-ahead log: the
+//! changelog is the log. Each batch carries its data and checkpoint together,
+//! and with atomic flush every column family reaches disk at the same
+//! sequence number, so what survives a crash is always a prefix of the
+//! committed batches with a checkpoint that matches it; the restore replays
+//! the rest of the changelog (at most the unflushed memtables).
 
 pub mod restore;
 
@@ -102,7 +109,9 @@ impl OpenStores {
 }
 
 /// Looks `key` up in a state directory offline, read-only, across every
-/// partition of `store`. For `baton state get` on a stopped pod.
+/// partition of `store`. For `baton state get` on a stopped pod (after a
+/// crash, the copy on disk may be behind the changelog until a restart
+/// restores it).
 pub fn get_offline(
     state_dir: &Path,
     application_id: &str,
@@ -165,6 +174,8 @@ impl PartitionStore {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Data and checkpoint families persist together (see the module docs).
+        options.set_atomic_flush(true);
         let families = vec![
             ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, Options::default()),
             ColumnFamilyDescriptor::new(META_FAMILY, Options::default()),
@@ -267,7 +278,24 @@ fn write_batch(
             .ok_or(StateError::MissingFamily(META_FAMILY))?;
         batch.put_cf(&meta, CHECKPOINT_KEY, offset.to_be_bytes());
     }
-    db.write(batch)?;
+    let mut options = rocksdb::WriteOptions::default();
+    options.disable_wal(true);
+    db.write_opt(batch, &options)?;
+    Ok(())
+}
+
+/// Writes every memtable of the store to disk, all families at one sequence
+/// number. Blocking.
+pub(crate) fn flush(db: &DB) -> Result<(), StateError> {
+    let meta = db
+        .cf_handle(META_FAMILY)
+        .ok_or(StateError::MissingFamily(META_FAMILY))?;
+    let data =
+        db.cf_handle(rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+            .ok_or(StateError::MissingFamily(
+                rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
+            ))?;
+    db.flush_cfs_opt(&[&data, &meta], &rocksdb::FlushOptions::default())?;
     Ok(())
 }
 

@@ -131,8 +131,8 @@ pub fn restore(db: &DB, request: &RestoreRequest<'_>) -> Result<RestoreReport, R
         }
     }
     restorer.flush(report.next_offset)?;
-    // Make the WAL-less restore durable before the task writes through the WAL.
-    db.flush().map_err(StateError::from)?;
+    // A finished restore is worth keeping: the next open starts from here.
+    super::flush(db)?;
     report.elapsed = started.elapsed();
     METRICS
         .restore_seconds
@@ -220,9 +220,9 @@ impl Restorer<'_> {
                 .ok_or(StateError::MissingFamily(META_FAMILY))?;
             batch.put_cf(&meta, CHECKPOINT_KEY, offset.to_be_bytes());
         }
-        // No write-ahead log: a restore can always be redone from the
-        // changelog, and the checkpoint travels in the same batch, so a crash
-        // leaves an older checkpoint with matching data. `finish` flushes.
+        // No write-ahead log, as for every store write (see `state`): the
+        // checkpoint travels in the same batch, so a crash leaves an older
+        // checkpoint with matching data. The restore's end flushes.
         let mut options = rocksdb::WriteOptions::default();
         options.disable_wal(true);
         self.db
