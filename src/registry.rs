@@ -212,10 +212,15 @@ impl Registry {
                 RegistryError::NotFound(reason) => {
                     WriterSchema::Unknown(format!("schema id {id} is not registered: {reason}"))
                 }
-                RegistryError::Rejected(reason) => {
-                    WriterSchema::Unknown(format!("schema id {id} was refused: {reason}"))
+                // A refused lookup (401, 403, any 4xx but 404) says nothing
+                // about the record, only about baton's access: a revoked key
+                // must pause the partition like an outage, not dead-letter
+                // every record that follows.
+                RegistryError::Rejected(reason) | RegistryError::Unavailable(reason) => {
+                    return Err(RegistryError::Unavailable(format!(
+                        "schema id {id}: {reason}"
+                    )));
                 }
-                unavailable => return Err(unavailable),
             },
         };
         let mut schemas = self

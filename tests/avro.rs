@@ -438,19 +438,37 @@ fn a_missing_subject_without_auto_registration_is_a_clear_start_up_error() {
     );
 }
 
-#[test]
-fn a_registry_outage_pauses_and_resumes_without_dead_letters() {
+/// Runs v1 records, then cuts baton off from the registry with `interrupt`
+/// while v2 records (a writer schema it has never seen) arrive, holds that
+/// for `hold`, lets it back in with `restore`, and checks that the partition
+/// paused, nothing was dead-lettered, and the output equals the reference.
+fn registry_interruption(
+    name: &str,
+    credentials: Option<(&str, &str)>,
+    interrupt: impl FnOnce(&SchemaRegistry),
+    hold: Duration,
+    restore: impl FnOnce(&SchemaRegistry),
+) {
     let broker = Broker::start();
     broker.create_baton_topics(PARTITIONS);
     let registry = SchemaRegistry::start();
     let v1 = registry.register(SUBJECT, schemas::TOOL_COMPLETED_V1);
     let v2 = registry.register(SUBJECT, schemas::TOOL_COMPLETED_V2);
+    registry.require_basic_auth(credentials);
     let events = sample_events(120, 21);
     let (before, after) = events.split_at(events.len() / 2);
 
     let baton = Baton::start(&broker, {
-        let mut options = BatonOptions::new("avro-outage");
+        let mut options = BatonOptions::new(name);
         options.extra_args = registry_args(&registry, true);
+        if let Some((user, password)) = credentials {
+            options.extra_args.extend([
+                "--schema-registry-username".into(),
+                user.into(),
+                "--schema-registry-password".into(),
+                password.into(),
+            ]);
+        }
         options
     });
     // Phase 1: v1 records; baton caches the v1 writer schema.
@@ -469,9 +487,9 @@ fn a_registry_outage_pauses_and_resumes_without_dead_letters() {
         dedup_count(r) >= expected.handovers.len()
     });
 
-    // Phase 2: the registry goes away, then v2 records arrive whose writer
-    // schema baton has never seen.
-    registry.stop();
+    // Phase 2: baton loses the registry, then v2 records arrive whose writer
+    // schema it has never seen.
+    interrupt(&registry);
     let phase2: Vec<SampleRecord> = after
         .iter()
         .map(|e| record(e, avro_bytes(e, Version::V2, v2)))
@@ -481,27 +499,26 @@ fn a_registry_outage_pauses_and_resumes_without_dead_letters() {
     common::wait_for("a paused partition", Duration::from_secs(30), || {
         metric(&baton, "baton_partitions_paused") >= 1.0
     });
-    let outage_started = std::time::Instant::now();
-    common::wait_for("retries during the outage", Duration::from_secs(30), || {
+    let interruption_started = std::time::Instant::now();
+    common::wait_for("retries while cut off", Duration::from_secs(30), || {
         metric(
             &baton,
             "baton_transient_errors_total{dependency=\"schema_registry\"}",
         ) >= 3.0
     });
-    // The outage lasts 20 s in all; nothing may be dead-lettered meanwhile.
-    while outage_started.elapsed() < Duration::from_secs(20) {
+    while interruption_started.elapsed() < hold {
         reader.poll_available();
         assert!(
             reader.topic("mcp.events.dlq").is_empty(),
-            "no dead letters during the outage"
+            "no dead letters while cut off from the registry"
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    registry.resume();
+    restore(&registry);
 
     let expected = reference_of(&expected_events);
     reader.wait_until(
-        "all handovers after the outage",
+        "all handovers after the registry is back",
         Duration::from_secs(60),
         |r| dedup_count(r) >= expected.handovers.len(),
     );
@@ -520,6 +537,30 @@ fn a_registry_outage_pauses_and_resumes_without_dead_letters() {
         "{log}"
     );
     assert!(log.contains("partition resumed"), "{log}");
+}
+
+#[test]
+fn a_registry_outage_pauses_and_resumes_without_dead_letters() {
+    registry_interruption(
+        "avro-outage",
+        None,
+        SchemaRegistry::stop,
+        Duration::from_secs(20),
+        SchemaRegistry::resume,
+    );
+}
+
+/// A revoked key (401) is baton's problem, not the record's: it pauses like
+/// an outage instead of dead-lettering every record as an unknown schema.
+#[test]
+fn refused_credentials_pause_like_an_outage_without_dead_letters() {
+    registry_interruption(
+        "avro-revoked",
+        Some(("baton", "key-1")),
+        |registry| registry.require_basic_auth(Some(("baton", "key-2"))),
+        Duration::from_secs(5),
+        |registry| registry.require_basic_auth(Some(("baton", "key-1"))),
+    );
 }
 
 #[test]

@@ -58,6 +58,7 @@ impl SchemaRegistry {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             id_lookups: AtomicU64::new(0),
+            required_authorization: Mutex::new(None),
         });
         let (control, commands) = tokio_mpsc::unbounded_channel();
         let (bound_tx, bound_rx) = mpsc::channel();
@@ -104,6 +105,22 @@ impl SchemaRegistry {
         if self.control.send(Control::Stop(done)).is_ok() {
             let _ = wait.recv();
         }
+    }
+
+    /// From now on, answers 401 (Confluent's 40101) to any request without
+    /// these basic-auth credentials; `None` opens it again.
+    pub fn require_basic_auth(&self, credentials: Option<(&str, &str)>) {
+        use base64::Engine;
+        let header = credentials.map(|(user, password)| {
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            format!("Basic {token}")
+        });
+        *self
+            .shared
+            .required_authorization
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = header;
     }
 
     /// Listens again on the same port with the same state. Panics if the
@@ -171,6 +188,8 @@ enum Control {
 struct Shared {
     state: Mutex<State>,
     id_lookups: AtomicU64,
+    /// The `Authorization` header every request must carry, when set.
+    required_authorization: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -829,6 +848,24 @@ fn error_response(err: &ApiError) -> HttpResponse {
 }
 
 async fn route(shared: &Shared, request: Request<Incoming>) -> HttpResponse {
+    let required = shared
+        .required_authorization
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    if let Some(required) = required {
+        let given = request
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok());
+        if given != Some(required.as_str()) {
+            return error_response(&ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                code: 40101,
+                message: "Unauthorized".into(),
+            });
+        }
+    }
     match handle(shared, request).await {
         Ok(response) => response,
         Err(err) => error_response(&err),
