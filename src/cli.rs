@@ -423,7 +423,15 @@ async fn heal(args: HealArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on {}", args.http_addr))?;
     tracing::info!(addr = %bound, "http server listening");
     let server = tokio::spawn(server);
-    let healer = crate::healer::spawn(config, topology, shutdown.clone());
+    let healer = match crate::healer::spawn(config, topology, shutdown.clone()) {
+        Ok(healer) => healer,
+        Err(err) => {
+            shutdown.trigger();
+            let _ = server.await;
+            eprintln!("error: {err}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
     let result = tokio::task::spawn_blocking(move || healer.join()).await;
     shutdown.trigger();
     let _ = server.await;

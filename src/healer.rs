@@ -230,6 +230,8 @@ pub enum HealError {
     Client(#[from] KafkaError),
     #[error("the consumer has no group metadata yet")]
     NoGroupMetadata,
+    #[error("cannot start the healer thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// A retry the healer holds until it is due.
@@ -692,11 +694,11 @@ pub fn spawn(
     config: HealerConfig,
     topology: Arc<Topology>,
     shutdown: Shutdown,
-) -> std::thread::JoinHandle<Result<(), HealError>> {
+) -> Result<std::thread::JoinHandle<Result<(), HealError>>, HealError> {
     std::thread::Builder::new()
         .name("healer".into())
         .spawn(move || run(&config, &topology, &shutdown))
-        .expect("spawning the healer thread")
+        .map_err(HealError::Thread)
 }
 
 #[cfg(test)]
