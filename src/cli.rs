@@ -418,35 +418,36 @@ async fn heal(args: HealArgs) -> anyhow::Result<ExitCode> {
         Arc::default(),
         shutdown.clone(),
     ));
-    let (bound, server) = http::bind(args.http_addr, http_state)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.http_addr))?;
-    tracing::info!(addr = %bound, "http server listening");
-    let server = tokio::spawn(server);
-    let healer = match crate::healer::spawn(config, topology, shutdown.clone()) {
-        Ok(healer) => healer,
-        Err(err) => {
-            shutdown.trigger();
-            let _ = server.await;
-            eprintln!("error: {err}");
-            return Ok(ExitCode::FAILURE);
-        }
+    let server = serve_http(args.http_addr, http_state).await?;
+    let outcome = match crate::healer::spawn(config, topology, shutdown.clone()) {
+        Ok(healer) => match tokio::task::spawn_blocking(move || healer.join()).await {
+            Ok(Ok(result)) => result.map_err(|err| err.to_string()),
+            _ => Err("the healer thread panicked".to_string()),
+        },
+        Err(err) => Err(err.to_string()),
     };
-    let result = tokio::task::spawn_blocking(move || healer.join()).await;
     shutdown.trigger();
     let _ = server.await;
-    match result {
-        Ok(Ok(Ok(()))) => Ok(ExitCode::SUCCESS),
-        Ok(Ok(Err(err))) => {
-            tracing::error!(cause = %err, "healer stopped");
-            eprintln!("error: {err}");
-            Ok(ExitCode::FAILURE)
-        }
-        _ => {
-            eprintln!("error: the healer thread panicked");
+    match outcome {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(message) => {
+            tracing::error!(cause = %message, "healer stopped");
+            eprintln!("error: {message}");
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// Binds the pod's HTTP surface and serves it on a task of its own.
+async fn serve_http(
+    addr: std::net::SocketAddr,
+    state: Arc<HttpState>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let (bound, server) = http::bind(addr, state)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(addr = %bound, "http server listening");
+    Ok(tokio::spawn(server))
 }
 
 async fn state_get(args: StateGetArgs) -> anyhow::Result<ExitCode> {
@@ -517,11 +518,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Arc::default(),
         shutdown.clone(),
     ));
-    let (bound, server) = http::bind(config.http_addr, Arc::clone(&http_state))
-        .await
-        .with_context(|| format!("cannot listen on {}", config.http_addr))?;
-    tracing::info!(addr = %bound, "http server listening");
-    let server = tokio::spawn(server);
+    let server = serve_http(config.http_addr, Arc::clone(&http_state)).await?;
     let result = runtime::run(config, topology, http_state, shutdown.clone()).await;
     shutdown.trigger();
     let _ = server.await;
