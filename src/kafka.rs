@@ -99,6 +99,44 @@ impl KafkaSettings {
     }
 }
 
+/// What librdkafka adds to every message on top of its key, value and
+/// headers when it checks `message.max.bytes` (the record batch v2 framing of
+/// one record, rounded up), and what each header costs beyond its bytes.
+const RECORD_OVERHEAD_BYTES: usize = 64;
+const HEADER_OVERHEAD_BYTES: usize = 12;
+
+/// The size librdkafka counts for a message against `message.max.bytes`, or a
+/// little more: a record this says fits is never refused locally as too large.
+pub fn record_wire_size<'a>(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+) -> usize {
+    let headers: usize = headers
+        .into_iter()
+        .map(|(name, value)| name.len() + value.map_or(0, <[u8]>::len) + HEADER_OVERHEAD_BYTES)
+        .sum();
+    RECORD_OVERHEAD_BYTES
+        + key.map_or(0, <[u8]>::len)
+        + value.map_or(0, <[u8]>::len)
+        + headers
+}
+
+/// The producer's effective `message.max.bytes`: what the user set, else
+/// librdkafka's own default, read back from a native configuration so the
+/// two can never disagree.
+pub fn max_message_bytes(config: &ClientConfig) -> Result<usize, String> {
+    let native = config
+        .create_native_config()
+        .map_err(|err| format!("invalid producer configuration: {err}"))?;
+    let value = native
+        .get("message.max.bytes")
+        .map_err(|err| format!("cannot read message.max.bytes: {err}"))?;
+    value
+        .parse::<usize>()
+        .map_err(|err| format!("message.max.bytes `{value}` is not a size: {err}"))
+}
+
 fn strip_role_prefix(key: &str) -> Option<(ClientRole, &str)> {
     [
         ClientRole::Consumer,

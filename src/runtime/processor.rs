@@ -42,6 +42,13 @@ pub enum Processed {
     Done,
     /// It is Avro written with a schema not yet fetched; nothing was output.
     NeedsSchema(u32),
+    /// A local dependency failed in a way that says nothing about the record
+    /// (a RocksDB read error): nothing was output or staged. The task pauses
+    /// the partition and offers the same record again after a backoff.
+    Transient {
+        dependency: &'static str,
+        reason: String,
+    },
 }
 
 /// An input record as the processor sees it: from the consumer, or released
@@ -689,7 +696,13 @@ impl PartitionProcessor {
     }
 
     /// The transaction committed: write its state and checkpoints to RocksDB.
-    pub async fn on_commit(&mut self, last_changelog: LastChangelog) {
+    /// An error means the local copy no longer matches what Kafka committed:
+    /// the task must close the stores and reopen (restore) them before it
+    /// takes more input.
+    pub async fn on_commit(
+        &mut self,
+        last_changelog: LastChangelog,
+    ) -> Result<(), state::StateError> {
         let checkpoint = |delivery: Option<DeliveryFuture>| async move {
             match delivery {
                 Some(delivery) => match delivery.await {
@@ -701,13 +714,32 @@ impl PartitionProcessor {
         };
         let workflow = checkpoint(last_changelog.workflow).await;
         let memory = checkpoint(last_changelog.memory).await;
-        let written = tokio::join!(self.store.commit(workflow), self.memory.commit(memory));
-        for result in [written.0, written.1] {
-            if let Err(err) = result {
-                // Kafka holds the committed truth; a later restore repairs this.
-                tracing::error!(partition = self.partition, cause = %err, "cannot write committed state locally");
-            }
-        }
+        let (workflow, memory) =
+            tokio::join!(self.store.commit(workflow), self.memory.commit(memory));
+        workflow.and(memory)
+    }
+
+    /// Sets `message` aside: its dead letter of `class` goes to `out`, and
+    /// nothing else happens (the engine isolates a record the broker keeps
+    /// refusing this way).
+    pub fn dead_letter_input<M: Message>(
+        &self,
+        message: &M,
+        class: ErrorClass,
+        reason: String,
+        out: &mut Vec<OutRecord>,
+    ) {
+        let record = InputRecord {
+            source: SourceCoordinates {
+                topic: message.topic().to_string(),
+                partition: message.partition(),
+                offset: message.offset(),
+            },
+            timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+            key: message.key(),
+            payload: message.payload(),
+        };
+        out.push(self.dead_letter(&record, class, reason, vec![]));
     }
 
     pub fn on_abort(&mut self) {

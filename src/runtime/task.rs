@@ -174,7 +174,9 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
                                 if let Some(rebuilt) = rebuilt {
                                     producer = rebuilt;
                                 }
-                                processor.on_commit(done.last_changelog).await;
+                                if let Err(err) = processor.on_commit(done.last_changelog).await {
+                                    tracing::error!(partition, cause = %err, "cannot write committed state locally");
+                                }
                             }
                             Some(Control::Aborted { producer: rebuilt }) => {
                                 if let Some(rebuilt) = rebuilt {
@@ -241,6 +243,8 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
                                 lookup = Some(fetch_schema(&pipeline, id, Duration::ZERO));
                                 stalled = Some(held);
                             }
+                            // Until the task pauses on it: abort and rewind.
+                            Processed::Transient { reason, .. } => pending.failure = Some(reason),
                         }
                     }
                     Err(err) => {
@@ -266,6 +270,8 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
                         lookup = Some(fetch_schema(&pipeline, id, Duration::ZERO));
                         stalled = Some(Stalled::new(message.detach(), id));
                     }
+                    // Until the task pauses on it: abort and rewind.
+                    Processed::Transient { reason, .. } => pending.failure = Some(reason),
                 }
             }
         }
