@@ -155,6 +155,21 @@ pub struct RunArgs {
     /// Records larger than this are dead-lettered.
     #[arg(long, env = "BATON_MAX_RECORD_BYTES")]
     pub max_record_bytes: Option<usize>,
+    /// Records a context may hold while the healer decides on its failed
+    /// step (default 100); past it they are dead-lettered as `held_overflow`.
+    #[arg(long, env = "BATON_MAX_HELD_RECORDS")]
+    pub max_held_records: Option<usize>,
+    /// Bytes those held records may take (default 262144); past it, `held_overflow`.
+    #[arg(long, env = "BATON_MAX_HELD_BYTES")]
+    pub max_held_bytes: Option<usize>,
+    /// Encoded bytes a context's memory may take (default 524288): the oldest
+    /// tool outputs go first, then the input is dead-lettered as `memory_overflow`.
+    #[arg(long, env = "BATON_MAX_MEMORY_BYTES")]
+    pub max_memory_bytes: Option<usize>,
+    /// Longest accepted `context_id` in bytes (default 1024); longer ones,
+    /// and ones with control characters, are dead-lettered as `invalid_context_id`.
+    #[arg(long, env = "BATON_MAX_CONTEXT_ID_BYTES")]
+    pub max_context_id_bytes: Option<usize>,
     /// How long start-up tries to reach Kafka before failing.
     #[arg(long, env = "BATON_STARTUP_TIMEOUT_MS")]
     pub startup_timeout_ms: Option<u64>,

@@ -34,6 +34,10 @@ pub struct FileConfig {
     pub commit_interval_ms: Option<u64>,
     pub dlq_topic: Option<String>,
     pub max_record_bytes: Option<usize>,
+    pub max_held_records: Option<usize>,
+    pub max_held_bytes: Option<usize>,
+    pub max_memory_bytes: Option<usize>,
+    pub max_context_id_bytes: Option<usize>,
     pub startup_timeout_ms: Option<u64>,
     /// Per input topic: `avro`, `json` or `auto` (the default).
     #[serde(default)]
@@ -75,6 +79,8 @@ pub struct RunConfig {
     pub commit_interval: Duration,
     pub dlq_topic: String,
     pub limits: DecodeLimits,
+    /// Bounds on one context: held records, memory, its id.
+    pub context_limits: ContextLimits,
     /// How long start-up keeps trying to reach the brokers before giving up.
     pub startup_timeout: Duration,
     /// Per input topic; topics not named are `auto`.
@@ -88,6 +94,27 @@ pub struct RunConfig {
     pub advertised_url: String,
     pub snapshots: Option<SnapshotConfig>,
     pub sse_heartbeat: Duration,
+}
+
+/// Bounds on what one context may hold (see [`crate::workflow::Policy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextLimits {
+    pub max_held_records: usize,
+    pub max_held_bytes: usize,
+    pub max_memory_bytes: usize,
+    pub max_context_id_bytes: usize,
+}
+
+impl Default for ContextLimits {
+    fn default() -> Self {
+        use crate::workflow::plan;
+        ContextLimits {
+            max_held_records: plan::DEFAULT_MAX_HELD_RECORDS,
+            max_held_bytes: plan::DEFAULT_MAX_HELD_BYTES,
+            max_memory_bytes: plan::DEFAULT_MAX_MEMORY_BYTES,
+            max_context_id_bytes: plan::DEFAULT_MAX_CONTEXT_ID_BYTES,
+        }
+    }
 }
 
 /// Whether handovers carry signed memory snapshot URLs.
@@ -291,6 +318,48 @@ impl RunConfig {
             ));
         }
 
+        let defaults = ContextLimits::default();
+        let mut bounded = |name: &str,
+                           value: Option<usize>,
+                           default: usize,
+                           range: std::ops::RangeInclusive<usize>| {
+            let value = value.unwrap_or(default);
+            if !range.contains(&value) {
+                problems.push(format!(
+                    "{name}: {value} is outside {}..={}",
+                    range.start(),
+                    range.end()
+                ));
+            }
+            value
+        };
+        let context_limits = ContextLimits {
+            max_held_records: bounded(
+                "max_held_records",
+                args.max_held_records.or(file.max_held_records),
+                defaults.max_held_records,
+                0..=100_000,
+            ),
+            max_held_bytes: bounded(
+                "max_held_bytes",
+                args.max_held_bytes.or(file.max_held_bytes),
+                defaults.max_held_bytes,
+                0..=64 * 1024 * 1024,
+            ),
+            max_memory_bytes: bounded(
+                "max_memory_bytes",
+                args.max_memory_bytes.or(file.max_memory_bytes),
+                defaults.max_memory_bytes,
+                1024..=64 * 1024 * 1024,
+            ),
+            max_context_id_bytes: bounded(
+                "max_context_id_bytes",
+                args.max_context_id_bytes.or(file.max_context_id_bytes),
+                defaults.max_context_id_bytes,
+                1..=64 * 1024,
+            ),
+        };
+
         let startup_timeout_ms = args
             .startup_timeout_ms
             .or(file.startup_timeout_ms)
@@ -476,6 +545,7 @@ impl RunConfig {
             commit_interval: Duration::from_millis(commit_interval_ms),
             dlq_topic,
             limits: DecodeLimits { max_record_bytes },
+            context_limits,
             startup_timeout: Duration::from_millis(startup_timeout_ms),
             input_formats,
             schema_registry,

@@ -77,7 +77,13 @@ impl Handover {
         produced_at: String,
     ) -> Handover {
         Handover {
-            handover_id: handover_id(&event.event_id, &draft.agent, &draft.intent, draft.status),
+            handover_id: handover_id(
+                &event.context_id,
+                &event.event_id,
+                &draft.agent,
+                &draft.intent,
+                draft.status,
+            ),
             context_id: event.context_id.clone(),
             intent: draft.intent.clone(),
             agent: draft.agent.clone(),
@@ -106,7 +112,13 @@ impl Handover {
         produced_at: String,
     ) -> Handover {
         Handover {
-            handover_id: handover_id(causation_id, &draft.agent, &draft.intent, draft.status),
+            handover_id: handover_id(
+                context_id,
+                causation_id,
+                &draft.agent,
+                &draft.intent,
+                draft.status,
+            ),
             context_id: context_id.to_owned(),
             intent: draft.intent.clone(),
             agent: draft.agent.clone(),
@@ -122,17 +134,20 @@ impl Handover {
     }
 }
 
-/// A handover id is a function of its cause: the input's `event_id` and what
-/// it asks of whom. A replay of the same input yields the same id, so
-/// downstream agents (and baton's own verifiers) can deduplicate.
+/// A handover id is a function of its cause: the context, the input's
+/// `event_id` and what it asks of whom. A replay of the same input yields the
+/// same id, so downstream agents (and baton's own verifiers) can
+/// deduplicate; two contexts whose producers reuse an `event_id` do not share
+/// one.
 pub fn handover_id(
+    context_id: &str,
     causation_id: &str,
     agent: &str,
     intent: &str,
     status: HandoverStatus,
 ) -> String {
     let mut hasher = Sha256::new();
-    for part in [causation_id, agent, intent, status.as_str()] {
+    for part in [context_id, causation_id, agent, intent, status.as_str()] {
         hasher.update(part.as_bytes());
         // A separator that cannot occur in UTF-8 text keeps ("ab","c") != ("a","bc").
         hasher.update([0xff]);
@@ -147,34 +162,18 @@ mod tests {
 
     #[test]
     fn handover_id_is_deterministic_and_separates_parts() {
-        let a = handover_id(
-            "e-1",
-            "researcher",
-            "enrich_reasoning",
-            HandoverStatus::Queued,
-        );
-        assert_eq!(
-            a,
-            handover_id(
-                "e-1",
-                "researcher",
-                "enrich_reasoning",
-                HandoverStatus::Queued
-            )
-        );
+        let id = |context: &str, event: &str, status| {
+            handover_id(context, event, "researcher", "enrich_reasoning", status)
+        };
+        let a = id("c-1", "e-1", HandoverStatus::Queued);
+        assert_eq!(a, id("c-1", "e-1", HandoverStatus::Queued));
         assert_eq!(a.len(), 32);
+        assert_ne!(a, id("c-1", "e-1", HandoverStatus::Retrying));
+        // Two contexts whose producers reuse an event id.
+        assert_ne!(a, id("c-2", "e-1", HandoverStatus::Queued));
         assert_ne!(
-            a,
-            handover_id(
-                "e-1",
-                "researcher",
-                "enrich_reasoning",
-                HandoverStatus::Retrying
-            )
-        );
-        assert_ne!(
-            handover_id("ab", "c", "i", HandoverStatus::Queued),
-            handover_id("a", "bc", "i", HandoverStatus::Queued)
+            handover_id("c", "ab", "c", "i", HandoverStatus::Queued),
+            handover_id("c", "a", "bc", "i", HandoverStatus::Queued)
         );
     }
 

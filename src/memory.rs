@@ -258,6 +258,20 @@ struct Envelope<'a, T> {
     body: &'a T,
 }
 
+/// A writer that only counts what is written to it.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn encode_versioned<T: Serialize>(body: &T) -> Vec<u8> {
     let envelope = Envelope {
         v: MEMORY_ENCODING_VERSION,
@@ -435,6 +449,18 @@ impl Memory {
     /// JSON with a version tag: `{"v":1,"context_id":...}`.
     pub fn encode(&self) -> Vec<u8> {
         encode_versioned(self)
+    }
+
+    /// The length of [`Memory::encode`], counted without building it.
+    pub fn encoded_len(&self) -> usize {
+        let mut counter = ByteCounter(0);
+        let envelope = Envelope {
+            v: MEMORY_ENCODING_VERSION,
+            body: self,
+        };
+        // Writing to a counter cannot fail; see `encode_versioned`.
+        let _ = serde_json::to_writer(&mut counter, &envelope);
+        counter.0
     }
 
     /// Reads bytes any released version of baton wrote.

@@ -36,6 +36,11 @@ pub struct Metrics {
     /// Output records handed to the transactional producer: handovers,
     /// changelogs, status updates and dead letters (aborted ones included).
     pub records_sent: IntCounter,
+    /// Input records forwarded to the repartition topic because their key
+    /// was not their `context_id`.
+    pub records_repartitioned: IntCounter,
+    /// Dead letters whose value was cut to fit `message.max.bytes`.
+    pub dlq_truncated: IntCounter,
     /// Partitions currently assigned to this pod.
     pub assigned_partitions: IntGauge,
     /// Rebalance callbacks, by kind (assign, revoke, lost).
@@ -148,6 +153,16 @@ impl Metrics {
             records_sent: IntCounter::new(
                 "baton_records_sent_total",
                 "Output records handed to the transactional producer (aborted transactions included)",
+            )
+            .expect("valid metric"),
+            records_repartitioned: IntCounter::new(
+                "baton_records_repartitioned_total",
+                "Input records forwarded to the repartition topic, keyed by their context_id",
+            )
+            .expect("valid metric"),
+            dlq_truncated: IntCounter::new(
+                "baton_dlq_truncated_total",
+                "Dead letters whose value was cut to fit message.max.bytes",
             )
             .expect("valid metric"),
             assigned_partitions: IntGauge::new(
@@ -299,7 +314,7 @@ impl Metrics {
             )
             .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 34] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 36] = [
             Box::new(metrics.records_consumed.clone()),
             Box::new(metrics.events_unrouted.clone()),
             Box::new(metrics.events_duplicate.clone()),
@@ -309,6 +324,8 @@ impl Metrics {
             Box::new(metrics.transaction_commit_seconds.clone()),
             Box::new(metrics.transaction_records.clone()),
             Box::new(metrics.records_sent.clone()),
+            Box::new(metrics.records_repartitioned.clone()),
+            Box::new(metrics.dlq_truncated.clone()),
             Box::new(metrics.assigned_partitions.clone()),
             Box::new(metrics.rebalances.clone()),
             Box::new(metrics.producer_rebuilds.clone()),

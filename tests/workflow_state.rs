@@ -7,7 +7,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use baton::sample::{self, SampleRecord};
-use common::{Baton, BatonOptions, Broker, HANDOVER_TOPICS, Reader, dedup_handovers, reference};
+use common::{
+    Baton, BatonOptions, Broker, HANDOVER_TOPICS, Reader, assert_states_match, dedup_handovers,
+    expected_states, reference, state_of,
+};
 use serde_json::{Value, json};
 
 const PARTITIONS: i32 = 6;
@@ -16,61 +19,6 @@ fn handovers_reader(broker: &Broker) -> Reader {
     let mut topics: Vec<&str> = HANDOVER_TOPICS.to_vec();
     topics.push("mcp.events.dlq");
     Reader::new(broker, &topics)
-}
-
-/// The state of `context` from whichever pod owns it.
-fn state_of(pods: &[&Baton], context: &str) -> Option<Value> {
-    pods.iter()
-        .find_map(|pod| match pod.http_get(&format!("/contexts/{context}")) {
-            Some((200, body)) => serde_json::from_str(&body).ok(),
-            _ => None,
-        })
-}
-
-/// The fields a reference comparison covers (time and dedup memory aside).
-fn essentials(value: &Value) -> Value {
-    json!({
-        "workflow": value["workflow"], "state": value["state"], "locked_by": value["locked_by"],
-        "attempts": value["attempts"], "token_budget": value["token_budget"],
-        "tokens_used": value["tokens_used"], "version": value["version"],
-    })
-}
-
-fn expected_states(inputs: &[SampleRecord]) -> HashMap<String, Value> {
-    reference(inputs)
-        .states
-        .into_iter()
-        .map(|(context, state)| {
-            (
-                context,
-                essentials(&serde_json::to_value(&state).expect("json")),
-            )
-        })
-        .collect()
-}
-
-fn assert_states_match(pods: &[&Baton], expected: &HashMap<String, Value>) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let mismatches: Vec<(String, Option<Value>, Value)> = expected
-            .iter()
-            .filter_map(|(context, want)| {
-                let got = state_of(pods, context).map(|got| essentials(&got));
-                (got.as_ref() != Some(want)).then(|| (context.clone(), got, want.clone()))
-            })
-            .take(5)
-            .collect();
-        if mismatches.is_empty() {
-            return;
-        }
-        if std::time::Instant::now() > deadline {
-            for (context, got, want) in &mismatches {
-                eprintln!("{context}: got {got:?}\n  want {want}");
-            }
-            panic!("final states differ from the reference");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 #[test]

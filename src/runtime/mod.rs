@@ -69,6 +69,14 @@ pub struct Pipeline {
     pub memory_topic: String,
     pub control_topic: String,
     pub memory_changelog: String,
+    /// `{app}-events-repartition`: input not keyed by its `context_id` is
+    /// forwarded here, keyed by it, before any state is touched.
+    pub repartition_topic: String,
+    /// The transactional producer's effective `message.max.bytes`: every
+    /// record is sized against it before it is sent.
+    pub max_message_bytes: usize,
+    /// Bounds and snapshot settings the pure plan obeys.
+    pub policy: crate::workflow::Policy,
     /// Set when handovers carry signed memory snapshot URLs.
     pub snapshots: Option<SnapshotSettings>,
     /// Open memory store partitions, for the snapshot endpoint.
@@ -77,11 +85,10 @@ pub struct Pipeline {
     pub stores: Arc<state::OpenStores>,
 }
 
-/// How snapshots are signed, kept and pruned.
+/// How snapshot URLs are signed (how long snapshots live is the plan's
+/// [`crate::workflow::Policy`]).
 pub struct SnapshotSettings {
     pub signer: UrlSigner,
-    pub retention_ms: i64,
-    pub max_per_context: usize,
 }
 
 /// What `/readyz` reports: joined the group, and no partition restoring.
@@ -145,7 +152,28 @@ pub async fn run(
         state::changelog_topic(&config.application_id, processor::WORKFLOW_STORE);
     let memory_changelog = state::changelog_topic(&config.application_id, processor::MEMORY_STORE);
     let members_topic = members::members_topic(&config.application_id);
+    let repartition_topic = repartition_topic(&config.application_id);
     let partitions = check_topics(&config, &topology, &metadata)?;
+    match metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == repartition_topic)
+    {
+        None => {
+            create_topics(
+                &config.kafka,
+                &[(repartition_topic.clone(), partitions, false)],
+            )
+            .await?
+        }
+        Some(found) if found.partitions().len() as i32 != partitions => {
+            return Err(RunError::NotCoPartitioned(format!(
+                "{repartition_topic} has {} partitions, the inputs {partitions}",
+                found.partitions().len()
+            )));
+        }
+        Some(_) => {}
+    }
     for (topic, count) in [
         (&workflow_changelog, partitions),
         (&memory_changelog, partitions),
@@ -197,6 +225,23 @@ pub async fn run(
         None => OutputEncoder::Json,
     };
     let decoder = InputDecoder::new(config.limits, config.input_formats.clone(), registry);
+    let producer_config = config
+        .kafka
+        .transactional_producer_config(&config.transactional_id());
+    let max_message_bytes =
+        kafka::max_message_bytes(&producer_config).map_err(RunError::Consumer)?;
+    let policy = crate::workflow::Policy {
+        snapshots: config.snapshots.as_ref().map(|snapshots| {
+            crate::workflow::plan::SnapshotPolicy {
+                retention_ms: snapshots.retention.as_millis().min(i64::MAX as u128) as i64,
+                max_per_context: snapshots.max_per_context,
+            }
+        }),
+        max_held_records: config.context_limits.max_held_records,
+        max_held_bytes: config.context_limits.max_held_bytes,
+        max_memory_bytes: config.context_limits.max_memory_bytes,
+        max_context_id_bytes: config.context_limits.max_context_id_bytes,
+    };
 
     let pipeline = Arc::new(Pipeline {
         topology,
@@ -211,14 +256,10 @@ pub async fn run(
         memory_topic: config.memory_topic.clone(),
         control_topic: config.control_topic.clone(),
         memory_changelog,
-        snapshots: match (&config.snapshots, &signer) {
-            (Some(snapshots), Some(signer)) => Some(SnapshotSettings {
-                signer: signer.clone(),
-                retention_ms: snapshots.retention.as_millis().min(i64::MAX as u128) as i64,
-                max_per_context: snapshots.max_per_context,
-            }),
-            _ => None,
-        },
+        repartition_topic: repartition_topic.clone(),
+        max_message_bytes,
+        policy,
+        snapshots: signer.clone().map(|signer| SnapshotSettings { signer }),
         stores: Arc::clone(&http.stores),
         memory_stores: Arc::clone(&http.memory_stores),
     });
@@ -249,9 +290,6 @@ pub async fn run(
         sse_heartbeat: config.sse_heartbeat,
     });
 
-    let producer_config = config
-        .kafka
-        .transactional_producer_config(&config.transactional_id());
     let transactional_id = config.transactional_id();
     let runtime = tokio::runtime::Handle::current();
     let engine_readiness = Arc::clone(&readiness);
@@ -274,6 +312,7 @@ pub async fn run(
     let mut subscription = config.input_topics.clone();
     subscription.push(config.memory_topic.clone());
     subscription.push(config.control_topic.clone());
+    subscription.push(repartition_topic);
     let strategy = if subscription.len() > 1 {
         // Range assigns partition N of every topic to the same member, which
         // co-partitioned state needs; cooperative-sticky does not promise it.
@@ -417,6 +456,12 @@ fn coordinate(
     drop(consumer);
     tracing::info!("left the consumer group");
     Ok(())
+}
+
+/// Where input not keyed by its `context_id` is forwarded, keyed by it
+/// (Kafka Streams' `{application.id}-...-repartition`).
+pub fn repartition_topic(application_id: &str) -> String {
+    format!("{application_id}-events-repartition")
 }
 
 /// Checks that every topic baton reads or writes exists, and that the

@@ -1,8 +1,15 @@
-//! The imperative shell around the pure workflow step, for one task.
+//! The imperative shell around the pure plan, for one task.
 //!
-//! decode -> step(state, event, topology) -> outcome, then turn the outcome
-//! into output records: handovers, the changelog write, dead letters. All of
-//! them go into the pod's open transaction together with the input offset.
+//! decode -> plan (`workflow::step`, `apply_command`, `remember`) ->
+//! [`Effects`] -> encode, size, send. Every output record is sized against
+//! the producer's `message.max.bytes` before it is sent: an input whose
+//! outputs cannot fit goes to the DLQ as `output_too_large` with its state
+//! unchanged, and a dead letter that would not fit is cut to fit. All of it
+//! goes into the pod's open transaction together with the input offset.
+//!
+//! Keys are fixed at the door: an event or memory record not keyed by its
+//! `context_id` is forwarded, in the same transaction, to the
+//! co-partitioned repartition topic keyed by it, and processed from there.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,6 +19,7 @@ use std::time::Instant;
 use prometheus::{Histogram, IntCounter};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -22,13 +30,12 @@ use super::task::{Control, TaskProgress, TopicPartition};
 use crate::codec::DecodeError;
 use crate::control::ControlCommand;
 use crate::dlq::{self, DeadLetter, ErrorClass};
-use crate::event::{SourceCoordinates, ToolEvent};
-use crate::handover::Handover;
-use crate::memory::{self, Memory, Snapshot, ToolOutput};
+use crate::event::SourceCoordinates;
+use crate::memory::{self, Memory, Snapshot};
 use crate::metrics::METRICS;
 use crate::state::restore::{self, RestoreRequest};
-use crate::state::{self, PartitionStore};
-use crate::workflow::{self, CommandOutcome, HeldRecord, StatusUpdate, StepOutcome, WorkflowState};
+use crate::state::{self, PartitionStore, StateError};
+use crate::workflow::{self, Context, Effects, Input, Outcome, WorkflowState};
 
 /// The workflow store's name; its changelog is `{app}-workflow-changelog`.
 pub const WORKFLOW_STORE: &str = "workflow";
@@ -36,7 +43,7 @@ pub const WORKFLOW_STORE: &str = "workflow";
 pub const MEMORY_STORE: &str = "memory";
 
 /// What became of one input record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Processed {
     /// Its outputs (possibly none) are in the output buffer.
     Done,
@@ -51,13 +58,47 @@ pub enum Processed {
     },
 }
 
-/// An input record as the processor sees it: from the consumer, or released
-/// from a context's held records.
+/// An input record as the shell sees it: from the consumer, from the
+/// repartition topic, or released from a context's held records.
 struct InputRecord<'a> {
-    source: SourceCoordinates,
+    /// Where it was consumed: changelog records name it, so a restore can
+    /// skip what an uncommitted transaction wrote.
+    consumed: SourceCoordinates,
+    /// Where it first arrived (differs after a repartition or a release):
+    /// derived event ids and dead letters point there.
+    identity: SourceCoordinates,
     timestamp_ms: i64,
     key: Option<&'a [u8]>,
     payload: Option<&'a [u8]>,
+    origin: Origin,
+}
+
+/// How an input record reached the shell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// From an input topic, keyed however its producer chose.
+    Consumer,
+    /// From the repartition topic: keyed by its `context_id`.
+    Repartition,
+    /// Released from its context's held records by a healer command.
+    Released,
+}
+
+impl InputRecord<'_> {
+    fn plan_input(&self) -> Input<'_> {
+        Input {
+            source: &self.identity,
+            timestamp_ms: self.timestamp_ms,
+            key: self.key,
+            value: self.payload,
+        }
+    }
+
+    /// Whether the record is keyed by `context_id`; one that is not must be
+    /// repartitioned before it touches any state.
+    fn keyed_by(&self, context_id: &str) -> bool {
+        self.origin != Origin::Consumer || self.key == Some(context_id.as_bytes())
+    }
 }
 
 /// One record to produce inside the open transaction.
@@ -68,9 +109,36 @@ pub struct OutRecord {
     pub key: Option<Vec<u8>>,
     /// `None` is a tombstone (a changelog delete).
     pub payload: Option<Vec<u8>>,
-    pub headers: Option<rdkafka::message::OwnedHeaders>,
+    pub headers: Option<OwnedHeaders>,
+    /// The record's timestamp; `None` lets the producer stamp it.
+    pub timestamp: Option<i64>,
     /// A changelog write of this store: its offset becomes the checkpoint.
     pub changelog: Option<Store>,
+}
+
+impl OutRecord {
+    fn to(topic: &str, key: &str, payload: Vec<u8>) -> OutRecord {
+        OutRecord {
+            topic: topic.to_owned(),
+            partition: None,
+            key: Some(key.as_bytes().to_vec()),
+            payload: Some(payload),
+            headers: None,
+            timestamp: None,
+            changelog: None,
+        }
+    }
+
+    /// The size librdkafka counts against `message.max.bytes`.
+    fn wire_size(&self) -> usize {
+        let headers = self.headers.iter().flat_map(|headers| {
+            headers
+                .iter()
+                .map(|header| (header.key, header.value))
+                .collect::<Vec<_>>()
+        });
+        crate::kafka::record_wire_size(self.key.as_deref(), self.payload.as_deref(), headers)
+    }
 }
 
 /// The stores of a task, each with its own changelog.
@@ -112,6 +180,20 @@ impl StageTimers {
             encode: stage("encode"),
         }
     }
+}
+
+/// Why a stored value could not be loaded.
+enum LoadError {
+    /// RocksDB failed: transient, the same record is tried again.
+    Store(StateError),
+    /// The bytes do not decode: the input is set aside.
+    Unreadable(String),
+}
+
+/// Why an input's outputs cannot be sent as planned.
+struct Rejected {
+    class: ErrorClass,
+    reason: String,
 }
 
 impl PartitionProcessor {
@@ -196,24 +278,36 @@ impl PartitionProcessor {
         })
     }
 
-    /// Turns one input record into output records, or says which writer
-    /// schema must be fetched first (nothing is output then).
+    /// Turns one input record into output records, or says why it must wait
+    /// (a writer schema to fetch, a store that failed to read).
     pub fn process<M: Message>(&mut self, message: &M, out: &mut Vec<OutRecord>) -> Processed {
+        let consumed = SourceCoordinates {
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
+        };
+        let origin = if consumed.topic == self.pipeline.repartition_topic {
+            Origin::Repartition
+        } else {
+            Origin::Consumer
+        };
+        let identity = if origin == Origin::Repartition {
+            original_coordinates(message).unwrap_or_else(|| consumed.clone())
+        } else {
+            consumed.clone()
+        };
         let record = InputRecord {
-            source: SourceCoordinates {
-                topic: message.topic().to_string(),
-                partition: message.partition(),
-                offset: message.offset(),
-            },
+            consumed,
+            identity,
             timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
             key: message.key(),
             payload: message.payload(),
+            origin,
         };
-        let topic = record.source.topic.as_str();
+        let topic = record.identity.topic.as_str();
         if topic == self.pipeline.memory_topic {
-            self.count_consumed(topic);
-            self.remember(&record, out);
-            return Processed::Done;
+            self.count_consumed(&record.consumed.topic);
+            return self.remember(&record, out);
         }
         if topic == self.pipeline.control_topic {
             return self.command(&record, out);
@@ -228,139 +322,78 @@ impl PartitionProcessor {
             .inc();
     }
 
-    /// A tool event: decode, step, and write what the step decided.
+    /// A tool event: decode, plan, and write what the plan says.
     fn event(&mut self, record: &InputRecord<'_>, out: &mut Vec<OutRecord>) -> Processed {
-        let source = &record.source;
         let started = Instant::now();
-        let decoded = self.pipeline.decoder.decode(record.payload, source);
+        let decoded = self
+            .pipeline
+            .decoder
+            .decode(record.payload, &record.identity);
         self.stages.decode.observe(started.elapsed().as_secs_f64());
-        if let Err(DecodeError::MissingSchema { id }) = decoded {
-            return Processed::NeedsSchema(id);
-        }
-        self.count_consumed(&source.topic);
         let event = match decoded {
             Ok(event) => event,
+            Err(DecodeError::MissingSchema { id }) => return Processed::NeedsSchema(id),
             Err(DecodeError::Poison { class, reason }) => {
-                out.push(self.dead_letter(record, class, reason, vec![]));
+                self.count_consumed(&record.consumed.topic);
+                self.reject(record, class, reason, out);
                 return Processed::Done;
             }
-            Err(DecodeError::MissingSchema { .. }) => return Processed::Done,
         };
-        let now_ms = record.timestamp_ms;
-        let current = match self.load_state(&event.context_id) {
-            Ok(state) => state,
-            Err(reason) => {
-                tracing::error!(context_id = %event.context_id, cause = %reason, "stored state is unreadable");
-                out.push(self.dead_letter(record, ErrorClass::InvalidTransition, reason, vec![]));
+        self.count_consumed(&record.consumed.topic);
+        if !record.keyed_by(&event.context_id) {
+            self.repartition(record, &event.context_id, out);
+            return Processed::Done;
+        }
+        let (state, memory) = match self.load_context(&event.context_id) {
+            Ok(context) => context,
+            Err(LoadError::Store(err)) => return transient(err),
+            Err(LoadError::Unreadable(reason)) => {
+                self.reject(record, ErrorClass::UnreadableState, reason, out);
                 return Processed::Done;
             }
         };
         let started = Instant::now();
-        let outcome = workflow::step(current.as_ref(), &event, &self.pipeline.topology, now_ms);
+        let effects = workflow::step(
+            Context {
+                state: state.as_ref(),
+                memory: &memory,
+            },
+            &event,
+            record.plan_input(),
+            &self.pipeline.topology,
+            &self.pipeline.policy,
+            record.timestamp_ms,
+        );
         self.stages.step.observe(started.elapsed().as_secs_f64());
-        match outcome {
-            StepOutcome::Applied {
-                state,
-                handovers,
-                status_updates,
-            } => {
-                let started = Instant::now();
-                let snapshot_url =
-                    self.record_output(&event, !handovers.is_empty(), now_ms, source, out);
-                let produced_at = now_rfc3339();
-                let handovers: Vec<(String, Handover)> = handovers
-                    .iter()
-                    .map(|draft| {
-                        let handover = Handover::from_draft(
-                            draft,
-                            &event,
-                            snapshot_url.clone(),
-                            produced_at.clone(),
-                        );
-                        (draft.topic.clone(), handover)
-                    })
-                    .collect();
-                self.emit_handovers(&handovers, out);
-                self.emit_status_updates(&status_updates, out);
-                self.write_state(&state, source, out);
-                self.stages.encode.observe(started.elapsed().as_secs_f64());
-            }
-            StepOutcome::Duplicate => METRICS.events_duplicate.inc(),
-            StepOutcome::Unrouted => METRICS.events_unrouted.inc(),
-            StepOutcome::Invalid { reason } => {
-                out.push(self.dead_letter(record, ErrorClass::InvalidTransition, reason, vec![]));
-            }
-            StepOutcome::ToolFailed {
-                state,
-                failure,
-                status_updates,
-            } => {
-                self.record_output(&event, false, now_ms, source, out);
-                let mut headers = vec![
-                    (dlq::headers::WORKFLOW, state.workflow.clone()),
-                    (dlq::headers::STEP, failure.step.clone()),
-                    (dlq::headers::ATTEMPTS, failure.attempt.to_string()),
-                    (dlq::headers::FAILED_EVENT, failure.event.clone()),
-                ];
-                if let Some(agent) = &failure.locked_by {
-                    headers.push((dlq::headers::LOCKED_BY, agent.clone()));
-                }
-                let reason = format!(
-                    "tool call `{}` failed{}",
-                    failure.event,
-                    event
-                        .error
-                        .as_deref()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
-                );
-                out.push(self.dead_letter(record, ErrorClass::ToolFailed, reason, headers));
-                self.emit_status_updates(&status_updates, out);
-                self.write_state(&state, source, out);
-            }
-            StepOutcome::Hold => {
-                // `failure` is set, so the state exists.
-                if let Some(mut state) = current {
-                    state.held.push(HeldRecord {
-                        topic: source.topic.clone(),
-                        partition: source.partition,
-                        offset: source.offset,
-                        timestamp_ms: record.timestamp_ms,
-                        key: record.key.map(<[u8]>::to_vec),
-                        value: record.payload.map(<[u8]>::to_vec),
-                    });
-                    state.version = state.version.saturating_add(1);
-                    METRICS.events_held.inc();
-                    self.write_state(&state, source, out);
-                }
-            }
-        }
+        let started = Instant::now();
+        self.apply(record, &event.context_id, effects, out);
+        self.stages.encode.observe(started.elapsed().as_secs_f64());
         Processed::Done
     }
 
-    /// A healer command: applied through the pure step; the records it
-    /// releases are then processed in their arrival order.
+    /// A healer command: planned as one input; the records it releases are
+    /// then stepped in their arrival order.
     fn command(&mut self, record: &InputRecord<'_>, out: &mut Vec<OutRecord>) -> Processed {
-        let source = &record.source;
         let command = match ControlCommand::decode(record.payload.unwrap_or_default()) {
             Ok(command) => command,
             Err(reason) => {
-                self.count_consumed(&source.topic);
-                out.push(self.dead_letter(record, ErrorClass::UnrecognizedFormat, reason, vec![]));
+                self.count_consumed(&record.consumed.topic);
+                self.reject(record, ErrorClass::UnrecognizedFormat, reason, out);
                 return Processed::Done;
             }
         };
-        let current = match self.load_state(&command.context_id) {
-            Ok(state) => state,
-            Err(reason) => {
-                self.count_consumed(&source.topic);
-                out.push(self.dead_letter(record, ErrorClass::InvalidTransition, reason, vec![]));
+        let (state, memory) = match self.load_context(&command.context_id) {
+            Ok(context) => context,
+            Err(LoadError::Store(err)) => return transient(err),
+            Err(LoadError::Unreadable(reason)) => {
+                self.count_consumed(&record.consumed.topic);
+                self.reject(record, ErrorClass::UnreadableState, reason, out);
                 return Processed::Done;
             }
         };
         // Released Avro records need their writer schemas: fetch them before
-        // anything is applied, so the command can be processed whole.
-        for held in current.iter().flat_map(|state| &state.held) {
+        // anything is applied, so the command is processed whole.
+        for held in state.iter().flat_map(|state| &state.held) {
             let coordinates = SourceCoordinates {
                 topic: held.topic.clone(),
                 partition: held.partition,
@@ -374,143 +407,310 @@ impl PartitionProcessor {
                 return Processed::NeedsSchema(id);
             }
         }
-        self.count_consumed(&source.topic);
-        let now_ms = record.timestamp_ms;
-        let outcome =
-            workflow::apply_command(current.as_ref(), &command, &self.pipeline.topology, now_ms);
-        match outcome {
-            CommandOutcome::Ignored { duplicate, reason } => {
-                let outcome = if duplicate { "duplicate" } else { "stale" };
-                METRICS
-                    .control_commands
-                    .with_label_values(&[command.action.as_str(), outcome])
-                    .inc();
+        self.count_consumed(&record.consumed.topic);
+        let effects = workflow::apply_command(
+            Context {
+                state: state.as_ref(),
+                memory: &memory,
+            },
+            &command,
+            &self.pipeline.topology,
+            &self.pipeline.policy,
+            record.timestamp_ms,
+        );
+        let outcome = match &effects.outcome {
+            Outcome::CommandApplied => "applied",
+            Outcome::CommandIgnored {
+                duplicate: true, ..
+            } => "duplicate",
+            Outcome::CommandIgnored { reason, .. } => {
                 tracing::info!(context_id = %command.context_id, command_id = %command.command_id, %reason, "control command ignored");
+                "stale"
             }
-            CommandOutcome::Applied {
-                state,
-                handovers,
-                status_updates,
-                release,
-                causation_id,
-            } => {
-                METRICS
-                    .control_commands
-                    .with_label_values(&[command.action.as_str(), "applied"])
-                    .inc();
-                let snapshot_url = if handovers.is_empty() {
-                    None
-                } else {
-                    self.freeze_snapshot(&command.context_id, now_ms, source, out)
-                };
-                let last_output = self.last_tool_output(&command.context_id);
-                let produced_at = now_rfc3339();
-                let handovers: Vec<(String, Handover)> = handovers
-                    .iter()
-                    .map(|draft| {
-                        let handover = Handover::for_command(
-                            draft,
-                            &command.context_id,
-                            &causation_id,
-                            last_output.clone(),
-                            snapshot_url.clone(),
-                            produced_at.clone(),
-                        );
-                        (draft.topic.clone(), handover)
-                    })
-                    .collect();
-                self.emit_handovers(&handovers, out);
-                self.emit_status_updates(&status_updates, out);
-                self.write_state(&state, source, out);
-                for held in &release {
-                    METRICS.events_released.inc();
-                    let released = InputRecord {
-                        source: SourceCoordinates {
-                            topic: held.topic.clone(),
-                            partition: held.partition,
-                            offset: held.offset,
-                        },
-                        timestamp_ms: held.timestamp_ms,
-                        key: held.key.as_deref(),
-                        payload: held.value.as_deref(),
-                    };
-                    // Schemas were checked above; `event` cannot ask for one.
-                    self.event(&released, out);
+            _ => "rejected",
+        };
+        METRICS
+            .control_commands
+            .with_label_values(&[command.action.as_str(), outcome])
+            .inc();
+        let Some(applied) = self.apply(record, &command.context_id, effects, out) else {
+            return Processed::Done;
+        };
+        // The released records belong to this context: they are stepped
+        // over the state the command left, without reading the store again.
+        let mut state = applied.state.or(state);
+        let mut memory = applied.memory.map_or(memory, |write| write.live);
+        for held in applied.release {
+            METRICS.events_released.inc();
+            let released = InputRecord {
+                // The command's transaction writes the released records'
+                // state: a restore must judge it by the command's offset.
+                consumed: record.consumed.clone(),
+                identity: SourceCoordinates {
+                    topic: held.topic.clone(),
+                    partition: held.partition,
+                    offset: held.offset,
+                },
+                timestamp_ms: held.timestamp_ms,
+                key: held.key.as_deref(),
+                payload: held.value.as_deref(),
+                origin: Origin::Released,
+            };
+            let event = match self
+                .pipeline
+                .decoder
+                .decode(released.payload, &released.identity)
+            {
+                Ok(event) => event,
+                Err(DecodeError::Poison { class, reason }) => {
+                    self.reject(&released, class, reason, out);
+                    continue;
                 }
+                // Fetched above, and the cache never forgets an id.
+                Err(DecodeError::MissingSchema { id }) => {
+                    let reason = format!("writer schema {id} was fetched, yet is not cached");
+                    self.reject(&released, ErrorClass::UnknownSchema, reason, out);
+                    continue;
+                }
+            };
+            if event.context_id != command.context_id {
+                // Held by another context's state: it cannot have been held here.
+                let reason = format!(
+                    "held by context `{}`, but the record is for `{}`",
+                    command.context_id, event.context_id
+                );
+                self.reject(&released, ErrorClass::InvalidTransition, reason, out);
+                continue;
+            }
+            let effects = workflow::step(
+                Context {
+                    state: state.as_ref(),
+                    memory: &memory,
+                },
+                &event,
+                released.plan_input(),
+                &self.pipeline.topology,
+                &self.pipeline.policy,
+                released.timestamp_ms,
+            );
+            if let Some(applied) = self.apply(&released, &event.context_id, effects, out) {
+                state = applied.state.or(state);
+                memory = applied.memory.map_or(memory, |write| write.live);
             }
         }
         Processed::Done
     }
 
-    fn write_state(
-        &mut self,
-        state: &WorkflowState,
-        source: &SourceCoordinates,
-        out: &mut Vec<OutRecord>,
-    ) {
-        let write = self
-            .store
-            .put(&state.context_id, state.encode(), state.version, source);
-        out.push(self.changelog_record(Store::Workflow, write));
-    }
-
-    /// Records a tool output in memory; see [`Self::update_memory`]. A memory
-    /// that cannot be read only costs the snapshot URL.
-    fn record_output(
-        &mut self,
-        event: &ToolEvent,
-        hands_over: bool,
-        now_ms: i64,
-        source: &SourceCoordinates,
-        out: &mut Vec<OutRecord>,
-    ) -> Option<String> {
-        match self.update_memory(event, hands_over, now_ms, source, out) {
-            Ok(url) => url,
+    /// A `memory.upserted` record: the entry joins the context's memory.
+    fn remember(&mut self, record: &InputRecord<'_>, out: &mut Vec<OutRecord>) -> Processed {
+        let upsert = match memory::decode_upsert(record.payload.unwrap_or_default()) {
+            Ok(upsert) => upsert,
             Err(reason) => {
-                tracing::error!(context_id = %event.context_id, cause = %reason, "memory is unreadable; handing over without a snapshot");
-                None
-            }
-        }
-    }
-
-    /// The newest tool output in a context's memory, for handovers a healer
-    /// command causes (they have no tool event of their own).
-    fn last_tool_output(&self, context_id: &str) -> serde_json::Value {
-        self.load_memory(context_id)
-            .ok()
-            .and_then(|memory| memory.last_tool_output().cloned())
-            .unwrap_or(serde_json::Value::Null)
-    }
-
-    /// Freezes the context's memory as a snapshot for a command's handover.
-    fn freeze_snapshot(
-        &mut self,
-        context_id: &str,
-        now_ms: i64,
-        source: &SourceCoordinates,
-        out: &mut Vec<OutRecord>,
-    ) -> Option<String> {
-        let memory = match self.load_memory(context_id) {
-            Ok(memory) => memory,
-            Err(reason) => {
-                tracing::error!(%context_id, cause = %reason, "memory is unreadable; handing over without a snapshot");
-                return None;
+                self.reject(record, ErrorClass::UnrecognizedFormat, reason, out);
+                return Processed::Done;
             }
         };
-        self.snapshot(memory, now_ms, source, out)
-    }
-
-    fn load_state(&self, context_id: &str) -> Result<Option<WorkflowState>, String> {
-        match self.store.get(context_id) {
-            Ok(Some(bytes)) => WorkflowState::decode(&bytes)
-                .map(Some)
-                .map_err(|err| err.to_string()),
-            Ok(None) => Ok(None),
-            Err(err) => Err(err.to_string()),
+        if !record.keyed_by(&upsert.context_id) {
+            self.repartition(record, &upsert.context_id, out);
+            return Processed::Done;
         }
+        let memory = match self.load_memory(&upsert.context_id) {
+            Ok(memory) => memory,
+            Err(LoadError::Store(err)) => return transient(err),
+            Err(LoadError::Unreadable(reason)) => {
+                self.reject(record, ErrorClass::UnreadableState, reason, out);
+                return Processed::Done;
+            }
+        };
+        let effects =
+            workflow::remember(&memory, &upsert, &self.pipeline.policy, record.timestamp_ms);
+        self.apply(record, &upsert.context_id, effects, out);
+        Processed::Done
     }
 
-    fn changelog_record(&self, store: Store, write: state::ChangelogWrite) -> OutRecord {
+    /// Forwards a record not keyed by its context to the repartition topic,
+    /// keyed by it, as Kafka Streams does after `selectKey`. Its value and
+    /// timestamp are unchanged; headers name where it first arrived.
+    fn repartition(&self, record: &InputRecord<'_>, context_id: &str, out: &mut Vec<OutRecord>) {
+        let partition = record.identity.partition.to_string();
+        let offset = record.identity.offset.to_string();
+        let headers = OwnedHeaders::new_with_capacity(3)
+            .insert(Header {
+                key: dlq::headers::SOURCE_TOPIC,
+                value: Some(record.identity.topic.as_str()),
+            })
+            .insert(Header {
+                key: dlq::headers::SOURCE_PARTITION,
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: dlq::headers::SOURCE_OFFSET,
+                value: Some(offset.as_str()),
+            });
+        let forwarded = OutRecord {
+            topic: self.pipeline.repartition_topic.clone(),
+            partition: None,
+            key: Some(context_id.as_bytes().to_vec()),
+            payload: record.payload.map(<[u8]>::to_vec),
+            headers: Some(headers),
+            timestamp: Some(record.timestamp_ms),
+            changelog: None,
+        };
+        if forwarded.wire_size() > self.pipeline.max_message_bytes {
+            let reason = format!(
+                "the record must be repartitioned by its context_id, but with its new key it would take {} bytes, more than message.max.bytes ({})",
+                forwarded.wire_size(),
+                self.pipeline.max_message_bytes
+            );
+            self.reject(record, ErrorClass::OutputTooLarge, reason, out);
+            return;
+        }
+        METRICS.records_repartitioned.inc();
+        out.push(forwarded);
+    }
+
+    /// Encodes and sizes everything `effects` plans, then stages its writes
+    /// and queues its records; or, if an output cannot be encoded or cannot
+    /// fit, dead-letters the input instead and changes nothing. Returns the
+    /// effects that were applied.
+    fn apply(
+        &mut self,
+        record: &InputRecord<'_>,
+        context_id: &str,
+        effects: Effects,
+        out: &mut Vec<OutRecord>,
+    ) -> Option<Effects> {
+        let mut records =
+            Vec::with_capacity(effects.handovers.len() + effects.status_updates.len() + 3);
+        let mut staged: Vec<(Store, String, Option<Vec<u8>>)> = Vec::new();
+        if let Err(rejected) = self.encode(record, context_id, &effects, &mut records, &mut staged)
+        {
+            self.reject(record, rejected.class, rejected.reason, out);
+            return None;
+        }
+        if let Some(plan) = &effects.dead_letter {
+            self.dead_letter(record, plan.class, plan.reason.clone(), &plan.headers, out);
+        }
+        for (store, key, value) in staged {
+            match store {
+                Store::Workflow => self.store.stage(&key, value),
+                Store::Memory => self.memory.stage(&key, value),
+            }
+        }
+        self.count(&effects);
+        out.append(&mut records);
+        Some(effects)
+    }
+
+    /// The records of `effects` other than its dead letter, each sized.
+    fn encode(
+        &self,
+        record: &InputRecord<'_>,
+        context_id: &str,
+        effects: &Effects,
+        records: &mut Vec<OutRecord>,
+        staged: &mut Vec<(Store, String, Option<Vec<u8>>)>,
+    ) -> Result<(), Rejected> {
+        let output = &self.pipeline.output;
+        let unencodable = |what: &str, err: String| Rejected {
+            class: ErrorClass::OutputUnencodable,
+            reason: format!("cannot encode the {what}: {err}"),
+        };
+        if !effects.handovers.is_empty() {
+            let produced_at = now_rfc3339();
+            let now_unix = time::OffsetDateTime::now_utc().unix_timestamp();
+            for planned in &effects.handovers {
+                let mut handover = planned.handover.clone();
+                handover.produced_at.clone_from(&produced_at);
+                if let (Some(version), Some(snapshots)) =
+                    (planned.snapshot, &self.pipeline.snapshots)
+                {
+                    handover.memory_snapshot_url =
+                        Some(snapshots.signer.sign(context_id, version, now_unix));
+                }
+                let payload = output
+                    .encode_handover(&planned.topic, &handover)
+                    .map_err(|err| unencodable("handover", err))?;
+                records.push(OutRecord::to(&planned.topic, context_id, payload));
+            }
+        }
+        for update in &effects.status_updates {
+            let payload = output
+                .encode_status(update)
+                .map_err(|err| unencodable("status update", err))?;
+            records.push(OutRecord::to(
+                &self.pipeline.status_topic,
+                context_id,
+                payload,
+            ));
+        }
+        if let Some(state) = &effects.state {
+            let value = state.encode();
+            records.push(self.changelog_record(
+                Store::Workflow,
+                context_id,
+                Some(&value),
+                state.version,
+                &record.consumed,
+            ));
+            staged.push((Store::Workflow, context_id.to_owned(), Some(value)));
+        }
+        if let Some(write) = &effects.memory {
+            if let Some(snapshot) = &write.frozen {
+                let key = memory::snapshot_key(context_id, snapshot.version);
+                let value = snapshot.encode();
+                records.push(self.changelog_record(
+                    Store::Memory,
+                    &key,
+                    Some(&value),
+                    snapshot.version,
+                    &record.consumed,
+                ));
+                staged.push((Store::Memory, key, Some(value)));
+            }
+            for &version in &write.pruned {
+                let key = memory::snapshot_key(context_id, version);
+                records.push(self.changelog_record(
+                    Store::Memory,
+                    &key,
+                    None,
+                    version,
+                    &record.consumed,
+                ));
+                staged.push((Store::Memory, key, None));
+            }
+            let value = write.live.encode();
+            records.push(self.changelog_record(
+                Store::Memory,
+                context_id,
+                Some(&value),
+                write.live.version,
+                &record.consumed,
+            ));
+            staged.push((Store::Memory, context_id.to_owned(), Some(value)));
+        }
+        let max = self.pipeline.max_message_bytes;
+        if let Some(big) = records.iter().find(|out| out.wire_size() > max) {
+            return Err(Rejected {
+                class: ErrorClass::OutputTooLarge,
+                reason: format!(
+                    "an output for {} would take {} bytes, more than message.max.bytes ({max}); the context's state is unchanged",
+                    big.topic,
+                    big.wire_size()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn changelog_record(
+        &self,
+        store: Store,
+        key: &str,
+        value: Option<&[u8]>,
+        version: u64,
+        consumed: &SourceCoordinates,
+    ) -> OutRecord {
         let topic = match store {
             Store::Workflow => &self.pipeline.workflow_changelog,
             Store::Memory => &self.pipeline.memory_changelog,
@@ -518,180 +718,110 @@ impl PartitionProcessor {
         OutRecord {
             topic: topic.clone(),
             partition: Some(self.partition),
-            key: Some(write.key.into_bytes()),
-            payload: write.value,
-            headers: Some(write.headers),
+            key: Some(key.as_bytes().to_vec()),
+            payload: value.map(<[u8]>::to_vec),
+            headers: Some(state::changelog_headers(consumed, version)),
+            timestamp: None,
             changelog: Some(store),
         }
     }
 
-    fn load_memory(&self, context_id: &str) -> Result<Memory, String> {
-        match self.memory.get(context_id) {
-            Ok(Some(bytes)) => Memory::decode(&bytes),
-            Ok(None) => Ok(Memory::new(context_id)),
-            Err(err) => Err(err.to_string()),
+    /// Metrics for a planned input, once its outputs are queued.
+    fn count(&self, effects: &Effects) {
+        match &effects.outcome {
+            Outcome::Duplicate => METRICS.events_duplicate.inc(),
+            Outcome::Unrouted => METRICS.events_unrouted.inc(),
+            Outcome::Held => METRICS.events_held.inc(),
+            Outcome::Remembered => METRICS.memory_upserts.inc(),
+            _ => {}
+        }
+        for planned in &effects.handovers {
+            METRICS
+                .handovers_produced
+                .with_label_values(&[&planned.handover.agent])
+                .inc();
+        }
+        if let Some(write) = &effects.memory {
+            if write.frozen.is_some() {
+                METRICS.snapshots_frozen.inc();
+            }
+            METRICS.snapshots_pruned.inc_by(write.pruned.len() as u64);
         }
     }
 
-    /// A `memory.upserted` record: the entry joins the context's memory.
-    fn remember(&mut self, record: &InputRecord<'_>, out: &mut Vec<OutRecord>) {
-        let upsert = match memory::decode_upsert(record.payload.unwrap_or_default()) {
-            Ok(upsert) => upsert,
-            Err(reason) => {
-                out.push(self.dead_letter(record, ErrorClass::UnrecognizedFormat, reason, vec![]));
-                return;
-            }
-        };
-        let mut memory = match self.load_memory(&upsert.context_id) {
-            Ok(memory) => memory,
-            Err(reason) => {
-                out.push(self.dead_letter(record, ErrorClass::InvalidTransition, reason, vec![]));
-                return;
-            }
-        };
-        memory.upsert(&upsert, record.timestamp_ms);
-        let write = self.memory.put(
-            &memory.context_id,
-            memory.encode(),
-            memory.version,
-            &record.source,
-        );
-        out.push(self.changelog_record(Store::Memory, write));
-        METRICS.memory_upserts.inc();
-    }
-
-    /// Records the tool output in the context's memory and, when the step
-    /// hands over, freezes the memory as a snapshot and signs its URL.
-    fn update_memory(
-        &mut self,
-        event: &ToolEvent,
-        hands_over: bool,
-        now_ms: i64,
-        source: &SourceCoordinates,
+    /// Sets the input aside as a dead letter of `class`; nothing else of it
+    /// is written.
+    fn reject(
+        &self,
+        record: &InputRecord<'_>,
+        class: ErrorClass,
+        reason: String,
         out: &mut Vec<OutRecord>,
-    ) -> Result<Option<String>, String> {
-        let mut memory = self.load_memory(&event.context_id)?;
-        memory.record_tool_output(ToolOutput {
-            event_id: event.event_id.clone(),
-            tool: event.tool_name().unwrap_or_default().to_string(),
-            output: event.result.clone(),
-            at: now_ms,
-        });
-        if hands_over {
-            return Ok(self.snapshot(memory, now_ms, source, out));
+    ) {
+        if matches!(
+            class,
+            ErrorClass::OutputTooLarge
+                | ErrorClass::OutputUnencodable
+                | ErrorClass::UnreadableState
+        ) {
+            tracing::warn!(class = class.as_str(), %reason, topic = %record.identity.topic, partition = record.identity.partition, offset = record.identity.offset, "input set aside");
         }
-        let write = self
-            .memory
-            .put(&memory.context_id, memory.encode(), memory.version, source);
-        out.push(self.changelog_record(Store::Memory, write));
-        Ok(None)
+        self.dead_letter(record, class, reason, &[], out);
     }
 
-    /// Writes `memory`, frozen as a new snapshot (older ones pruned) when
-    /// snapshots are enabled, and returns the snapshot's signed URL.
-    fn snapshot(
-        &mut self,
-        mut memory: Memory,
-        now_ms: i64,
-        source: &SourceCoordinates,
-        out: &mut Vec<OutRecord>,
-    ) -> Option<String> {
-        let mut url = None;
-        if let Some(snapshots) = &self.pipeline.snapshots {
-            let snapshot = memory.freeze(now_ms);
-            let key = memory::snapshot_key(&snapshot.context_id, snapshot.version);
-            let write = self
-                .memory
-                .put(&key, snapshot.encode(), snapshot.version, source);
-            out.push(self.changelog_record(Store::Memory, write));
-            let now_unix = time::OffsetDateTime::now_utc().unix_timestamp();
-            url = Some(
-                snapshots
-                    .signer
-                    .sign(&snapshot.context_id, snapshot.version, now_unix),
-            );
-            METRICS.snapshots_frozen.inc();
-            for version in memory.prune(now_ms, snapshots.retention_ms, snapshots.max_per_context) {
-                let key = memory::snapshot_key(&memory.context_id, version);
-                let write = self.memory.delete(&key, version, source);
-                out.push(self.changelog_record(Store::Memory, write));
-                METRICS.snapshots_pruned.inc();
-            }
-        }
-        let write = self
-            .memory
-            .put(&memory.context_id, memory.encode(), memory.version, source);
-        out.push(self.changelog_record(Store::Memory, write));
-        url
-    }
-
-    fn emit_status_updates(&self, updates: &[StatusUpdate], out: &mut Vec<OutRecord>) {
-        for update in updates {
-            match self.pipeline.output.encode_status(update) {
-                Ok(payload) => out.push(OutRecord {
-                    topic: self.pipeline.status_topic.clone(),
-                    partition: None,
-                    key: Some(update.context_id.clone().into_bytes()),
-                    payload: Some(payload),
-                    headers: None,
-                    changelog: None,
-                }),
-                Err(err) => tracing::error!(cause = %err, "cannot encode a status update"),
-            }
-        }
-    }
-
-    /// Produces each handover to its topic.
-    fn emit_handovers(&self, handovers: &[(String, Handover)], out: &mut Vec<OutRecord>) {
-        for (topic, handover) in handovers {
-            match self.pipeline.output.encode_handover(topic, handover) {
-                Ok(payload) => {
-                    METRICS
-                        .handovers_produced
-                        .with_label_values(&[&handover.agent])
-                        .inc();
-                    out.push(OutRecord {
-                        topic: topic.clone(),
-                        partition: None,
-                        key: Some(handover.context_id.clone().into_bytes()),
-                        payload: Some(payload),
-                        headers: None,
-                        changelog: None,
-                    });
-                }
-                Err(err) => tracing::error!(cause = %err, "cannot encode a handover"),
-            }
-        }
-    }
-
+    /// The input's dead letter, fitted to `message.max.bytes`.
     fn dead_letter(
         &self,
         record: &InputRecord<'_>,
         class: ErrorClass,
         reason: String,
-        extra_headers: Vec<(&'static str, String)>,
-    ) -> OutRecord {
+        extra_headers: &[(&'static str, String)],
+        out: &mut Vec<OutRecord>,
+    ) {
         METRICS
             .dlq_records
             .with_label_values(&[class.as_str()])
             .inc();
-        tracing::debug!(class = class.as_str(), %reason, offset = record.source.offset, "dead-lettered");
+        tracing::debug!(class = class.as_str(), %reason, offset = record.identity.offset, "dead-lettered");
         let letter = DeadLetter {
             class,
             reason,
-            source: record.source.clone(),
+            source: record.identity.clone(),
             key: record.key.map(<[u8]>::to_vec),
             value: record.payload.map(<[u8]>::to_vec),
             failed_at: now_rfc3339(),
-            extra_headers,
+            extra_headers: extra_headers.to_vec(),
         };
-        OutRecord {
+        let fitted = letter.fitted(self.pipeline.max_message_bytes);
+        if fitted.truncated {
+            METRICS.dlq_truncated.inc();
+        }
+        out.push(OutRecord {
             topic: self.pipeline.dlq_topic.clone(),
             partition: None,
-            headers: Some(letter.headers()),
-            key: letter.key,
-            payload: letter.value,
+            headers: Some(fitted.owned_headers()),
+            key: fitted.key,
+            payload: fitted.value,
+            timestamp: None,
             changelog: None,
+        });
+    }
+
+    fn load_context(&self, context_id: &str) -> Result<(Option<WorkflowState>, Memory), LoadError> {
+        let state = match self.store.get(context_id).map_err(LoadError::Store)? {
+            Some(bytes) => Some(
+                WorkflowState::decode(&bytes)
+                    .map_err(|err| LoadError::Unreadable(err.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok((state, self.load_memory(context_id)?))
+    }
+
+    fn load_memory(&self, context_id: &str) -> Result<Memory, LoadError> {
+        match self.memory.get(context_id).map_err(LoadError::Store)? {
+            Some(bytes) => Memory::decode(&bytes).map_err(LoadError::Unreadable),
+            None => Ok(Memory::new(context_id)),
         }
     }
 
@@ -729,17 +859,25 @@ impl PartitionProcessor {
         reason: String,
         out: &mut Vec<OutRecord>,
     ) {
+        let consumed = SourceCoordinates {
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
+        };
+        let identity = if consumed.topic == self.pipeline.repartition_topic {
+            original_coordinates(message).unwrap_or_else(|| consumed.clone())
+        } else {
+            consumed.clone()
+        };
         let record = InputRecord {
-            source: SourceCoordinates {
-                topic: message.topic().to_string(),
-                partition: message.partition(),
-                offset: message.offset(),
-            },
+            consumed,
+            identity,
             timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
             key: message.key(),
             payload: message.payload(),
+            origin: Origin::Consumer,
         };
-        out.push(self.dead_letter(&record, class, reason, vec![]));
+        self.reject(&record, class, reason, out);
     }
 
     pub fn on_abort(&mut self) {
@@ -875,4 +1013,28 @@ pub(crate) fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+fn transient(err: StateError) -> Processed {
+    Processed::Transient {
+        dependency: "state",
+        reason: err.to_string(),
+    }
+}
+
+/// Where a repartitioned record first arrived, from its headers.
+fn original_coordinates<M: Message>(message: &M) -> Option<SourceCoordinates> {
+    let headers = message.headers()?;
+    let text = |name: &str| {
+        headers
+            .iter()
+            .find(|header| header.key == name)
+            .and_then(|header| header.value)
+            .and_then(|value| std::str::from_utf8(value).ok())
+    };
+    Some(SourceCoordinates {
+        topic: text(dlq::headers::SOURCE_TOPIC)?.to_owned(),
+        partition: text(dlq::headers::SOURCE_PARTITION)?.parse().ok()?,
+        offset: text(dlq::headers::SOURCE_OFFSET)?.parse().ok()?,
+    })
 }

@@ -439,6 +439,9 @@ async fn enqueue(
             if let Some(headers) = &out.headers {
                 record = record.headers(headers.clone());
             }
+            if let Some(timestamp) = out.timestamp {
+                record = record.timestamp(timestamp);
+            }
             match producer.send_result(record) {
                 // Other delivery reports are not awaited: the commit flushes
                 // every outstanding record and fails if one failed.

@@ -233,6 +233,12 @@ impl PartitionStore {
         }
     }
 
+    /// Records a write (`None`: a delete) in the open transaction; its
+    /// changelog record is the caller's to produce in the same transaction.
+    pub fn stage(&mut self, key: &str, value: Option<Vec<u8>>) {
+        self.overlay.insert(key.to_string(), value);
+    }
+
     /// Forgets the open transaction's writes.
     pub fn abort(&mut self) {
         self.overlay.clear();

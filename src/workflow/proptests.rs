@@ -66,7 +66,7 @@ proptest! {
         let mut applied_ids = BTreeSet::new();
         for (index, event) in events.iter().enumerate() {
             let now = 1_000 + index as i64;
-            let outcome = step(state.as_ref(), event, &topology, now);
+            let outcome = transition(state.as_ref(), event, &topology, now);
             if applied_ids.contains(&event.event_id) {
                 // Sequences are shorter than the dedup window, so every
                 // applied id is still remembered.
@@ -96,7 +96,7 @@ proptest! {
                     prop_assert_eq!(status_updates.len(), 1);
                     prop_assert_eq!(&status_updates[0].to, &next.state);
                     // Replaying what was just applied changes nothing.
-                    prop_assert_eq!(step(Some(&next), event, &topology, now + 1), StepOutcome::Duplicate);
+                    prop_assert_eq!(transition(Some(&next), event, &topology, now + 1), StepOutcome::Duplicate);
                     // And the state survives its encoding.
                     prop_assert_eq!(&WorkflowState::decode(&next.encode()).expect("decode"), &next);
                     applied_ids.insert(event.event_id.clone());
@@ -121,7 +121,7 @@ proptest! {
                     prop_assert_eq!(next.locked_by.as_ref(), None);
                     prop_assert_eq!(next.failure.as_ref(), Some(&failure));
                     prop_assert_eq!(status_updates.len(), 1);
-                    prop_assert_eq!(step(Some(&next), event, &topology, now + 1), StepOutcome::Duplicate);
+                    prop_assert_eq!(transition(Some(&next), event, &topology, now + 1), StepOutcome::Duplicate);
                     prop_assert_eq!(&WorkflowState::decode(&next.encode()).expect("decode"), &next);
                     applied_ids.insert(event.event_id.clone());
                     // The healer answers with a retry; applying it twice does nothing.
@@ -136,7 +136,7 @@ proptest! {
                         dlq_offset: index as i64,
                         not_before: None,
                     };
-                    let applied = match apply_command(Some(&next), &command, &topology, now) {
+                    let applied = match answer_command(Some(&next), &command, &topology, now) {
                         CommandOutcome::Applied { state: applied, release, .. } => {
                             prop_assert!(release.is_empty());
                             prop_assert_eq!(applied.failure.as_ref(), None);
@@ -148,7 +148,7 @@ proptest! {
                             unreachable!()
                         }
                     };
-                    let again = apply_command(Some(&applied), &command, &topology, now);
+                    let again = answer_command(Some(&applied), &command, &topology, now);
                     let duplicate = matches!(again, CommandOutcome::Ignored { duplicate: true, .. });
                     prop_assert!(duplicate, "a second delivery is ignored: {:?}", again);
                     state = Some(applied);
@@ -179,7 +179,7 @@ proptest! {
         let mut state: Option<WorkflowState> = None;
         let mut handovers = Vec::new();
         for (index, (name, cost)) in names.iter().zip(&costs).enumerate() {
-            match step(state.as_ref(), &event(&format!("e{index}"), name, *cost), &topology, 0) {
+            match transition(state.as_ref(), &event(&format!("e{index}"), name, *cost), &topology, 0) {
                 StepOutcome::Applied { state: next, handovers: emitted, .. } => {
                     handovers.extend(emitted);
                     state = Some(next);

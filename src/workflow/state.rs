@@ -93,6 +93,13 @@ pub struct HeldRecord {
     pub value: Option<Vec<u8>>,
 }
 
+impl HeldRecord {
+    /// The bytes it holds, as the held-record bound counts them.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
 /// Bytes as a hex string in the JSON state encoding.
 mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};

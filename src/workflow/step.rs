@@ -1,4 +1,6 @@
-//! The pure step: `(state, event, topology, time) -> outcome`.
+//! The workflow's rules: `(state, event, topology, time) -> outcome`. The
+//! plan around them (memory, bounds, held records, dead letters) is
+//! [`super::plan`].
 //!
 //! The rules, in the order they are checked:
 //!
@@ -129,7 +131,7 @@ pub enum CommandOutcome {
 
 /// Applies `event` to a context's `state` (`None` for a context never seen).
 /// `now_ms` is the input record's timestamp, so a replay computes the same result.
-pub fn step(
+pub fn transition(
     state: Option<&WorkflowState>,
     event: &ToolEvent,
     topology: &Topology,
@@ -268,7 +270,7 @@ fn fail_step(
 /// Applies the healer's answer to a context's pending failure. See
 /// [`CommandOutcome`]; the command's `attempt` must be the one after the
 /// failed attempt, so a late or replayed command cannot act twice.
-pub fn apply_command(
+pub fn answer_command(
     state: Option<&WorkflowState>,
     command: &ControlCommand,
     topology: &Topology,

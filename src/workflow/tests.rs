@@ -90,9 +90,9 @@ fn queued(agent: &str, intent: &str, tokens_left: u64) -> HandoverDraft {
 }
 
 /// Runs the first two steps: the context ends in `DownstreamQueued`.
-fn downstream(topology: &Topology) -> WorkflowState {
-    let first = applied(step(None, &event("e1", VISION, 1000), topology, 10));
-    applied(step(
+pub(super) fn downstream(topology: &Topology) -> WorkflowState {
+    let first = applied(transition(None, &event("e1", VISION, 1000), topology, 10));
+    applied(transition(
         Some(&first.state),
         &event("e2", RESEARCH, 2000),
         topology,
@@ -104,7 +104,7 @@ fn downstream(topology: &Topology) -> WorkflowState {
 #[test]
 fn binds_on_the_initial_event_with_the_default_budget() {
     let topology = topology();
-    let step = applied(step(
+    let step = applied(transition(
         None,
         &event("e1", VISION, 1000),
         &topology,
@@ -145,27 +145,27 @@ fn binds_with_the_budget_and_workflow_the_event_names() {
     let mut first = event("e1", VISION, 100);
     first.token_budget = Some(500);
     first.workflow = Some("vision-research".into());
-    let step = applied(step(None, &first, &topology, 0));
+    let step = applied(transition(None, &first, &topology, 0));
     assert_eq!(step.state.token_budget, 500);
     assert_eq!(step.handovers[0].token_budget, Some(400));
 
     let mut unknown = event("e1", VISION, 100);
     unknown.workflow = Some("vision-search".into());
-    let reason = invalid_reason(super::step(None, &unknown, &topology, 0));
+    let reason = invalid_reason(super::transition(None, &unknown, &topology, 0));
     assert!(reason.contains("workflow `vision-search`"), "{reason}");
 }
 
 #[test]
 fn an_event_that_starts_nothing_is_invalid_for_an_unknown_context() {
     let topology = topology();
-    let reason = invalid_reason(step(None, &event("e1", RESEARCH, 10), &topology, 0));
+    let reason = invalid_reason(transition(None, &event("e1", RESEARCH, 10), &topology, 0));
     assert_eq!(
         reason,
         "context `c-42` is bound to no workflow, and `tool.research_enrich.completed` starts none"
     );
     let mut named = event("e1", RESEARCH, 10);
     named.workflow = Some("vision-research".into());
-    let reason = invalid_reason(step(None, &named, &topology, 0));
+    let reason = invalid_reason(transition(None, &named, &topology, 0));
     assert!(
         reason.contains("does not start workflow `vision-research`"),
         "{reason}"
@@ -176,16 +176,19 @@ fn an_event_that_starts_nothing_is_invalid_for_an_unknown_context() {
 fn unmentioned_events_are_unrouted_bound_or_not() {
     let topology = topology();
     let noise = event("n1", "tool.calendar_lookup.completed", 10);
-    assert_eq!(step(None, &noise, &topology, 0), StepOutcome::Unrouted);
+    assert_eq!(
+        transition(None, &noise, &topology, 0),
+        StepOutcome::Unrouted
+    );
     let mut named_noise = noise.clone();
     named_noise.workflow = Some("vision-research".into());
     assert_eq!(
-        step(None, &named_noise, &topology, 0),
+        transition(None, &named_noise, &topology, 0),
         StepOutcome::Unrouted
     );
-    let bound = applied(step(None, &event("e1", VISION, 10), &topology, 0)).state;
+    let bound = applied(transition(None, &event("e1", VISION, 10), &topology, 0)).state;
     assert_eq!(
-        step(Some(&bound), &noise, &topology, 0),
+        transition(Some(&bound), &noise, &topology, 0),
         StepOutcome::Unrouted
     );
 }
@@ -193,8 +196,8 @@ fn unmentioned_events_are_unrouted_bound_or_not() {
 #[test]
 fn fans_out_to_valuation_and_playwright() {
     let topology = topology();
-    let first = applied(step(None, &event("e1", VISION, 1000), &topology, 10));
-    let second = applied(step(
+    let first = applied(transition(None, &event("e1", VISION, 1000), &topology, 10));
+    let second = applied(transition(
         Some(&first.state),
         &event("e2", RESEARCH, 2000),
         &topology,
@@ -225,7 +228,7 @@ fn the_join_completes_in_either_order() {
     let topology = topology();
     for order in [[VALUATION, SCREENSHOT], [SCREENSHOT, VALUATION]] {
         let start = downstream(&topology);
-        let arrival = applied(step(
+        let arrival = applied(transition(
             Some(&start),
             &event("j1", order[0], 500),
             &topology,
@@ -245,7 +248,7 @@ fn the_join_completes_in_either_order() {
             format!("Waiting for {missing}")
         );
 
-        let done = applied(step(
+        let done = applied(transition(
             Some(&arrival.state),
             &event("j2", order[1], 500),
             &topology,
@@ -266,14 +269,14 @@ fn the_join_completes_in_either_order() {
 fn fetch_page_stands_in_for_the_screenshot() {
     let topology = topology();
     let start = downstream(&topology);
-    let fetched = applied(step(
+    let fetched = applied(transition(
         Some(&start),
         &event("j1", FETCH_PAGE, 300),
         &topology,
         30,
     ));
     assert!(fetched.state.join_arrived.contains(SCREENSHOT));
-    let late_screenshot = invalid_reason(step(
+    let late_screenshot = invalid_reason(transition(
         Some(&fetched.state),
         &event("j2", SCREENSHOT, 1),
         &topology,
@@ -283,7 +286,7 @@ fn fetch_page_stands_in_for_the_screenshot() {
         late_screenshot.contains("arrives a second time"),
         "{late_screenshot}"
     );
-    let done = applied(step(
+    let done = applied(transition(
         Some(&fetched.state),
         &event("j3", VALUATION, 300),
         &topology,
@@ -297,13 +300,13 @@ fn fetch_page_stands_in_for_the_screenshot() {
 fn a_second_arrival_of_a_join_event_is_invalid() {
     let topology = topology();
     let start = downstream(&topology);
-    let first = applied(step(
+    let first = applied(transition(
         Some(&start),
         &event("j1", VALUATION, 300),
         &topology,
         30,
     ));
-    let reason = invalid_reason(step(
+    let reason = invalid_reason(transition(
         Some(&first.state),
         &event("j2", VALUATION, 300),
         &topology,
@@ -320,7 +323,12 @@ fn a_second_arrival_of_a_join_event_is_invalid() {
 fn events_the_state_does_not_allow_are_invalid() {
     let topology = topology();
     let start = downstream(&topology);
-    let reason = invalid_reason(step(Some(&start), &event("x", VISION, 1), &topology, 30));
+    let reason = invalid_reason(transition(
+        Some(&start),
+        &event("x", VISION, 1),
+        &topology,
+        30,
+    ));
     assert_eq!(
         reason,
         "`tool.vision_analyze.completed` is not allowed in state `DownstreamQueued` of workflow \
@@ -331,9 +339,9 @@ fn events_the_state_does_not_allow_are_invalid() {
 #[test]
 fn duplicates_change_nothing_and_emit_nothing() {
     let topology = topology();
-    let first = applied(step(None, &event("e1", VISION, 1000), &topology, 10));
+    let first = applied(transition(None, &event("e1", VISION, 1000), &topology, 10));
     assert_eq!(
-        step(
+        transition(
             Some(&first.state),
             &event("e1", VISION, 1000),
             &topology,
@@ -343,7 +351,7 @@ fn duplicates_change_nothing_and_emit_nothing() {
     );
     // The id decides, not the event: a replay under the same id is a duplicate too.
     assert_eq!(
-        step(Some(&first.state), &event("e1", RESEARCH, 1), &topology, 11),
+        transition(Some(&first.state), &event("e1", RESEARCH, 1), &topology, 11),
         StepOutcome::Duplicate
     );
 }
@@ -352,21 +360,21 @@ fn duplicates_change_nothing_and_emit_nothing() {
 fn terminal_states_absorb() {
     let topology = topology();
     let start = downstream(&topology);
-    let half = applied(step(
+    let half = applied(transition(
         Some(&start),
         &event("j1", VALUATION, 1),
         &topology,
         30,
     ))
     .state;
-    let done = applied(step(
+    let done = applied(transition(
         Some(&half),
         &event("j2", SCREENSHOT, 1),
         &topology,
         40,
     ))
     .state;
-    let reason = invalid_reason(step(
+    let reason = invalid_reason(transition(
         Some(&done),
         &event("late", VALUATION, 1),
         &topology,
@@ -374,7 +382,7 @@ fn terminal_states_absorb() {
     ));
     assert!(reason.contains("terminal state `Completed`"), "{reason}");
     assert_eq!(
-        step(Some(&done), &event("j2", SCREENSHOT, 1), &topology, 50),
+        transition(Some(&done), &event("j2", SCREENSHOT, 1), &topology, 50),
         StepOutcome::Duplicate
     );
 }
@@ -390,7 +398,7 @@ fn a_failed_tool_call_records_the_failure_and_stays_on_the_step() {
         state,
         failure,
         status_updates,
-    } = step(Some(&start), &failed, &topology, 30)
+    } = transition(Some(&start), &failed, &topology, 30)
     else {
         panic!("a tool failure")
     };
@@ -424,23 +432,23 @@ fn a_failed_tool_call_records_the_failure_and_stays_on_the_step() {
     // A failed call the state does not wait for is an invalid transition.
     let mut stray = event("x1", VISION, 10);
     stray.status = ToolStatus::Error;
-    let reason = invalid_reason(step(Some(&start), &stray, &topology, 30));
+    let reason = invalid_reason(transition(Some(&start), &stray, &topology, 30));
     assert!(
         reason.contains("not allowed in state `DownstreamQueued`"),
         "{reason}"
     );
 }
 
-fn failed_downstream(topology: &Topology) -> WorkflowState {
+pub(super) fn failed_downstream(topology: &Topology) -> WorkflowState {
     let mut failed = event("j1", SCREENSHOT, 10);
     failed.status = ToolStatus::Error;
-    match step(Some(&downstream(topology)), &failed, topology, 30) {
+    match transition(Some(&downstream(topology)), &failed, topology, 30) {
         StepOutcome::ToolFailed { state, .. } => state,
         other => panic!("a tool failure, not {other:?}"),
     }
 }
 
-fn command(action: ControlAction, attempt: u32) -> ControlCommand {
+pub(super) fn command(action: ControlAction, attempt: u32) -> ControlCommand {
     ControlCommand {
         command_id: format!("mcp.events.dlq/0/{attempt}"),
         context_id: "c-42".into(),
@@ -479,16 +487,16 @@ fn later_events_are_held_while_a_failure_is_pending() {
     let topology = topology();
     let failed = failed_downstream(&topology);
     assert_eq!(
-        step(Some(&failed), &event("v1", VALUATION, 10), &topology, 40),
+        transition(Some(&failed), &event("v1", VALUATION, 10), &topology, 40),
         StepOutcome::Hold
     );
     // Duplicates and unrelated events are not held.
     assert_eq!(
-        step(Some(&failed), &event("j1", SCREENSHOT, 10), &topology, 40),
+        transition(Some(&failed), &event("j1", SCREENSHOT, 10), &topology, 40),
         StepOutcome::Duplicate
     );
     assert_eq!(
-        step(
+        transition(
             Some(&failed),
             &event("u1", "tool.unrelated.completed", 10),
             &topology,
@@ -511,7 +519,7 @@ fn a_retry_hands_the_step_back_to_the_tool_s_agent_and_releases_held_records() {
         value: Some(b"{}".to_vec()),
     };
     failed.held.push(held.clone());
-    let (state, handovers, updates, release) = applied_command(apply_command(
+    let (state, handovers, updates, release) = applied_command(answer_command(
         Some(&failed),
         &command(ControlAction::Retry, 2),
         &topology,
@@ -531,7 +539,7 @@ fn a_retry_hands_the_step_back_to_the_tool_s_agent_and_releases_held_records() {
         "Playwright is retrying browser_take_screenshot (attempt 2 of 3)"
     );
     // Delivered twice: no effect the second time.
-    let again = apply_command(
+    let again = answer_command(
         Some(&state),
         &command(ControlAction::Retry, 2),
         &topology,
@@ -548,7 +556,7 @@ fn a_retry_hands_the_step_back_to_the_tool_s_agent_and_releases_held_records() {
         "{again:?}"
     );
     // A command for an attempt that is not pending is stale.
-    let stale = apply_command(
+    let stale = answer_command(
         Some(&failed),
         &command(ControlAction::Retry, 5),
         &topology,
@@ -570,7 +578,7 @@ fn a_retry_hands_the_step_back_to_the_tool_s_agent_and_releases_held_records() {
 fn alternate_plan_b_and_fail_route_the_workflow() {
     let topology = topology();
     let failed = failed_downstream(&topology);
-    let (state, handovers, _, _) = applied_command(apply_command(
+    let (state, handovers, _, _) = applied_command(answer_command(
         Some(&failed),
         &command(ControlAction::Alternate, 2),
         &topology,
@@ -581,7 +589,7 @@ fn alternate_plan_b_and_fail_route_the_workflow() {
     assert_eq!(handovers[0].status, HandoverStatus::Fallback);
     assert_eq!(state.locked_by.as_deref(), Some("fetcher"));
 
-    let (state, handovers, updates, _) = applied_command(apply_command(
+    let (state, handovers, updates, _) = applied_command(answer_command(
         Some(&failed),
         &command(ControlAction::PlanB, 2),
         &topology,
@@ -593,7 +601,7 @@ fn alternate_plan_b_and_fail_route_the_workflow() {
     assert_eq!(handovers[0].status, HandoverStatus::PlanB);
     assert_eq!(updates[0].status, ContextStatus::PlanB);
 
-    let (state, handovers, updates, _) = applied_command(apply_command(
+    let (state, handovers, updates, _) = applied_command(answer_command(
         Some(&failed),
         &command(ControlAction::Fail, 2),
         &topology,
@@ -626,13 +634,13 @@ fn state_with_a_pending_failure_and_held_bytes_round_trips() {
 #[test]
 fn a_context_stays_in_its_workflow() {
     let topology = with_linear_review();
-    let bound = applied(step(None, &event("e1", VISION, 10), &topology, 0)).state;
+    let bound = applied(transition(None, &event("e1", VISION, 10), &topology, 0)).state;
     let mut other = event("e2", RESEARCH, 10);
     other.workflow = Some("linear-review".into());
-    let reason = invalid_reason(step(Some(&bound), &other, &topology, 0));
+    let reason = invalid_reason(transition(Some(&bound), &other, &topology, 0));
     assert!(reason.contains("bound to `vision-research`"), "{reason}");
     let foreign = event("e3", "tool.review_check.completed", 10);
-    let reason = invalid_reason(step(Some(&bound), &foreign, &topology, 0));
+    let reason = invalid_reason(transition(Some(&bound), &foreign, &topology, 0));
     assert!(
         reason.contains("not allowed in state `ResearcherQueued`"),
         "{reason}"
@@ -642,7 +650,7 @@ fn a_context_stays_in_its_workflow() {
 #[test]
 fn a_transition_without_handovers_dispatches_nothing() {
     let topology = with_linear_review();
-    let drafted = applied(step(
+    let drafted = applied(transition(
         None,
         &event("e1", "tool.draft_write.completed", 10),
         &topology,
@@ -650,7 +658,7 @@ fn a_transition_without_handovers_dispatches_nothing() {
     ));
     assert_eq!(drafted.state.workflow, "linear-review");
     assert_eq!(drafted.state.token_budget, 5000);
-    let done = applied(step(
+    let done = applied(transition(
         Some(&drafted.state),
         &event("e2", "tool.review_check.completed", 10),
         &topology,
@@ -668,8 +676,8 @@ fn exhausting_the_budget_on_a_transition_stops_the_workflow() {
     let topology = topology();
     let mut first = event("e1", VISION, 1000);
     first.token_budget = Some(2500);
-    let first = applied(step(None, &first, &topology, 10));
-    let out = applied(step(
+    let first = applied(transition(None, &first, &topology, 10));
+    let out = applied(transition(
         Some(&first.state),
         &event("e2", RESEARCH, 1600),
         &topology,
@@ -695,7 +703,7 @@ fn exhausting_the_budget_on_a_transition_stops_the_workflow() {
     );
     assert_eq!(update.tokens_left, 0);
 
-    let reason = invalid_reason(step(
+    let reason = invalid_reason(transition(
         Some(&out.state),
         &event("j1", VALUATION, 0),
         &topology,
@@ -711,7 +719,7 @@ fn exhausting_the_budget_on_a_transition_stops_the_workflow() {
 fn exhausting_the_budget_on_a_join_arrival_tells_the_join_target() {
     let topology = topology();
     let start = downstream(&topology);
-    let out = applied(step(
+    let out = applied(transition(
         Some(&start),
         &event("j1", SCREENSHOT, 17_000),
         &topology,
@@ -734,7 +742,7 @@ fn missing_usage_is_estimated_with_the_tokenizer() {
     let mut first = event("e1", VISION, 0);
     first.usage = None;
     first.result = json!("hello world");
-    let out = applied(step(None, &first, &topology, 0));
+    let out = applied(transition(None, &first, &topology, 0));
     assert_eq!(out.state.tokens_used, 2);
     assert_eq!(out.handovers[0].token_budget, Some(19_998));
 }
@@ -744,7 +752,7 @@ fn a_zero_budget_is_exhausted_by_the_first_event() {
     let topology = topology();
     let mut first = event("e1", VISION, 0);
     first.token_budget = Some(0);
-    let out = applied(step(None, &first, &topology, 0));
+    let out = applied(transition(None, &first, &topology, 0));
     assert_eq!(out.state.state, "BudgetExhausted");
     assert_eq!(out.state.attempts, 0);
     assert_eq!(out.status_updates[0].from, None);
@@ -754,7 +762,7 @@ fn a_zero_budget_is_exhausted_by_the_first_event() {
 #[test]
 fn recent_event_ids_are_bounded() {
     let topology = topology();
-    let mut state = applied(step(None, &event("e1", VISION, 0), &topology, 0)).state;
+    let mut state = applied(transition(None, &event("e1", VISION, 0), &topology, 0)).state;
     for index in 0..100 {
         state.remember(&format!("id-{index}"));
     }
@@ -767,7 +775,7 @@ fn recent_event_ids_are_bounded() {
 fn state_round_trips_through_its_encoding() {
     let topology = topology();
     let start = downstream(&topology);
-    let half = applied(step(
+    let half = applied(transition(
         Some(&start),
         &event("j1", VALUATION, 1),
         &topology,
@@ -800,7 +808,7 @@ fn decodes_version_1_bytes() {
     assert!(state.join_arrived.contains(VALUATION));
     assert!(state.has_seen("j1"));
     // And the step continues from it.
-    let done = applied(step(
+    let done = applied(transition(
         Some(&state),
         &event("j2", SCREENSHOT, 1),
         &topology(),

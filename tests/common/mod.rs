@@ -884,153 +884,227 @@ pub fn reference_of(events: &[Option<baton::event::ToolEvent>]) -> Reference {
 }
 
 /// [`reference_of`] for the workflows in `topology` (a file or directory).
+///
+/// A fold over the pure plan (`workflow::step` and `apply_command`), the same
+/// functions the pods run: only the shell's encoding and sending is left out.
 pub fn reference_with(events: &[Option<baton::event::ToolEvent>], topology: &Path) -> Reference {
     use baton::control::{ControlAction, ControlCommand};
-    use baton::handover::{Handover, HandoverDraft};
+    use baton::event::SourceCoordinates;
     use baton::healer::{DeadLetterView, Decision, decide};
-    use baton::workflow::{self, CommandOutcome, StepOutcome};
+    use baton::memory::Memory;
+    use baton::workflow::{self, Context, Effects, Input, Policy};
     let topology = baton::topology::Topology::load(topology).expect("topology loads");
-    let mut states: HashMap<String, workflow::WorkflowState> = HashMap::new();
-    let mut snapshots: HashMap<String, u64> = HashMap::new();
-    let mut last_output: HashMap<String, serde_json::Value> = HashMap::new();
-    let mut status_updates = Vec::new();
-    let mut handovers = BTreeMap::new();
-    let mut dead_letters = 0;
-    let mut parked = 0;
-    // Every step that hands over freezes the next snapshot.
-    let mut snapshot_path = |context_id: &str, hands_over: bool| {
-        hands_over.then(|| {
-            let version = snapshots.entry(context_id.to_owned()).or_insert(0);
-            *version += 1;
-            format!(
-                "/contexts/{}/snapshots/{version}",
-                percent_encoding::utf8_percent_encode(
-                    context_id,
-                    percent_encoding::NON_ALPHANUMERIC
+    let policy = Policy::default();
+    let mut reference = Reference {
+        handovers: BTreeMap::new(),
+        status_updates: Vec::new(),
+        states: HashMap::new(),
+        dead_letters: 0,
+        parked: 0,
+    };
+    let mut memories: HashMap<String, Memory> = HashMap::new();
+    // Folds one plan into the reference; returns it for a look at its dead letter.
+    fn fold(
+        reference: &mut Reference,
+        memories: &mut HashMap<String, Memory>,
+        context_id: &str,
+        effects: Effects,
+    ) -> Effects {
+        for planned in &effects.handovers {
+            let mut handover = planned.handover.clone();
+            handover.memory_snapshot_url = planned.snapshot.map(|version| {
+                format!(
+                    "/contexts/{}/snapshots/{version}",
+                    percent_encoding::utf8_percent_encode(
+                        context_id,
+                        percent_encoding::NON_ALPHANUMERIC
+                    )
                 )
-            )
-        })
-    };
-    let mut keep = |handover: Handover| {
-        let mut value = serde_json::to_value(&handover).expect("json");
-        if let Some(object) = value.as_object_mut() {
-            object.remove("produced_at");
+            });
+            let mut value = serde_json::to_value(&handover).expect("json");
+            if let Some(object) = value.as_object_mut() {
+                object.remove("produced_at");
+            }
+            reference
+                .handovers
+                .insert(handover.handover_id.clone(), value);
         }
-        handovers.insert(handover.handover_id.clone(), value);
-    };
-    for event in events {
+        reference
+            .status_updates
+            .extend(effects.status_updates.iter().cloned());
+        if let Some(state) = &effects.state {
+            reference
+                .states
+                .insert(context_id.to_owned(), state.clone());
+        }
+        if let Some(write) = &effects.memory {
+            memories.insert(context_id.to_owned(), write.live.clone());
+        }
+        effects
+    }
+    for (offset, event) in events.iter().enumerate() {
         let Some(event) = event else {
-            dead_letters += 1;
-            parked += 1;
+            reference.dead_letters += 1;
+            reference.parked += 1;
             continue;
         };
-        let current = states.get(&event.context_id);
-        match workflow::step(current, event, &topology, 0) {
-            StepOutcome::Applied {
-                state,
-                handovers: drafts,
-                status_updates: updates,
-            } => {
-                status_updates.extend(updates);
-                last_output.insert(event.context_id.clone(), event.result.clone());
-                let path = snapshot_path(&event.context_id, !drafts.is_empty());
-                for draft in &drafts {
-                    keep(Handover::from_draft(
-                        draft,
-                        event,
-                        path.clone(),
-                        String::new(),
-                    ));
-                }
-                states.insert(event.context_id.clone(), state);
+        let source = SourceCoordinates {
+            topic: "mcp.events.all".into(),
+            partition: 0,
+            offset: offset as i64,
+        };
+        let memory = memories
+            .get(&event.context_id)
+            .cloned()
+            .unwrap_or_else(|| Memory::new(&event.context_id));
+        let effects = workflow::step(
+            Context {
+                state: reference.states.get(&event.context_id),
+                memory: &memory,
+            },
+            event,
+            Input {
+                source: &source,
+                timestamp_ms: 0,
+                key: None,
+                value: None,
+            },
+            &topology,
+            &policy,
+            0,
+        );
+        assert!(
+            effects.release.is_empty() && effects.outcome != workflow::Outcome::Held,
+            "the reference answers every failure at once"
+        );
+        let effects = fold(&mut reference, &mut memories, &event.context_id, effects);
+        let Some(letter) = &effects.dead_letter else {
+            continue;
+        };
+        reference.dead_letters += 1;
+        let (Some(state), baton::dlq::ErrorClass::ToolFailed) = (&effects.state, letter.class)
+        else {
+            reference.parked += 1;
+            continue;
+        };
+        let header = |name: &str| {
+            letter
+                .headers
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.clone())
+        };
+        use baton::dlq::headers;
+        let view = DeadLetterView {
+            class: Some("tool_failed".into()),
+            reason: None,
+            context_id: Some(event.context_id.clone()),
+            workflow: header(headers::WORKFLOW),
+            step: header(headers::STEP),
+            attempts: header(headers::ATTEMPTS).and_then(|a| a.parse().ok()),
+            failed_event: header(headers::FAILED_EVENT),
+            locked_by: header(headers::LOCKED_BY),
+        };
+        let failure = state.failure.clone().expect("a tool failure is pending");
+        let (action, attempt) = match decide(&topology, &view) {
+            Decision::Command {
+                action, attempt, ..
+            } => (action, attempt),
+            Decision::Park { fail, .. } => {
+                reference.parked += 1;
+                (
+                    ControlAction::Fail,
+                    fail.map_or(failure.attempt + 1, |(_, a)| a),
+                )
             }
-            StepOutcome::Invalid { .. } => {
-                dead_letters += 1;
-                parked += 1;
-            }
-            StepOutcome::Duplicate | StepOutcome::Unrouted => {}
-            StepOutcome::Hold => unreachable!("the reference answers every failure at once"),
-            StepOutcome::ToolFailed {
-                state,
-                failure,
-                status_updates: updates,
-            } => {
-                dead_letters += 1;
-                status_updates.extend(updates);
-                last_output.insert(event.context_id.clone(), event.result.clone());
-                let letter = DeadLetterView {
-                    class: Some("tool_failed".into()),
-                    reason: None,
-                    context_id: Some(event.context_id.clone()),
-                    workflow: Some(state.workflow.clone()),
-                    step: Some(failure.step.clone()),
-                    attempts: Some(failure.attempt),
-                    failed_event: Some(failure.event.clone()),
-                    locked_by: failure.locked_by.clone(),
-                };
-                let (action, attempt) = match decide(&topology, &letter) {
-                    Decision::Command {
-                        action, attempt, ..
-                    } => (action, attempt),
-                    Decision::Park { fail, .. } => {
-                        parked += 1;
-                        (
-                            ControlAction::Fail,
-                            fail.map_or(failure.attempt + 1, |(_, a)| a),
-                        )
-                    }
-                };
-                let command = ControlCommand {
-                    command_id: format!("reference/{}", failure.event_id),
-                    context_id: event.context_id.clone(),
-                    action,
-                    step: failure.step.clone(),
-                    attempt,
-                    dlq_topic: "mcp.events.dlq".into(),
-                    dlq_partition: 0,
-                    dlq_offset: 0,
-                    not_before: None,
-                };
-                match workflow::apply_command(Some(&state), &command, &topology, 0) {
-                    CommandOutcome::Applied {
-                        state,
-                        handovers: drafts,
-                        status_updates: updates,
-                        causation_id,
-                        ..
-                    } => {
-                        status_updates.extend(updates);
-                        let path = snapshot_path(&event.context_id, !drafts.is_empty());
-                        let output = last_output
-                            .get(&event.context_id)
-                            .cloned()
-                            .unwrap_or(serde_json::Value::Null);
-                        for draft in &drafts {
-                            let draft: &HandoverDraft = draft;
-                            keep(Handover::for_command(
-                                draft,
-                                &event.context_id,
-                                &causation_id,
-                                output.clone(),
-                                path.clone(),
-                                String::new(),
-                            ));
-                        }
-                        states.insert(event.context_id.clone(), state);
-                    }
-                    CommandOutcome::Ignored { reason, .. } => {
-                        panic!("the reference's own command was ignored: {reason}")
-                    }
-                }
-            }
+        };
+        let command = ControlCommand {
+            command_id: format!("reference/{}", failure.event_id),
+            context_id: event.context_id.clone(),
+            action,
+            step: failure.step.clone(),
+            attempt,
+            dlq_topic: "mcp.events.dlq".into(),
+            dlq_partition: 0,
+            dlq_offset: 0,
+            not_before: None,
+        };
+        let memory = memories
+            .get(&event.context_id)
+            .cloned()
+            .unwrap_or_else(|| Memory::new(&event.context_id));
+        let effects = workflow::apply_command(
+            Context {
+                state: Some(state),
+                memory: &memory,
+            },
+            &command,
+            &topology,
+            &policy,
+            0,
+        );
+        if let workflow::Outcome::CommandIgnored { reason, .. } = &effects.outcome {
+            panic!("the reference's own command was ignored: {reason}")
         }
+        fold(&mut reference, &mut memories, &event.context_id, effects);
     }
-    Reference {
-        handovers,
-        status_updates,
-        states,
-        dead_letters,
-        parked,
+    reference
+}
+
+/// The state of `context` from whichever pod owns it.
+pub fn state_of(pods: &[&Baton], context: &str) -> Option<serde_json::Value> {
+    pods.iter()
+        .find_map(|pod| match pod.http_get(&format!("/contexts/{context}")) {
+            Some((200, body)) => serde_json::from_str(&body).ok(),
+            _ => None,
+        })
+}
+
+/// The fields a reference comparison covers (time and dedup memory aside).
+pub fn essentials(value: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "workflow": value["workflow"], "state": value["state"], "locked_by": value["locked_by"],
+        "attempts": value["attempts"], "token_budget": value["token_budget"],
+        "tokens_used": value["tokens_used"], "version": value["version"],
+    })
+}
+
+pub fn expected_states(
+    inputs: &[baton::sample::SampleRecord],
+) -> HashMap<String, serde_json::Value> {
+    reference(inputs)
+        .states
+        .into_iter()
+        .map(|(context, state)| {
+            (
+                context,
+                essentials(&serde_json::to_value(&state).expect("json")),
+            )
+        })
+        .collect()
+}
+
+pub fn assert_states_match(pods: &[&Baton], expected: &HashMap<String, serde_json::Value>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mismatches: Vec<(String, Option<serde_json::Value>, serde_json::Value)> = expected
+            .iter()
+            .filter_map(|(context, want)| {
+                let got = state_of(pods, context).map(|got| essentials(&got));
+                (got.as_ref() != Some(want)).then(|| (context.clone(), got, want.clone()))
+            })
+            .take(5)
+            .collect();
+        if mismatches.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            for (context, got, want) in &mismatches {
+                eprintln!("{context}: got {got:?}\n  want {want}");
+            }
+            panic!("final states differ from the reference");
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

@@ -1,0 +1,471 @@
+//! The whole plan for one input: [`Effects`].
+//!
+//! The shell loads a context (its workflow state and its memory), hands it
+//! here with the input, and gets back everything that must happen: the new
+//! state and memory (with the snapshot it freezes and the snapshots it
+//! prunes), the handovers with their ids, the live-feed updates, the dead
+//! letter with every header, and the held records to release. The shell only
+//! encodes, sizes and sends; a test oracle is a fold over these functions.
+//!
+//! The rules of the workflow itself (transitions, joins, budgets, failures)
+//! live in [`super::step`]; this module adds what surrounds a step: the
+//! bounds on a context, its memory, and the records it holds.
+
+use serde_json::Value;
+
+use super::state::{HeldRecord, WorkflowState};
+use super::step::{CommandOutcome, StatusUpdate, StepOutcome, answer_command, transition};
+use crate::control::ControlCommand;
+use crate::dlq::{ErrorClass, headers};
+use crate::event::{SourceCoordinates, ToolEvent};
+use crate::handover::Handover;
+use crate::memory::{Memory, MemoryUpsert, Snapshot, ToolOutput};
+use crate::topology::Topology;
+
+/// The bounds and settings the plan obeys; each is a flag of `baton run`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Set when handovers carry memory snapshots.
+    pub snapshots: Option<SnapshotPolicy>,
+    /// Records a context may hold while the healer decides on its failure;
+    /// past it, a record is dead-lettered as `held_overflow`.
+    pub max_held_records: usize,
+    /// The bytes (keys and values) those held records may take.
+    pub max_held_bytes: usize,
+    /// The encoded size a context's live memory may reach. Past it the
+    /// oldest tool outputs go first (the newest stays); an input that still
+    /// does not fit is dead-lettered as `memory_overflow`.
+    pub max_memory_bytes: usize,
+    /// The longest `context_id` accepted, in bytes.
+    pub max_context_id_bytes: usize,
+}
+
+/// How long frozen snapshots live, and how many a context keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotPolicy {
+    pub retention_ms: i64,
+    pub max_per_context: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            snapshots: Some(SnapshotPolicy {
+                retention_ms: 24 * 3600 * 1000,
+                max_per_context: 16,
+            }),
+            max_held_records: DEFAULT_MAX_HELD_RECORDS,
+            max_held_bytes: DEFAULT_MAX_HELD_BYTES,
+            max_memory_bytes: DEFAULT_MAX_MEMORY_BYTES,
+            max_context_id_bytes: DEFAULT_MAX_CONTEXT_ID_BYTES,
+        }
+    }
+}
+
+/// Defaults for the bounds: a held record is stored hex-encoded in the
+/// workflow state, so 256 KiB held stays well inside a 1 MB changelog record.
+pub const DEFAULT_MAX_HELD_RECORDS: usize = 100;
+pub const DEFAULT_MAX_HELD_BYTES: usize = 256 * 1024;
+pub const DEFAULT_MAX_MEMORY_BYTES: usize = 512 * 1024;
+pub const DEFAULT_MAX_CONTEXT_ID_BYTES: usize = 1024;
+
+/// A context as the shell loaded it. `memory` is empty for a context that
+/// never wrote any.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    pub state: Option<&'a WorkflowState>,
+    pub memory: &'a Memory,
+}
+
+/// The input record: where it came from (its identity: derived ids and dead
+/// letters point there) and its bytes, which a held record keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    pub source: &'a SourceCoordinates,
+    pub timestamp_ms: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+}
+
+/// What became of an input, for metrics and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The step applied: state and memory change, handovers may go out.
+    Applied,
+    /// The `event_id` was applied before.
+    Duplicate,
+    /// No workflow mentions the event.
+    Unrouted,
+    /// The context waits on the healer; the record is held in its state.
+    Held,
+    /// The tool call failed: recorded, and dead-lettered for the healer.
+    ToolFailed,
+    /// The input is set aside as a dead letter of this class; nothing else
+    /// changes.
+    DeadLettered(ErrorClass),
+    /// A `memory.upserted` record joined the context's memory.
+    Remembered,
+    /// A healer command applied.
+    CommandApplied,
+    /// A healer command that was applied already, or answers nothing pending.
+    CommandIgnored { duplicate: bool, reason: String },
+}
+
+/// Everything one input causes. Empty fields mean "nothing of this kind".
+#[derive(Debug, Clone, PartialEq)]
+pub struct Effects {
+    pub outcome: Outcome,
+    /// The context's new workflow state.
+    pub state: Option<WorkflowState>,
+    pub memory: Option<MemoryWrite>,
+    pub handovers: Vec<PlannedHandover>,
+    pub status_updates: Vec<StatusUpdate>,
+    /// The input itself goes to the DLQ with this class, reason and headers.
+    pub dead_letter: Option<DeadLetterPlan>,
+    /// Records the context held, to be stepped next, in this order, as if
+    /// they arrived now.
+    pub release: Vec<HeldRecord>,
+}
+
+/// A context's memory after the input, and the snapshot store's changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryWrite {
+    pub live: Memory,
+    /// The snapshot frozen for this input's handovers.
+    pub frozen: Option<Snapshot>,
+    /// Snapshot versions to delete, oldest first.
+    pub pruned: Vec<u64>,
+}
+
+/// A handover, complete but for what only the shell knows: the signed URL of
+/// `snapshot` (its version) and the wall-clock `produced_at`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedHandover {
+    pub topic: String,
+    pub handover: Handover,
+    pub snapshot: Option<u64>,
+}
+
+/// Why the input goes to the DLQ, with the headers that tell the healer
+/// what to do. The shell adds the bytes, coordinates and time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterPlan {
+    pub class: ErrorClass,
+    pub reason: String,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Effects {
+    fn only(outcome: Outcome) -> Effects {
+        Effects {
+            outcome,
+            state: None,
+            memory: None,
+            handovers: Vec::new(),
+            status_updates: Vec::new(),
+            dead_letter: None,
+            release: Vec::new(),
+        }
+    }
+
+    /// The input is dead-lettered and nothing else happens.
+    pub fn dead_letter(class: ErrorClass, reason: String) -> Effects {
+        Effects {
+            dead_letter: Some(DeadLetterPlan {
+                class,
+                reason,
+                headers: Vec::new(),
+            }),
+            ..Effects::only(Outcome::DeadLettered(class))
+        }
+    }
+}
+
+/// Applies a tool event to its context.
+pub fn step(
+    context: Context<'_>,
+    event: &ToolEvent,
+    input: Input<'_>,
+    topology: &Topology,
+    policy: &Policy,
+    now_ms: i64,
+) -> Effects {
+    if let Err(reason) = check_context_id(&event.context_id, policy) {
+        return Effects::dead_letter(ErrorClass::InvalidContextId, reason);
+    }
+    match transition(context.state, event, topology, now_ms) {
+        StepOutcome::Applied {
+            state,
+            handovers: drafts,
+            status_updates,
+        } => {
+            let mut memory = context.memory.clone();
+            if let Err(reason) = record_output(&mut memory, event, now_ms, policy) {
+                return Effects::dead_letter(ErrorClass::MemoryOverflow, reason);
+            }
+            let (frozen, pruned) = if drafts.is_empty() {
+                (None, Vec::new())
+            } else {
+                freeze(&mut memory, policy, now_ms)
+            };
+            let snapshot = frozen.as_ref().map(|snapshot| snapshot.version);
+            let handovers = drafts
+                .iter()
+                .map(|draft| PlannedHandover {
+                    topic: draft.topic.clone(),
+                    handover: Handover::from_draft(draft, event, None, String::new()),
+                    snapshot,
+                })
+                .collect();
+            Effects {
+                state: Some(state),
+                memory: Some(MemoryWrite {
+                    live: memory,
+                    frozen,
+                    pruned,
+                }),
+                handovers,
+                status_updates,
+                ..Effects::only(Outcome::Applied)
+            }
+        }
+        StepOutcome::Duplicate => Effects::only(Outcome::Duplicate),
+        StepOutcome::Unrouted => Effects::only(Outcome::Unrouted),
+        StepOutcome::Invalid { reason } => {
+            Effects::dead_letter(ErrorClass::InvalidTransition, reason)
+        }
+        StepOutcome::ToolFailed {
+            state,
+            failure,
+            status_updates,
+        } => {
+            let mut memory = context.memory.clone();
+            if let Err(reason) = record_output(&mut memory, event, now_ms, policy) {
+                return Effects::dead_letter(ErrorClass::MemoryOverflow, reason);
+            }
+            let mut headers = vec![
+                (headers::WORKFLOW, state.workflow.clone()),
+                (headers::STEP, failure.step.clone()),
+                (headers::ATTEMPTS, failure.attempt.to_string()),
+                (headers::FAILED_EVENT, failure.event.clone()),
+            ];
+            if let Some(agent) = &failure.locked_by {
+                headers.push((headers::LOCKED_BY, agent.clone()));
+            }
+            let detail = event
+                .error
+                .as_deref()
+                .map(|error| format!(": {error}"))
+                .unwrap_or_default();
+            Effects {
+                state: Some(state),
+                memory: Some(MemoryWrite {
+                    live: memory,
+                    frozen: None,
+                    pruned: Vec::new(),
+                }),
+                status_updates,
+                dead_letter: Some(DeadLetterPlan {
+                    class: ErrorClass::ToolFailed,
+                    reason: format!("tool call `{}` failed{detail}", failure.event),
+                    headers,
+                }),
+                ..Effects::only(Outcome::ToolFailed)
+            }
+        }
+        StepOutcome::Hold => match context.state {
+            Some(current) => hold(current, input, policy),
+            // `transition` holds only for a context with a pending failure.
+            None => Effects::dead_letter(
+                ErrorClass::InvalidTransition,
+                format!("context `{}` has no state to hold in", event.context_id),
+            ),
+        },
+    }
+}
+
+/// Keeps the input in the context's state until the healer answers, within
+/// the held-record bounds.
+fn hold(current: &WorkflowState, input: Input<'_>, policy: &Policy) -> Effects {
+    let held_bytes: usize = current.held.iter().map(HeldRecord::size).sum();
+    let size = input.key.map_or(0, <[u8]>::len) + input.value.map_or(0, <[u8]>::len);
+    if current.held.len() >= policy.max_held_records
+        || held_bytes.saturating_add(size) > policy.max_held_bytes
+    {
+        let step = current
+            .failure
+            .as_ref()
+            .map_or(current.state.as_str(), |failure| failure.step.as_str());
+        return Effects::dead_letter(
+            ErrorClass::HeldOverflow,
+            format!(
+                "context `{}` already holds {} record(s) ({held_bytes} bytes) while the healer decides on its failed step `{step}`; this one ({size} bytes) would pass the bound of {} records / {} bytes (--max-held-records, --max-held-bytes)",
+                current.context_id,
+                current.held.len(),
+                policy.max_held_records,
+                policy.max_held_bytes
+            ),
+        );
+    }
+    let mut next = current.clone();
+    next.held.push(HeldRecord {
+        topic: input.source.topic.clone(),
+        partition: input.source.partition,
+        offset: input.source.offset,
+        timestamp_ms: input.timestamp_ms,
+        key: input.key.map(<[u8]>::to_vec),
+        value: input.value.map(<[u8]>::to_vec),
+    });
+    next.version = next.version.saturating_add(1);
+    Effects {
+        state: Some(next),
+        ..Effects::only(Outcome::Held)
+    }
+}
+
+/// Applies a healer command to its context. The records it releases are in
+/// [`Effects::release`], for the shell to step next.
+pub fn apply_command(
+    context: Context<'_>,
+    command: &ControlCommand,
+    topology: &Topology,
+    policy: &Policy,
+    now_ms: i64,
+) -> Effects {
+    if let Err(reason) = check_context_id(&command.context_id, policy) {
+        return Effects::dead_letter(ErrorClass::InvalidContextId, reason);
+    }
+    match answer_command(context.state, command, topology, now_ms) {
+        CommandOutcome::Ignored { duplicate, reason } => {
+            Effects::only(Outcome::CommandIgnored { duplicate, reason })
+        }
+        CommandOutcome::Applied {
+            state,
+            handovers: drafts,
+            status_updates,
+            release,
+            causation_id,
+        } => {
+            let mut memory = context.memory.clone();
+            let (frozen, pruned) = if drafts.is_empty() || policy.snapshots.is_none() {
+                (None, Vec::new())
+            } else {
+                freeze(&mut memory, policy, now_ms)
+            };
+            let snapshot = frozen.as_ref().map(|snapshot| snapshot.version);
+            let last_output = memory.last_tool_output().cloned().unwrap_or(Value::Null);
+            let handovers = drafts
+                .iter()
+                .map(|draft| PlannedHandover {
+                    topic: draft.topic.clone(),
+                    handover: Handover::for_command(
+                        draft,
+                        &command.context_id,
+                        &causation_id,
+                        last_output.clone(),
+                        None,
+                        String::new(),
+                    ),
+                    snapshot,
+                })
+                .collect();
+            let memory = frozen.is_some().then(|| MemoryWrite {
+                live: memory,
+                frozen,
+                pruned,
+            });
+            Effects {
+                state: Some(state),
+                memory,
+                handovers,
+                status_updates,
+                release,
+                ..Effects::only(Outcome::CommandApplied)
+            }
+        }
+    }
+}
+
+/// Adds a `memory.upserted` record to its context's memory.
+pub fn remember(memory: &Memory, upsert: &MemoryUpsert, policy: &Policy, now_ms: i64) -> Effects {
+    if let Err(reason) = check_context_id(&upsert.context_id, policy) {
+        return Effects::dead_letter(ErrorClass::InvalidContextId, reason);
+    }
+    let mut memory = memory.clone();
+    memory.upsert(upsert, now_ms);
+    if let Err(reason) = bound_memory(&mut memory, policy.max_memory_bytes) {
+        return Effects::dead_letter(ErrorClass::MemoryOverflow, reason);
+    }
+    Effects {
+        memory: Some(MemoryWrite {
+            live: memory,
+            frozen: None,
+            pruned: Vec::new(),
+        }),
+        ..Effects::only(Outcome::Remembered)
+    }
+}
+
+/// A `context_id` is a store key and part of every id derived from it: at
+/// most `max_context_id_bytes`, and no control characters (a NUL would let
+/// it collide with another context's snapshot keys).
+pub fn check_context_id(context_id: &str, policy: &Policy) -> Result<(), String> {
+    if context_id.len() > policy.max_context_id_bytes {
+        return Err(format!(
+            "context_id is {} bytes, more than the {} allowed (--max-context-id-bytes)",
+            context_id.len(),
+            policy.max_context_id_bytes
+        ));
+    }
+    if let Some(at) = context_id.chars().position(char::is_control) {
+        return Err(format!(
+            "context_id {:?} holds a control character at position {at}",
+            crate::dlq::cut_text(context_id, 120)
+        ));
+    }
+    Ok(())
+}
+
+fn record_output(
+    memory: &mut Memory,
+    event: &ToolEvent,
+    now_ms: i64,
+    policy: &Policy,
+) -> Result<(), String> {
+    memory.record_tool_output(ToolOutput {
+        event_id: event.event_id.clone(),
+        tool: event.tool_name().unwrap_or_default().to_string(),
+        output: event.result.clone(),
+        at: now_ms,
+    });
+    bound_memory(memory, policy.max_memory_bytes)
+}
+
+/// Drops the oldest tool outputs (never the newest) until the memory's
+/// encoding fits `max_bytes`; an error if it still does not.
+fn bound_memory(memory: &mut Memory, max_bytes: usize) -> Result<(), String> {
+    let mut size = memory.encoded_len();
+    while size > max_bytes && memory.tool_outputs.len() > 1 {
+        memory.tool_outputs.pop_front();
+        memory.version = memory.version.saturating_add(1);
+        size = memory.encoded_len();
+    }
+    if size > max_bytes {
+        return Err(format!(
+            "context `{}` memory would take {size} bytes, more than the {max_bytes} allowed (--max-memory-bytes), even with only its newest tool output",
+            crate::dlq::cut_text(&memory.context_id, 120)
+        ));
+    }
+    Ok(())
+}
+
+/// Freezes the memory as the next snapshot and prunes old ones, when
+/// snapshots are on.
+fn freeze(memory: &mut Memory, policy: &Policy, now_ms: i64) -> (Option<Snapshot>, Vec<u64>) {
+    let Some(snapshots) = policy.snapshots else {
+        return (None, Vec::new());
+    };
+    let snapshot = memory.freeze(now_ms);
+    let pruned = memory.prune(now_ms, snapshots.retention_ms, snapshots.max_per_context);
+    (Some(snapshot), pruned)
+}
