@@ -331,3 +331,70 @@ mod partitioner_tests {
         assert!((0..6).contains(&partition_for_key(b"ctx-1", 6)));
     }
 }
+
+#[cfg(test)]
+mod sizing_tests {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseProducer, BaseRecord};
+
+    use super::*;
+
+    /// librdkafka itself is the judge: a record our estimate says fits
+    /// `message.max.bytes` must be accepted locally, and the estimate must not
+    /// be far above what librdkafka counts.
+    #[test]
+    fn the_size_estimate_never_lets_librdkafka_refuse_a_record() {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("message.max.bytes", "10000");
+        assert_eq!(max_message_bytes(&config), Ok(10_000));
+        let producer: BaseProducer = config.create().expect("producer");
+        let header_value = vec![b'h'; 300];
+        let headers = || {
+            OwnedHeaders::new()
+                .insert(Header {
+                    key: "baton.error.reason",
+                    value: Some(header_value.as_slice()),
+                })
+                .insert(Header {
+                    key: "baton.source.topic",
+                    value: Some(b"mcp.events.all".as_slice()),
+                })
+        };
+        let key = b"ctx-1".as_slice();
+        let estimate = |value: &[u8]| {
+            record_wire_size(
+                Some(key),
+                Some(value),
+                [
+                    ("baton.error.reason", Some(header_value.as_slice())),
+                    ("baton.source.topic", Some(b"mcp.events.all".as_slice())),
+                ],
+            )
+        };
+        let fixed = estimate(&[]);
+        let fits = vec![b'v'; 10_000 - fixed];
+        assert_eq!(estimate(&fits), 10_000);
+        let sent = producer.send(
+            BaseRecord::to("t")
+                .key(key)
+                .payload(fits.as_slice())
+                .headers(headers()),
+        );
+        assert!(sent.is_ok(), "a record the estimate accepts is accepted");
+        // librdkafka's own overhead is smaller than ours, but not by much.
+        let over = vec![b'v'; 10_000 - fixed + 64];
+        let refused = producer.send(
+            BaseRecord::to("t")
+                .key(key)
+                .payload(over.as_slice())
+                .headers(headers()),
+        );
+        match refused {
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {}
+            other => panic!("expected MessageSizeTooLarge, got {:?}", other.err().map(|e| e.0)),
+        }
+    }
+}
