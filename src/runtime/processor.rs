@@ -36,7 +36,7 @@ pub const WORKFLOW_STORE: &str = "workflow";
 pub const MEMORY_STORE: &str = "memory";
 
 /// What became of one input record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Processed {
     /// Its outputs (possibly none) are in the output buffer.
     Done,
