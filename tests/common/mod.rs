@@ -22,6 +22,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 pub mod browser;
+pub mod proxy;
 pub mod registry;
 
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -87,17 +88,34 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Broker {
-        let binary = tansu_binary();
         let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
+        Broker::launch(port, port)
+    }
+
+    /// A broker that every client reaches through a fault-injection proxy:
+    /// tansu listens on one port and advertises the proxy's, so clients
+    /// bootstrap at the proxy and metadata sends them back to it.
+    pub fn start_behind_proxy() -> (Broker, proxy::Proxy) {
+        let port = free_port();
+        let proxy = proxy::Proxy::start(("127.0.0.1", port)).expect("the proxy starts");
+        let broker = Broker::launch(port, proxy.port());
+        (broker, proxy)
+    }
+
+    /// tansu listening on `port`, advertising (and bootstrapped at)
+    /// `advertised`.
+    fn launch(port: u16, advertised: u16) -> Broker {
+        let binary = tansu_binary();
+        let listener = format!("tcp://127.0.0.1:{port}");
+        let advertised_url = format!("tcp://127.0.0.1:{advertised}");
         let mut command = Command::new(&binary);
         command
             .args([
                 "broker",
                 "--listener-url",
-                &url,
+                &listener,
                 "--advertised-listener-url",
-                &url,
+                &advertised_url,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .env("RUST_LOG", "warn")
@@ -107,7 +125,7 @@ impl Broker {
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        let bootstrap = format!("127.0.0.1:{port}");
+        let bootstrap = format!("127.0.0.1:{advertised}");
         let mut broker = Broker {
             child,
             bootstrap,
