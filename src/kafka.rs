@@ -394,7 +394,10 @@ mod sizing_tests {
         );
         match refused {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {}
-            other => panic!("expected MessageSizeTooLarge, got {:?}", other.err().map(|e| e.0)),
+            other => panic!(
+                "expected MessageSizeTooLarge, got {:?}",
+                other.err().map(|e| e.0)
+            ),
         }
     }
 }

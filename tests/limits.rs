@@ -334,3 +334,70 @@ fn events_keyed_by_their_server_are_repartitioned_by_context() {
     );
     assert!(metric(&pod, "baton_records_repartitioned_total") >= inputs.len() as f64);
 }
+
+#[test]
+fn an_output_that_cannot_fit_dead_letters_its_input_and_leaves_the_state_unchanged() {
+    let broker = Broker::start();
+    broker.create_baton_topics(PARTITIONS);
+    const VISION: &str = "tool.vision_analyze.completed";
+    // A 300 KB tool output: the input is within --max-record-bytes and the
+    // memory bound, but its handover cannot fit a producer that allows
+    // 200,000 bytes a record.
+    let big = canonical(
+        "big-output",
+        "o1",
+        VISION,
+        json!({"text": "o".repeat(300_000)}),
+    );
+    broker.produce_raw("mcp.events.all", &[big.clone()]);
+    let healthy = traffic(20, 17);
+    broker.produce("mcp.events.all", &healthy);
+
+    let mut options = BatonOptions::new("pod-output");
+    options.extra_args = [
+        "--kafka-prop",
+        "producer.message.max.bytes=200000",
+        "--max-memory-bytes",
+        "1000000",
+    ]
+    .map(String::from)
+    .to_vec();
+    let pod = Baton::start(&broker, options);
+    let expected = reference(&healthy);
+    let mut reader = outputs(&broker);
+    reader.wait_until(
+        "the healthy handovers and the dead letter",
+        Duration::from_secs(90),
+        |records| {
+            records.iter().any(|r| r.topic == "mcp.events.dlq")
+                && common::unique_handover_count(records) >= expected.handovers.len()
+        },
+    );
+    reader.poll_to_end();
+    assert_handovers_match(&broker, &reader, &expected);
+    let by_class = letters_by_class(&reader);
+    assert_eq!(by_class.len(), 1, "{:?}", by_class.keys());
+    let letter = &by_class["output_too_large"][0];
+    assert!(
+        letter.headers["baton.error.reason"].contains("message.max.bytes (200000)"),
+        "{:?}",
+        letter.headers
+    );
+    // The letter itself had to be cut to fit.
+    assert_eq!(letter.headers["baton.value.truncated"], "true");
+    assert_eq!(
+        letter.headers["baton.value.size"],
+        big.value.len().to_string()
+    );
+    assert_eq!(letter.value[..], big.value[..letter.value.len()]);
+    assert_eq!(
+        pod.http_get("/contexts/big-output")
+            .map(|(status, _)| status),
+        Some(404),
+        "the state is unchanged"
+    );
+    assert_eq!(
+        metric(&pod, "baton_transactions_total{outcome=\"aborted\"}"),
+        0.0
+    );
+}
