@@ -281,29 +281,7 @@ impl PartitionProcessor {
     /// Turns one input record into output records, or says why it must wait
     /// (a writer schema to fetch, a store that failed to read).
     pub fn process<M: Message>(&mut self, message: &M, out: &mut Vec<OutRecord>) -> Processed {
-        let consumed = SourceCoordinates {
-            topic: message.topic().to_string(),
-            partition: message.partition(),
-            offset: message.offset(),
-        };
-        let origin = if consumed.topic == self.pipeline.repartition_topic {
-            Origin::Repartition
-        } else {
-            Origin::Consumer
-        };
-        let identity = if origin == Origin::Repartition {
-            original_coordinates(message).unwrap_or_else(|| consumed.clone())
-        } else {
-            consumed.clone()
-        };
-        let record = InputRecord {
-            consumed,
-            identity,
-            timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
-            key: message.key(),
-            payload: message.payload(),
-            origin,
-        };
+        let record = self.input_record(message);
         let topic = record.identity.topic.as_str();
         if topic == self.pipeline.memory_topic {
             self.count_consumed(&record.consumed.topic);
@@ -313,6 +291,30 @@ impl PartitionProcessor {
             return self.command(&record, out);
         }
         self.event(&record, out)
+    }
+
+    /// A consumed record as the shell sees it; one from the repartition
+    /// topic keeps the identity it had where it first arrived.
+    fn input_record<'a, M: Message>(&self, message: &'a M) -> InputRecord<'a> {
+        let consumed = SourceCoordinates {
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
+        };
+        let (origin, identity) = if consumed.topic == self.pipeline.repartition_topic {
+            let original = original_coordinates(message).unwrap_or_else(|| consumed.clone());
+            (Origin::Repartition, original)
+        } else {
+            (Origin::Consumer, consumed.clone())
+        };
+        InputRecord {
+            consumed,
+            identity,
+            timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+            key: message.key(),
+            payload: message.payload(),
+            origin,
+        }
     }
 
     fn count_consumed(&mut self, topic: &str) {
@@ -859,24 +861,7 @@ impl PartitionProcessor {
         reason: String,
         out: &mut Vec<OutRecord>,
     ) {
-        let consumed = SourceCoordinates {
-            topic: message.topic().to_string(),
-            partition: message.partition(),
-            offset: message.offset(),
-        };
-        let identity = if consumed.topic == self.pipeline.repartition_topic {
-            original_coordinates(message).unwrap_or_else(|| consumed.clone())
-        } else {
-            consumed.clone()
-        };
-        let record = InputRecord {
-            consumed,
-            identity,
-            timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
-            key: message.key(),
-            payload: message.payload(),
-            origin: Origin::Consumer,
-        };
+        let record = self.input_record(message);
         self.reject(&record, class, reason, out);
     }
 
