@@ -116,10 +116,7 @@ pub fn record_wire_size<'a>(
         .into_iter()
         .map(|(name, value)| name.len() + value.map_or(0, <[u8]>::len) + HEADER_OVERHEAD_BYTES)
         .sum();
-    RECORD_OVERHEAD_BYTES
-        + key.map_or(0, <[u8]>::len)
-        + value.map_or(0, <[u8]>::len)
-        + headers
+    RECORD_OVERHEAD_BYTES + key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len) + headers
 }
 
 /// The producer's effective `message.max.bytes`: what the user set, else
