@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use thiserror::Error;
 
@@ -42,6 +42,7 @@ use crate::kafka::KafkaSettings;
 use crate::metrics::METRICS;
 use crate::shutdown::Shutdown;
 use crate::topology::{Topology, tool_of_event};
+use crate::transactor::{Failure, Generation, Transactor, TxnError};
 
 /// What the healer was told about one dead letter, from its headers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -228,6 +229,10 @@ pub enum HealError {
     MissingTopics(String),
     #[error("kafka client: {0}")]
     Client(#[from] KafkaError),
+    #[error(transparent)]
+    Transaction(#[from] TxnError),
+    #[error("cannot size parked records: {0}")]
+    Config(String),
     #[error("the consumer has no group metadata yet")]
     NoGroupMetadata,
     #[error("cannot start the healer thread: {0}")]
@@ -256,11 +261,14 @@ pub fn run(
     consumer_config.set("group.instance.id", config.transactional_id());
     let consumer: BaseConsumer = consumer_config.create()?;
     consumer.subscribe(&[config.dlq_topic.as_str(), config.retry_topic.as_str()])?;
-    let producer: ThreadedProducer<DefaultProducerContext> = config
-        .kafka
-        .transactional_producer_config(&config.transactional_id())
-        .create()?;
-    producer.init_transactions(config.startup_timeout)?;
+    let transactor = Transactor::init(
+        config
+            .kafka
+            .transactional_producer_config(&config.transactional_id()),
+        &config.transactional_id(),
+        config.startup_timeout,
+    )?;
+    let max_bytes = transactor.max_message_bytes().map_err(HealError::Config)?;
     tracing::info!(
         group = %config.group_id(),
         transactional_id = %config.transactional_id(),
@@ -271,14 +279,20 @@ pub fn run(
         config,
         topology,
         consumer,
-        producer,
+        transactor,
+        generation: None,
+        max_bytes,
         pending: BTreeMap::new(),
     };
     while !shutdown.is_triggered() {
         if let Err(err) = healer.batch() {
-            tracing::warn!(cause = %err, "healer batch failed; aborting it and rewinding");
-            METRICS.transactions.with_label_values(&["aborted"]).inc();
-            healer.abort_and_rewind()?;
+            let failure = match &err {
+                HealError::Transaction(txn) => txn.failure,
+                // Reading or building offsets failed: nothing was committed.
+                _ => Failure::Abortable,
+            };
+            tracing::warn!(cause = %err, ?failure, "healer batch failed; settling it and rewinding");
+            healer.recover_and_rewind(failure, &err.to_string())?;
         }
     }
     Ok(())
@@ -288,7 +302,11 @@ struct Healer<'a> {
     config: &'a HealerConfig,
     topology: &'a Topology,
     consumer: BaseConsumer,
-    producer: ThreadedProducer<DefaultProducerContext>,
+    transactor: Transactor,
+    /// The open transaction's generation, if one is open.
+    generation: Option<Generation>,
+    /// The producer's `message.max.bytes`: parked records are fitted to it.
+    max_bytes: usize,
     /// Not-yet-due retries by (partition, offset), as read from the retry topic.
     pending: BTreeMap<(i32, i64), PendingRetry>,
 }
@@ -321,7 +339,7 @@ impl Healer<'_> {
                 }
             };
             if !open {
-                self.producer.begin_transaction()?;
+                self.generation = Some(self.transactor.begin()?);
                 open = true;
             }
             if message.topic() == self.config.retry_topic {
@@ -349,19 +367,14 @@ impl Healer<'_> {
             .map(|(at, _)| *at)
             .collect();
         if !due.is_empty() && !open {
-            self.producer.begin_transaction()?;
+            self.generation = Some(self.transactor.begin()?);
             open = true;
         }
         let mut forwarded = Vec::new();
         for at in &due {
             if let Some(retry) = self.pending.get(at) {
                 let payload = retry.command.encode();
-                self.send(
-                    &self.config.control_topic,
-                    retry.key.as_deref(),
-                    &payload,
-                    None,
-                )?;
+                self.send(&self.config.control_topic, retry.key.as_deref(), &payload)?;
                 forwarded.push(*at);
             }
         }
@@ -409,9 +422,8 @@ impl Healer<'_> {
             .consumer
             .group_metadata()
             .ok_or(HealError::NoGroupMetadata)?;
-        self.producer
-            .send_offsets_to_transaction(&offsets, &metadata, TIMEOUT)?;
-        self.producer.commit_transaction(TIMEOUT)?;
+        self.transactor.commit_with_offsets(&offsets, &metadata)?;
+        self.generation = None;
         METRICS
             .transaction_commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -438,7 +450,7 @@ impl Healer<'_> {
         message: &BorrowedMessage<'_>,
         letter: &DeadLetterView,
         decision: Decision,
-    ) -> Result<(), KafkaError> {
+    ) -> Result<(), TxnError> {
         let command = |action, step: String, attempt, not_before| ControlCommand {
             command_id: ControlCommand::id_for(
                 message.topic(),
@@ -472,11 +484,11 @@ impl Healer<'_> {
                 );
                 if delay_ms == 0 {
                     let payload = command(action, step, attempt, None).encode();
-                    self.send(&self.config.control_topic, key, &payload, None)
+                    self.send(&self.config.control_topic, key, &payload)
                 } else {
                     let due = now_ms().saturating_add(i64::try_from(delay_ms).unwrap_or(i64::MAX));
                     let payload = command(action, step, attempt, Some(due)).encode();
-                    self.send(&self.config.retry_topic, key, &payload, None)
+                    self.send(&self.config.retry_topic, key, &payload)
                 }
             }
             Decision::Park { reason, fail } => {
@@ -486,36 +498,12 @@ impl Healer<'_> {
                     %reason,
                     "parking"
                 );
-                let mut parked_headers = OwnedHeaders::new();
-                if let Some(original) = message.headers() {
-                    for header in original.iter() {
-                        parked_headers = parked_headers.insert(Header {
-                            key: header.key,
-                            value: header.value,
-                        });
-                    }
-                }
-                let parked_at = crate::runtime::processor::now_rfc3339();
-                parked_headers = parked_headers
-                    .insert(Header {
-                        key: headers::PARKED_REASON,
-                        value: Some(reason.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: headers::PARKED_AT,
-                        value: Some(parked_at.as_bytes()),
-                    });
-                self.send(
-                    &self.config.parked_topic,
-                    message.key(),
-                    message.payload().unwrap_or_default(),
-                    Some(parked_headers),
-                )?;
+                self.park(message, &reason)?;
                 if let Some((step, attempt)) = fail
                     && letter.context_id.is_some()
                 {
                     let payload = command(ControlAction::Fail, step, attempt, None).encode();
-                    self.send(&self.config.control_topic, key, &payload, None)?;
+                    self.send(&self.config.control_topic, key, &payload)?;
                 }
                 Ok(())
             }
@@ -537,49 +525,84 @@ impl Healer<'_> {
             .retain(|_, retry| owned.contains(&retry.partition));
     }
 
-    fn send(
+    /// Writes `message` to the parked topic with the reason and time
+    /// added, fitted to `message.max.bytes`: a parked record must not be
+    /// lost to its own size (the original stays at its source coordinates).
+    fn park(&self, message: &BorrowedMessage<'_>, reason: &str) -> Result<(), TxnError> {
+        let mut headers: Vec<(String, Vec<u8>)> = Vec::new();
+        if let Some(original) = message.headers() {
+            for header in original.iter() {
+                headers.push((
+                    header.key.to_string(),
+                    header.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                ));
+            }
+        }
+        let parked_at = crate::runtime::processor::now_rfc3339();
+        headers.push((
+            headers::PARKED_REASON.to_string(),
+            crate::dlq::cut_text(reason, crate::dlq::MAX_REASON_BYTES).into_bytes(),
+        ));
+        headers.push((headers::PARKED_AT.to_string(), parked_at.into_bytes()));
+        let fitted = crate::dlq::fit_record(
+            message.key().map(<[u8]>::to_vec),
+            Some(message.payload().unwrap_or_default().to_vec()),
+            headers,
+            self.max_bytes,
+        );
+        if fitted.truncated {
+            tracing::warn!(
+                partition = message.partition(),
+                offset = message.offset(),
+                max_bytes = self.max_bytes,
+                "parked record cut to fit message.max.bytes"
+            );
+        }
+        let owned = fitted.owned_headers();
+        self.send_record(
+            &self.config.parked_topic,
+            fitted.key.as_deref(),
+            fitted.value.as_deref().unwrap_or_default(),
+            Some(owned),
+        )
+    }
+
+    fn send(&self, topic: &str, key: Option<&[u8]>, payload: &[u8]) -> Result<(), TxnError> {
+        self.send_record(topic, key, payload, None)
+    }
+
+    /// Sends one record into the open transaction.
+    fn send_record(
         &self,
         topic: &str,
         key: Option<&[u8]>,
         payload: &[u8],
         headers: Option<OwnedHeaders>,
-    ) -> Result<(), KafkaError> {
-        let mut record = BaseRecord::<[u8], [u8]>::to(topic).payload(payload);
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        if let Some(headers) = headers {
-            record = record.headers(headers);
-        }
-        let mut record = record;
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((
-                    KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    back,
-                )) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((err, _)) => return Err(err),
+    ) -> Result<(), TxnError> {
+        let generation = self.generation.ok_or_else(|| TxnError {
+            op: crate::transactor::Op::Send,
+            failure: Failure::Abortable,
+            cause: "no open transaction".into(),
+        })?;
+        self.transactor.send_waiting(generation, || {
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic).payload(payload);
+            if let Some(key) = key {
+                record = record.key(key);
             }
-        }
+            if let Some(headers) = &headers {
+                record = record.headers(headers.clone());
+            }
+            record
+        })
     }
 
-    /// After a failed transaction: abort it, forget what was read, and go
-    /// back to the committed offsets so the same records are decided again.
-    fn abort_and_rewind(&mut self) -> Result<(), HealError> {
-        if let Err(err) = self.producer.abort_transaction(TIMEOUT) {
-            tracing::warn!(cause = %err, "abort failed; rebuilding the producer");
-            let producer: ThreadedProducer<DefaultProducerContext> = self
-                .config
-                .kafka
-                .transactional_producer_config(&self.config.transactional_id())
-                .create()?;
-            producer.init_transactions(self.config.startup_timeout)?;
-            self.producer = producer;
-        }
+    /// After a failed transaction: settle it (abort, or rebuild the
+    /// producer when the failure calls for it), forget what was read, and
+    /// go back to the group's committed offsets, read from the broker, so
+    /// the same records are decided again.
+    fn recover_and_rewind(&mut self, failure: Failure, reason: &str) -> Result<(), HealError> {
+        self.generation = None;
+        self.transactor.recover(failure, reason)?;
         self.pending.clear();
         let assignment = self.consumer.assignment()?;
         let committed = self.consumer.committed_offsets(assignment, TIMEOUT)?;

@@ -19,6 +19,7 @@
 //! - [`healer`]: `baton heal`: reads the DLQ, decides per record, schedules retries through Kafka, parks what cannot heal.
 //! - [`kafka`]: librdkafka client configuration shared by every producer and consumer baton owns.
 //! - [`runtime`]: the consumer group, one task per partition, and the exactly-once transaction loop.
+//! - [`transactor`]: the one transactional producer wrapper (pods, healer, replay): generations, and every error classified once.
 //! - [`http`]: the HTTP surface: metrics, health, state and snapshot queries across pods, the SSE live feed and the dashboard.
 //! - [`members`]: which pod owns which partition, published to and read from `{app}-members` (Kafka Streams' `application.server`).
 //! - [`metrics`]: every Prometheus metric, defined once.
@@ -47,4 +48,5 @@ pub mod shutdown;
 pub mod snapshot_url;
 pub mod state;
 pub mod topology;
+pub mod transactor;
 pub mod workflow;

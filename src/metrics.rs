@@ -27,8 +27,16 @@ pub struct Metrics {
     pub handovers_produced: IntCounterVec,
     /// Records sent to the DLQ, by error class.
     pub dlq_records: IntCounterVec,
-    /// Kafka transactions, by outcome (committed, aborted, fatal).
+    /// Kafka transactions, by outcome (committed, aborted, fenced, fatal,
+    /// outcome_unknown).
     pub transactions: IntCounterVec,
+    /// Partitions whose stores were closed, reopened and restored, by reason
+    /// (commit_unknown, producer_rebuilt, state_write, missed_barrier,
+    /// state_read).
+    pub partition_reopens: IntCounterVec,
+    /// Records the broker kept refusing, processed alone in their own
+    /// transaction: `committed` alone, or `dead_lettered`.
+    pub records_isolated: IntCounterVec,
     /// Time to flush, send offsets and commit one transaction.
     pub transaction_commit_seconds: Histogram,
     /// Input records per committed transaction.
@@ -129,6 +137,22 @@ impl Metrics {
             .expect("valid metric"),
             transactions: IntCounterVec::new(
                 Opts::new("baton_transactions_total", "Kafka transactions by outcome"),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+            partition_reopens: IntCounterVec::new(
+                Opts::new(
+                    "baton_partition_reopens_total",
+                    "Partitions reopened and restored from their changelogs, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            records_isolated: IntCounterVec::new(
+                Opts::new(
+                    "baton_records_isolated_total",
+                    "Records the broker kept refusing, retried alone, by outcome",
+                ),
                 &["outcome"],
             )
             .expect("valid metric"),
@@ -314,8 +338,10 @@ impl Metrics {
             )
             .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 36] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 38] = [
             Box::new(metrics.records_consumed.clone()),
+            Box::new(metrics.partition_reopens.clone()),
+            Box::new(metrics.records_isolated.clone()),
             Box::new(metrics.events_unrouted.clone()),
             Box::new(metrics.events_duplicate.clone()),
             Box::new(metrics.handovers_produced.clone()),
@@ -359,8 +385,20 @@ impl Metrics {
         }
         // Known label values exist from the start, so the first increment
         // already shows up in rate() instead of creating the series.
-        for outcome in ["committed", "aborted", "fatal"] {
+        for outcome in ["committed", "aborted", "fenced", "fatal", "outcome_unknown"] {
             metrics.transactions.with_label_values(&[outcome]);
+        }
+        for reason in [
+            "commit_unknown",
+            "producer_rebuilt",
+            "state_write",
+            "missed_barrier",
+            "state_read",
+        ] {
+            metrics.partition_reopens.with_label_values(&[reason]);
+        }
+        for outcome in ["committed", "dead_lettered"] {
+            metrics.records_isolated.with_label_values(&[outcome]);
         }
         for kind in ["assign", "revoke", "lost"] {
             metrics.rebalances.with_label_values(&[kind]);
@@ -371,6 +409,7 @@ impl Metrics {
         metrics
             .transient_errors
             .with_label_values(&["schema_registry"]);
+        metrics.transient_errors.with_label_values(&["state"]);
         for decision in ["retry", "alternate", "plan_b", "park"] {
             metrics.healer_decisions.with_label_values(&[decision]);
         }

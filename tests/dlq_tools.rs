@@ -676,3 +676,71 @@ fn a_replay_after_a_crashed_one_neither_hangs_nor_duplicates() {
     assert!(again.contains("nothing to republish"), "{again}");
     assert_eq!(broker.read_all("orders.in").len(), 1);
 }
+
+#[test]
+fn a_truncated_dead_letter_is_never_replayed() {
+    let broker = Broker::start();
+    broker.create_topics(&[(DLQ, 1), (PARKED, 1), ("orders.in", 1)]);
+    let ago = OffsetDateTime::now_utc() - time::Duration::minutes(5);
+    let records = vec![
+        dead_letter(
+            0,
+            Some("ctx-cut"),
+            br#"{"context_id":"ctx-cut","payload":"the first bytes onl"#,
+            "output_too_large",
+            Some(("orders.in", 0, 41)),
+            ago,
+            vec![
+                header("baton.value.truncated", "true"),
+                header("baton.value.size", "2000000"),
+                header("baton.value.sha256", "00".repeat(32)),
+            ],
+        ),
+        dead_letter(
+            0,
+            Some("ctx-whole"),
+            br#"{"context_id":"ctx-whole"}"#,
+            "tool_failed",
+            Some(("orders.in", 0, 42)),
+            ago,
+            vec![],
+        ),
+    ];
+    broker.produce_raw(DLQ, &records);
+    let cut = broker
+        .read_all(DLQ)
+        .into_iter()
+        .find(|r| r.key.as_deref() == Some(b"ctx-cut".as_slice()))
+        .map(|r| format!("{DLQ}/{}/{}", r.partition, r.offset))
+        .expect("the truncated letter");
+    let bootstrap = broker.bootstrap.as_str();
+    let refusal = format!("refused {cut}: its value was cut to fit the dead-letter topic");
+    let source = "the original is at its source orders.in/0/41";
+
+    let dry = ok(baton_dlq(bootstrap, &["replay", "--dry-run"]));
+    assert!(dry.contains(&refusal) && dry.contains(source), "{dry}");
+    assert!(
+        dry.contains("dry run: would republish 1 record(s) to orders.in (1)"),
+        "{dry}"
+    );
+
+    let real = ok(baton_dlq(bootstrap, &["replay"]));
+    assert!(real.contains(&refusal) && real.contains(source), "{real}");
+    assert!(
+        real.contains("republished 1 record(s) to orders.in (1)"),
+        "{real}"
+    );
+    let orders = broker.read_all("orders.in");
+    assert_eq!(orders.len(), 1, "only the whole letter: {orders:?}");
+    assert_eq!(orders[0].key.as_deref(), Some(b"ctx-whole".as_slice()));
+
+    // Asking for it again (`--again`) still refuses it.
+    let again = ok(baton_dlq(bootstrap, &["replay", "--again"]));
+    assert!(again.contains(&refusal), "{again}");
+    assert!(
+        broker
+            .read_all("orders.in")
+            .iter()
+            .all(|r| r.key.as_deref() != Some(b"ctx-cut".as_slice()))
+    );
+}

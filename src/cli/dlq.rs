@@ -17,16 +17,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::producer::FutureRecord;
 use thiserror::Error;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::dlq::headers;
 use crate::kafka::{self, ConnectError, KafkaSettings};
+use crate::transactor::{Failure, Generation, Transactor, TxnError};
 use select::{DeadLetterRecord, Selection};
 
 #[derive(Debug, Subcommand)]
@@ -366,12 +365,16 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, DlqToolError> {
     };
     let existing: BTreeSet<String> = prepared.existing.keys().cloned().collect();
 
-    let (collected, no_source, already) = blocking(move || {
+    let (collected, no_source, truncated, already) = blocking(move || {
         let mut no_source = Vec::new();
+        let mut truncated = Vec::new();
         let mut already = 0u64;
         let collected = collect(&prepared, |record| {
             if record.source_topic().is_none() {
                 no_source.push(record.coordinates());
+                false
+            } else if is_truncated(record) {
+                truncated.push((record.coordinates(), record.source()));
                 false
             } else if replayed.contains(&record.coordinates()) {
                 already += 1;
@@ -380,7 +383,7 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, DlqToolError> {
                 true
             }
         })?;
-        Ok((collected, no_source, already))
+        Ok((collected, no_source, truncated, already))
     })
     .await?;
     let records = collected.records;
@@ -390,6 +393,13 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, DlqToolError> {
         out(&format!(
             "skipped {coordinates}: no {} header, so where it came from is unknown\n",
             headers::SOURCE_TOPIC
+        ));
+    }
+    for (coordinates, source) in &truncated {
+        out(&format!(
+            "refused {coordinates}: its value was cut to fit the dead-letter topic ({}=true), so replaying it would republish a corrupt record; the original is at its source {}\n",
+            headers::VALUE_TRUNCATED,
+            source.as_deref().unwrap_or("(unknown)")
         ));
     }
     if already > 0 {
@@ -433,6 +443,12 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, DlqToolError> {
         describe_targets(&targets)
     ));
     Ok(ExitCode::SUCCESS)
+}
+
+/// A letter whose value was cut to fit (see [`crate::dlq::fit_record`]):
+/// it no longer holds the original record and must never be replayed.
+fn is_truncated(record: &DeadLetterRecord) -> bool {
+    record.header(headers::VALUE_TRUNCATED) == Some("true")
 }
 
 /// The coordinates every replay so far has logged.
@@ -486,8 +502,7 @@ struct ReplayBatch {
 
 /// The replay's transactional producer, initialised.
 struct Replayer {
-    producer: ThreadedProducer<DefaultProducerContext>,
-    timeout: Duration,
+    transactor: Transactor,
 }
 
 impl Replayer {
@@ -497,37 +512,48 @@ impl Replayer {
         transactional_id: &str,
         timeout: Duration,
     ) -> Result<Replayer, DlqToolError> {
-        let producer: ThreadedProducer<DefaultProducerContext> = settings
-            .transactional_producer_config(transactional_id)
-            .create()
-            .map_err(|err| DlqToolError::Producer(err.to_string()))?;
-        producer.init_transactions(timeout).map_err(|err| {
+        let transactor = Transactor::init(
+            settings.transactional_producer_config(transactional_id),
+            transactional_id,
+            timeout,
+        )
+        .map_err(|err| {
             DlqToolError::Producer(format!(
                 "cannot initialise transactional id `{transactional_id}`: {err}"
             ))
         })?;
-        Ok(Replayer { producer, timeout })
+        Ok(Replayer { transactor })
     }
 
-    /// Blocking: republishes every record and logs it, in one transaction;
-    /// on any failure the transaction is aborted.
+    /// Blocking: republishes every record and logs it, in one transaction.
+    /// On any failure the transaction is settled as the transactor
+    /// classifies it (aborted, or the producer rebuilt, which aborts it too:
+    /// nothing was committed unless the commit's outcome is unknown, which
+    /// the error then says).
     fn publish(&self, batch: &ReplayBatch) -> Result<(), DlqToolError> {
-        self.producer
-            .begin_transaction()
+        let generation = self
+            .transactor
+            .begin()
             .map_err(|err| DlqToolError::Transaction(err.to_string()))?;
-        if let Err(err) = self.send_all(batch) {
-            let _ = self.producer.abort_transaction(self.timeout);
-            return Err(DlqToolError::Transaction(err.to_string()));
-        }
-        if let Err(err) = self.producer.commit_transaction(self.timeout) {
-            // Fails harmlessly where the error was fatal (fenced, say).
-            let _ = self.producer.abort_transaction(self.timeout);
-            return Err(DlqToolError::Transaction(err.to_string()));
+        let result = self
+            .send_all(generation, batch)
+            .and_then(|()| self.transactor.commit());
+        if let Err(err) = result {
+            let _ = self.transactor.recover(err.failure, &err.cause);
+            let text = if err.failure == Failure::OutcomeUnknown {
+                format!(
+                    "{err} (the commit may have happened: read {} before replaying again)",
+                    batch.log_topic
+                )
+            } else {
+                err.to_string()
+            };
+            return Err(DlqToolError::Transaction(text));
         }
         Ok(())
     }
 
-    fn send_all(&self, batch: &ReplayBatch) -> Result<(), KafkaError> {
+    fn send_all(&self, generation: Generation, batch: &ReplayBatch) -> Result<(), TxnError> {
         for record in &batch.records {
             let Some(target) = record.source_topic() else {
                 continue;
@@ -546,41 +572,30 @@ impl Replayer {
                 .insert(text_header(headers::REPLAY_OF, &coordinates))
                 .insert(text_header(headers::REPLAYED_AT, &batch.replayed_at))
                 .insert(text_header(headers::REPLAY_ID, &batch.replay_id));
-            let mut republished = BaseRecord::<[u8], [u8]>::to(target).headers(headers);
-            if let Some(key) = &record.key {
-                republished = republished.key(key);
-            }
-            if let Some(value) = &record.value {
-                republished = republished.payload(value);
-            }
-            self.send(republished)?;
+            self.transactor.send_waiting(generation, || {
+                let mut republished =
+                    FutureRecord::<[u8], [u8]>::to(target).headers(headers.clone());
+                if let Some(key) = &record.key {
+                    republished = republished.key(key);
+                }
+                if let Some(value) = &record.value {
+                    republished = republished.payload(value);
+                }
+                republished
+            })?;
             let entry = serde_json::json!({
                 "replay_id": batch.replay_id,
                 "replayed_at": batch.replayed_at,
                 "target_topic": target,
             })
             .to_string();
-            self.send(
-                BaseRecord::to(&batch.log_topic)
+            self.transactor.send_waiting(generation, || {
+                FutureRecord::<[u8], [u8]>::to(&batch.log_topic)
                     .key(coordinates.as_bytes())
-                    .payload(entry.as_bytes()),
-            )?;
+                    .payload(entry.as_bytes())
+            })?;
         }
         Ok(())
-    }
-
-    /// Sends, waiting while the local queue is full.
-    fn send(&self, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), KafkaError> {
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err((err, _)) => return Err(err),
-            }
-        }
     }
 }
 

@@ -1,52 +1,58 @@
-//! The exactly-once engine: one transactional producer per pod, the registry
-//! of partition tasks, and the commit protocol that ties them together.
+//! The exactly-once engine: the pod's [`Transactor`], the registry of
+//! partition tasks, and the commit protocol that ties them together.
 //!
 //! Every commit interval the engine stops the world the way Kafka Streams
 //! does: each task finishes the record in hand and reports its position, the
-//! engine sends those offsets to the transaction and commits it, and only
-//! then do tasks apply their state and resume. An abortable failure rewinds
-//! every task to its last committed offset; fencing or another fatal error
-//! rebuilds the producer first. Rebalance callbacks run on the coordinator
-//! thread and use the same protocol, so partitions only leave after their
-//! transaction is settled.
+//! engine seals the transaction's generation (later sends are refused),
+//! sends those offsets to the transaction and commits it, and only then do
+//! tasks apply their state and resume. An abortable failure rewinds every
+//! task to its last committed offset. A fenced, fatal or outcome-unknown
+//! failure rebuilds the producer, and every task reopens its partition:
+//! stores closed, restored from the changelog, consumer seeked to the
+//! broker's committed offsets. A task that misses the barrier is reopened
+//! the same way. Rebalance callbacks run on the coordinator thread and use
+//! the same protocol, so partitions only leave after their transaction is
+//! settled.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::task::{self, Control, TaskProgress, TaskSetup, TopicPartition};
+use super::task::{
+    self, Control, ReopenReason, TaskFailure, TaskProgress, TaskSetup, TopicPartition,
+};
 use super::{Pipeline, Readiness};
 use crate::metrics::METRICS;
+use crate::transactor::{Failure, Generation, Recovery, TRANSACTION_TIMEOUT, Transactor, TxnError};
 
 /// The consumer type every baton pod uses.
 pub type BatonConsumer = StreamConsumer<RebalanceHook>;
 
-/// How long one transactional call may take before we call it failed.
-const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a task may take to reach a barrier (it finishes one record).
-const BARRIER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a task may take to reach a barrier (it finishes one record). A
+/// task that takes longer is treated as failed: the transaction aborts and
+/// the task reopens its partition.
+pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Error)]
 pub enum EngineError {
-    #[error("cannot create the transactional producer: {0}")]
-    ProducerCreate(#[source] KafkaError),
     #[error("cannot initialise transactions for `{transactional_id}`: {source}")]
     InitTransactions {
         transactional_id: String,
         #[source]
-        source: KafkaError,
+        source: TxnError,
     },
     #[error("the consumer is gone")]
     ConsumerGone,
+    #[error("the transactional producer cannot be recovered: {0}")]
+    Broken(#[source] TxnError),
 }
 
 /// What happened to one commit attempt.
@@ -57,21 +63,65 @@ pub enum CommitOutcome {
     Committed,
     /// The transaction was aborted; tasks rewound to their committed offsets.
     Aborted,
-    /// The producer was fenced or failed fatally and was rebuilt.
+    /// The producer was fenced, failed fatally or left a commit's outcome
+    /// unknown; it was rebuilt and every task reopened its partition.
     Rebuilt,
+    /// The producer could not be rebuilt: the pod must exit.
+    Broken,
+}
+
+/// Why a transaction is given up.
+#[derive(Debug, Clone)]
+enum AbortCause {
+    /// The broker or producer refused something in it.
+    Refused(String),
+    /// Tasks did not reach the barrier in time.
+    MissedBarrier(Vec<i32>),
+    /// Anything else (a task asked for it, partitions lost, ...).
+    Other(String),
+}
+
+impl AbortCause {
+    /// The broker's words, when the broker or producer caused the abort:
+    /// tasks count these to isolate a record the broker keeps refusing.
+    fn refusal(&self) -> Option<String> {
+        match self {
+            AbortCause::Refused(text) => Some(text.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for AbortCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AbortCause::Refused(text) => write!(f, "refused: {text}"),
+            AbortCause::MissedBarrier(partitions) => {
+                write!(f, "partitions {partitions:?} missed the barrier")
+            }
+            AbortCause::Other(text) => f.write_str(text),
+        }
+    }
 }
 
 struct TaskHandle {
     control: mpsc::UnboundedSender<Control>,
 }
 
-/// Owns the producer and the tasks. Shared between the coordinator loop and
-/// the rebalance callbacks, which both run on the coordinator thread.
+/// What one barrier collected.
+struct Barrier {
+    progress: Vec<TaskProgress>,
+    /// Tasks that did not answer in time.
+    missing: Vec<i32>,
+}
+
+/// Owns the transactor and the tasks. Shared between the coordinator loop
+/// and the rebalance callbacks, which both run on the coordinator thread.
 pub struct Engine {
     pipeline: Arc<Pipeline>,
-    producer_config: ClientConfig,
-    transactional_id: String,
-    producer: FutureProducer,
+    transactor: Arc<Transactor>,
+    /// The open transaction's generation.
+    generation: Generation,
     consumer: OnceLock<Weak<BatonConsumer>>,
     runtime: tokio::runtime::Handle,
     /// Input partitions assigned to this pod.
@@ -79,6 +129,8 @@ pub struct Engine {
     /// One task per partition number.
     tasks: BTreeMap<i32, TaskHandle>,
     readiness: Arc<Readiness>,
+    /// Set when the producer could not be rebuilt; the pod exits with it.
+    broken: Option<TxnError>,
 }
 
 impl Engine {
@@ -92,20 +144,29 @@ impl Engine {
         runtime: tokio::runtime::Handle,
         readiness: Arc<Readiness>,
     ) -> Result<Engine, EngineError> {
-        let producer = create_transactional_producer(&producer_config, &transactional_id)?;
+        let transactor = Transactor::init(producer_config, &transactional_id, TRANSACTION_TIMEOUT)
+            .map_err(|source| EngineError::InitTransactions {
+                transactional_id: transactional_id.clone(),
+                source,
+            })?;
+        let generation = transactor.generation();
         Ok(Engine {
             pipeline,
-            producer_config,
-            transactional_id,
-            producer,
+            transactor: Arc::new(transactor),
+            generation,
             consumer: OnceLock::new(),
             runtime,
             assigned: BTreeSet::new(),
             tasks: BTreeMap::new(),
             readiness,
+            broken: None,
         })
     }
 
+    /// The error that broke the engine, once it cannot go on.
+    pub fn take_broken(&mut self) -> Option<EngineError> {
+        self.broken.take().map(EngineError::Broken)
+    }
     pub fn attach_consumer(&self, consumer: &Arc<BatonConsumer>) {
         let _ = self.consumer.set(Arc::downgrade(consumer));
     }
@@ -178,7 +239,8 @@ impl Engine {
                 partition,
                 queues,
                 consumer,
-                producer: self.producer.clone(),
+                transactor: Arc::clone(&self.transactor),
+                generation: self.generation,
                 pipeline: Arc::clone(&self.pipeline),
                 readiness: Arc::clone(&self.readiness),
                 control: control_rx,
@@ -255,34 +317,34 @@ impl Engine {
         METRICS.assigned_partitions.set(0);
     }
 
-    /// Brings every task to a barrier and collects their positions. A task
-    /// that does not answer has died; its partition is treated as failed.
-    fn barrier(&mut self) -> (Vec<TaskProgress>, bool) {
+    /// Brings every task to a barrier and collects their positions, waiting
+    /// at most [`BARRIER_TIMEOUT`]. A task that does not answer in time has
+    /// failed (it is stuck, or dead).
+    fn barrier(&mut self) -> Barrier {
         let (reply, replies) = std_mpsc::channel();
-        let mut expected = 0;
         for handle in self.tasks.values() {
-            if handle
-                .control
-                .send(Control::Barrier {
-                    reply: reply.clone(),
-                })
-                .is_ok()
-            {
-                expected += 1;
-            }
+            let _ = handle.control.send(Control::Barrier {
+                reply: reply.clone(),
+            });
         }
         drop(reply);
-        let mut progress = Vec::with_capacity(expected);
+        let mut progress: Vec<TaskProgress> = Vec::with_capacity(self.tasks.len());
         let deadline = Instant::now() + BARRIER_TIMEOUT;
-        while progress.len() < expected {
+        while progress.len() < self.tasks.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             match replies.recv_timeout(left) {
                 Ok(p) => progress.push(p),
                 Err(_) => break,
             }
         }
-        let complete = progress.len() == self.tasks.len();
-        (progress, complete)
+        let answered: BTreeSet<i32> = progress.iter().map(|p| p.partition).collect();
+        let missing = self
+            .tasks
+            .keys()
+            .copied()
+            .filter(|p| !answered.contains(p))
+            .collect();
+        Barrier { progress, missing }
     }
 
     fn broadcast(&self, make: impl Fn() -> Control) {
@@ -291,66 +353,73 @@ impl Engine {
         }
     }
 
-    /// One round of the commit protocol: barrier, send offsets, commit.
+    /// One round of the commit protocol: barrier, seal, send offsets,
+    /// commit, begin the next generation.
     pub fn commit(&mut self) -> CommitOutcome {
+        if self.broken.is_some() {
+            return CommitOutcome::Broken;
+        }
         if self.tasks.is_empty() {
             return CommitOutcome::Idle;
         }
-        let (progress, complete) = self.barrier();
-        let failed: Vec<&str> = progress
-            .iter()
-            .filter_map(|p| p.failure.as_deref())
-            .collect();
-        if !complete || !failed.is_empty() {
+        let Barrier { progress, missing } = self.barrier();
+        // From here on a straggler's sends are refused.
+        self.transactor.seal();
+        if !missing.is_empty() {
             tracing::warn!(
-                ?failed,
-                complete,
-                "a task failed inside the transaction; aborting"
+                ?missing,
+                "tasks missed the barrier; aborting and reopening them"
             );
-            return self.abort_after_barrier("task failure");
+            return self.fail(Failure::Abortable, AbortCause::MissedBarrier(missing));
         }
-        let mut offsets = TopicPartitionList::new();
-        let mut records = 0;
-        for p in &progress {
-            records += p.records;
-            for (tp, next) in &p.next_offsets {
-                if let Err(err) =
-                    offsets.add_partition_offset(tp.topic(), tp.partition(), Offset::Offset(*next))
-                {
-                    tracing::error!(cause = %err, "cannot build the offset list");
-                    return self.abort_after_barrier("offset list");
-                }
-            }
+        if let Some(cause) = task_failure(&progress) {
+            tracing::warn!(%cause, "a task failed inside the transaction; aborting");
+            return self.fail(Failure::Abortable, cause);
         }
+        let solo = progress
+            .iter()
+            .filter(|p| p.wants_solo)
+            .map(|p| p.partition)
+            .min();
+        let (offsets, records) = match offsets_of(&progress) {
+            Ok(built) => built,
+            Err(err) => return self.fail(Failure::Abortable, AbortCause::Other(err)),
+        };
         if offsets.count() == 0 {
-            self.broadcast(|| Control::Committed { producer: None });
+            // Nothing was sent either: the open transaction goes on.
+            self.transactor.unseal();
+            let next = self.generation;
+            self.broadcast(|| Control::Committed { next, solo });
             return CommitOutcome::Idle;
         }
+        let Some(metadata) = self.consumer().ok().and_then(|c| c.group_metadata()) else {
+            return self.fail(
+                Failure::Abortable,
+                AbortCause::Other("no consumer group metadata".into()),
+            );
+        };
         let started = Instant::now();
-        match self.commit_offsets(&offsets) {
+        match self.transactor.commit_with_offsets(&offsets, &metadata) {
             Ok(()) => {
                 METRICS
                     .transaction_commit_seconds
                     .observe(started.elapsed().as_secs_f64());
                 METRICS.transaction_records.observe(records as f64);
                 METRICS.transactions.with_label_values(&["committed"]).inc();
-                let rebuilt = self.begin_or_rebuild();
-                self.broadcast(|| Control::Committed {
-                    producer: rebuilt.clone(),
-                });
+                let Some(next) = self.begin_next() else {
+                    return CommitOutcome::Broken;
+                };
+                self.broadcast(|| Control::Committed { next, solo });
                 CommitOutcome::Committed
             }
             Err(err) => {
-                tracing::warn!(cause = %err, "transaction commit failed");
-                let fatal = match &err {
-                    KafkaError::Transaction(e) => e.is_fatal() || !e.txn_requires_abort(),
-                    _ => false,
-                };
-                if fatal {
-                    self.rebuild_after_barrier(&err.to_string())
+                tracing::warn!(cause = %err, failure = ?err.failure, "transaction commit failed");
+                let cause = if err.failure == Failure::Abortable {
+                    AbortCause::Refused(err.cause.clone())
                 } else {
-                    self.abort_after_barrier(&err.to_string())
-                }
+                    AbortCause::Other(err.to_string())
+                };
+                self.fail(err.failure, cause)
             }
         }
     }
@@ -360,124 +429,127 @@ impl Engine {
         if self.tasks.is_empty() {
             return CommitOutcome::Idle;
         }
-        self.barrier();
-        self.abort_after_barrier(reason)
+        let Barrier { missing, .. } = self.barrier();
+        self.transactor.seal();
+        let cause = if missing.is_empty() {
+            AbortCause::Other(reason.to_string())
+        } else {
+            AbortCause::MissedBarrier(missing)
+        };
+        self.fail(Failure::Abortable, cause)
     }
 
-    fn commit_offsets(&self, offsets: &TopicPartitionList) -> Result<(), KafkaError> {
-        let consumer = self.consumer().map_err(|_| KafkaError::Canceled)?;
-        let metadata = consumer.group_metadata().ok_or(KafkaError::Canceled)?;
-        self.producer
-            .send_offsets_to_transaction(offsets, &metadata, TRANSACTION_TIMEOUT)?;
-        // A commit that times out may be retried; librdkafka says so by
-        // marking the error retriable.
-        let mut attempts = 0;
-        loop {
-            match self.producer.commit_transaction(TRANSACTION_TIMEOUT) {
-                Ok(()) => return Ok(()),
-                Err(KafkaError::Transaction(err)) if err.is_retriable() && attempts < 3 => {
-                    attempts += 1;
-                    tracing::warn!(cause = %err, attempts, "commit timed out; retrying");
+    /// With every task at a barrier (or given up on): recovers from
+    /// `failure`, begins the next generation and tells every task what to
+    /// do. After an abort, tasks rewind to their committed offsets; after a
+    /// rebuild, and for tasks that missed the barrier, they reopen their
+    /// partitions from what the broker committed.
+    fn fail(&mut self, failure: Failure, cause: AbortCause) -> CommitOutcome {
+        let reason = cause.to_string();
+        let recovery = match self.transactor.recover(failure, &reason) {
+            Ok(recovery) => recovery,
+            Err(err) => return self.break_down(err),
+        };
+        tracing::warn!(?recovery, %reason, "transaction given up");
+        let Some(next) = self.begin_next() else {
+            return CommitOutcome::Broken;
+        };
+        let stragglers = match &cause {
+            AbortCause::MissedBarrier(partitions) => partitions.clone(),
+            _ => Vec::new(),
+        };
+        let refused = cause.refusal();
+        for (partition, handle) in &self.tasks {
+            let command = if stragglers.contains(partition) {
+                Control::Reopen {
+                    next,
+                    reason: ReopenReason::MissedBarrier,
                 }
-                Err(err) => return Err(err),
-            }
+            } else {
+                match recovery {
+                    Recovery::Aborted => Control::Aborted {
+                        next,
+                        refused: refused.clone(),
+                        solo: None,
+                    },
+                    Recovery::Rebuilt => Control::Reopen {
+                        next,
+                        reason: if failure == Failure::OutcomeUnknown {
+                            ReopenReason::CommitUnknown
+                        } else {
+                            ReopenReason::ProducerRebuilt
+                        },
+                    },
+                }
+            };
+            let _ = handle.control.send(command);
+        }
+        match recovery {
+            Recovery::Aborted => CommitOutcome::Aborted,
+            Recovery::Rebuilt => CommitOutcome::Rebuilt,
         }
     }
 
-    /// With every task at a barrier: aborts the open transaction and rewinds
-    /// every task to its last committed offset, discarding its state.
-    fn abort_after_barrier(&mut self, reason: &str) -> CommitOutcome {
-        match self.producer.abort_transaction(TRANSACTION_TIMEOUT) {
-            Ok(()) => {
-                METRICS.transactions.with_label_values(&["aborted"]).inc();
-                tracing::warn!(
-                    reason,
-                    "transaction aborted; rewinding to committed offsets"
-                );
-                let rebuilt = self.begin_or_rebuild();
-                self.broadcast(|| Control::Aborted {
-                    producer: rebuilt.clone(),
-                });
-                CommitOutcome::Aborted
+    /// Begins the next transaction; a producer that cannot begin is
+    /// rebuilt once. `None` when even that fails (the engine is broken).
+    fn begin_next(&mut self) -> Option<Generation> {
+        let begun = self.transactor.begin().or_else(|err| {
+            tracing::warn!(cause = %err, "cannot begin a transaction; rebuilding the producer");
+            self.transactor
+                .rebuild(&err.to_string())
+                .and_then(|()| self.transactor.begin())
+        });
+        match begun {
+            Ok(generation) => {
+                self.generation = generation;
+                Some(generation)
             }
             Err(err) => {
-                tracing::warn!(cause = %err, "abort failed; rebuilding the producer");
-                self.rebuild_after_barrier(&err.to_string())
+                self.break_down(err);
+                None
             }
         }
     }
 
-    /// With every task at a barrier: replaces a fenced or broken producer
-    /// (`init_transactions` on the new one aborts what the old one left
-    /// open) and rewinds every task.
-    fn rebuild_after_barrier(&mut self, reason: &str) -> CommitOutcome {
-        let producer = self.rebuild(reason);
-        self.broadcast(|| Control::Aborted {
-            producer: Some(producer.clone()),
-        });
-        CommitOutcome::Rebuilt
-    }
-
-    /// Creates a new producer and begins its first transaction, retrying
-    /// until the cluster lets us.
-    fn rebuild(&mut self, reason: &str) -> FutureProducer {
-        METRICS.transactions.with_label_values(&["fatal"]).inc();
-        METRICS.producer_rebuilds.inc();
-        tracing::error!(
-            reason,
-            "producer failed fatally or was fenced; rebuilding it"
-        );
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match create_transactional_producer(&self.producer_config, &self.transactional_id)
-                .and_then(|producer| {
-                    producer
-                        .begin_transaction()
-                        .map(|()| producer)
-                        .map_err(EngineError::ProducerCreate)
-                }) {
-                Ok(producer) => {
-                    self.producer = producer.clone();
-                    return producer;
-                }
-                Err(err) => {
-                    tracing::error!(cause = %err, "cannot rebuild the producer yet");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-
-    /// Begins the next transaction; returns the new producer if the old one
-    /// could not begin and had to be replaced.
-    fn begin_or_rebuild(&mut self) -> Option<FutureProducer> {
-        match self.producer.begin_transaction() {
-            Ok(()) => None,
-            Err(err) => Some(self.rebuild(&err.to_string())),
-        }
+    /// The producer cannot be recovered: remember why; the coordinator
+    /// exits the pod with it (a restarted pod settles everything).
+    fn break_down(&mut self, err: TxnError) -> CommitOutcome {
+        tracing::error!(cause = %err, "the transactional producer cannot be recovered; the pod stops");
+        self.broken = Some(err);
+        CommitOutcome::Broken
     }
 
     /// Starts the first transaction.
     pub fn start(&mut self) {
-        if let Err(err) = self.producer.begin_transaction() {
-            let _ = self.rebuild(&err.to_string());
-        }
+        let _ = self.begin_next();
     }
 }
 
-fn create_transactional_producer(
-    config: &ClientConfig,
-    transactional_id: &str,
-) -> Result<FutureProducer, EngineError> {
-    let producer: FutureProducer = config.create().map_err(EngineError::ProducerCreate)?;
-    producer
-        .init_transactions(TRANSACTION_TIMEOUT)
-        .map_err(|source| EngineError::InitTransactions {
-            transactional_id: transactional_id.to_string(),
-            source,
-        })?;
-    Ok(producer)
+/// The first failure a task reported, as an abort cause.
+fn task_failure(progress: &[TaskProgress]) -> Option<AbortCause> {
+    progress.iter().find_map(|p| {
+        p.failure.as_ref().map(|failure| match failure {
+            TaskFailure::Refused(text) => AbortCause::Refused(text.clone()),
+            TaskFailure::Reopen(text) => {
+                AbortCause::Other(format!("partition {}: {text}", p.partition))
+            }
+        })
+    })
+}
+
+/// The offsets to commit and the number of input records they cover.
+fn offsets_of(progress: &[TaskProgress]) -> Result<(TopicPartitionList, u64), String> {
+    let mut offsets = TopicPartitionList::new();
+    let mut records = 0;
+    for p in progress {
+        records += p.records;
+        for (tp, next) in &p.next_offsets {
+            offsets
+                .add_partition_offset(tp.topic(), tp.partition(), Offset::Offset(*next))
+                .map_err(|err| format!("cannot build the offset list: {err}"))?;
+        }
+    }
+    Ok((offsets, records))
 }
 
 /// Locks the engine. A panic while holding the lock leaves it usable: the

@@ -2,7 +2,10 @@
 //! thread that owns the transaction loop, and one task per partition.
 
 mod engine;
+mod holds;
+mod lifecycle;
 pub mod processor;
+mod refusals;
 mod task;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -432,7 +435,12 @@ fn coordinate(
                 biased;
                 _ = shutdown.wait() => break,
                 _ = ticker.tick() => {
-                    engine::lock(&engine).commit();
+                    let mut engine = engine::lock(&engine);
+                    engine.commit();
+                    if let Some(err) = engine.take_broken() {
+                        engine.stop_all();
+                        return Err(RunError::Engine(err));
+                    }
                 }
                 message = consumer.recv() => match message {
                     // Every assigned partition has its own queue; a record
@@ -452,7 +460,8 @@ fn coordinate(
         tracing::info!(?outcome, "final commit before shutdown");
         engine::lock(&engine).stop_all();
         consumer.unsubscribe();
-    });
+        Ok(())
+    })?;
     drop(consumer);
     tracing::info!("left the consumer group");
     Ok(())

@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use prometheus::{Histogram, IntCounter};
@@ -22,11 +21,10 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::DeliveryFuture;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::mpsc;
 
 use super::Pipeline;
 use super::engine::RebalanceHook;
-use super::task::{Control, TaskProgress, TopicPartition};
+use super::task::TopicPartition;
 use crate::codec::DecodeError;
 use crate::control::ControlCommand;
 use crate::dlq::{self, DeadLetter, ErrorClass};
@@ -197,78 +195,37 @@ struct Rejected {
 }
 
 impl PartitionProcessor {
-    /// Opens the partition's store and restores it from the changelog before
-    /// any input is processed. While restoring, the task still answers the
-    /// engine: a barrier gets an empty report, a stop ends the restore.
-    /// Returns `None` when stopped first.
+    /// Opens the partition's stores and restores them from the changelog
+    /// before any input is processed. The task's lifecycle answers the
+    /// engine meanwhile; `cancel` ends the restore early.
     pub async fn open(
         pipeline: &Arc<Pipeline>,
         partition: i32,
         inputs: &[TopicPartition],
         consumer: &Arc<StreamConsumer<RebalanceHook>>,
-        control: &mut mpsc::UnboundedReceiver<Control>,
-        producer: &mut rdkafka::producer::FutureProducer,
-    ) -> Option<PartitionProcessor> {
+        cancel: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<PartitionProcessor, String> {
         METRICS.partitions_restoring.inc();
-        let cancel = restore::cancel_flag();
         let restoring = {
             let pipeline = Arc::clone(pipeline);
             let consumer = Arc::clone(consumer);
             let inputs = inputs.to_vec();
-            let cancel = Arc::clone(&cancel);
             tokio::task::spawn_blocking(move || {
                 open_and_restore(&pipeline, partition, &inputs, &consumer, &cancel)
             })
         };
-        tokio::pin!(restoring);
-        let result = loop {
-            tokio::select! {
-                biased;
-                command = control.recv() => match command {
-                    Some(Control::Barrier { reply }) => {
-                        let _ = reply.send(TaskProgress { partition, next_offsets: vec![], records: 0, failure: None });
-                        // The outcome of a transaction this task took no part
-                        // in; only a replaced producer matters.
-                        match control.recv().await {
-                            Some(Control::Committed { producer: Some(rebuilt) })
-                            | Some(Control::Aborted { producer: Some(rebuilt) }) => *producer = rebuilt,
-                            _ => {}
-                        }
-                    }
-                    Some(Control::Stop { reply }) => {
-                        cancel.store(true, Ordering::Relaxed);
-                        let _ = (&mut restoring).await;
-                        let _ = reply.send(());
-                        METRICS.partitions_restoring.dec();
-                        return None;
-                    }
-                    Some(_) => {}
-                    None => {
-                        cancel.store(true, Ordering::Relaxed);
-                        METRICS.partitions_restoring.dec();
-                        return None;
-                    }
-                },
-                joined = &mut restoring => break joined,
-            }
-        };
+        let result = restoring.await;
         METRICS.partitions_restoring.dec();
         let (store, memory) = match result {
             Ok(Ok(stores)) => stores,
-            Ok(Err(err)) => {
-                tracing::error!(partition, cause = %err, "cannot restore the workflow store; the partition stays unprocessed");
-                return wait_for_stop(control, partition).await;
-            }
-            Err(err) => {
-                tracing::error!(partition, cause = %err, "the restore task failed");
-                return wait_for_stop(control, partition).await;
-            }
+            Ok(Err(err)) => return Err(err),
+            Err(err) => return Err(format!("the restore task failed: {err}")),
         };
         pipeline.stores.register(partition, Arc::clone(store.db()));
         pipeline
             .memory_stores
             .register(partition, Arc::clone(memory.db()));
-        Some(PartitionProcessor {
+        Ok(PartitionProcessor {
             pipeline: Arc::clone(pipeline),
             partition,
             store,
@@ -888,33 +845,6 @@ impl PartitionProcessor {
         })
         .await;
     }
-}
-
-/// A store that cannot be restored must not be processed on; hold the
-/// partition (uncommitted, so nothing is lost) until the engine releases it.
-async fn wait_for_stop(
-    control: &mut mpsc::UnboundedReceiver<Control>,
-    partition: i32,
-) -> Option<PartitionProcessor> {
-    while let Some(command) = control.recv().await {
-        match command {
-            Control::Barrier { reply } => {
-                let _ = reply.send(TaskProgress {
-                    partition,
-                    next_offsets: vec![],
-                    records: 0,
-                    failure: None,
-                });
-                let _ = control.recv().await;
-            }
-            Control::Stop { reply } => {
-                let _ = reply.send(());
-                return None;
-            }
-            _ => {}
-        }
-    }
-    None
 }
 
 /// Opens and restores the workflow and memory stores of one partition. Blocking.

@@ -3,34 +3,41 @@
 //! As in Kafka Streams, a task owns partition N of every co-partitioned input
 //! topic, because a context's state lives on the partition its records hash
 //! to, whichever topic they arrive on. A task pulls records from its own
-//! partition queues, runs each through the processor, and enqueues the
-//! outputs in the pod's open transaction. Control messages from the engine
-//! win every race (`biased`): at a barrier the task reports its positions and
-//! waits for the transaction's outcome.
+//! partition queues, runs each through the processor, and sends the outputs
+//! into the pod's open transaction, tagged with the transaction's
+//! generation. Control messages from the engine win every race (`biased`):
+//! at a barrier the task reports its positions and waits for the
+//! transaction's outcome. Opening, restoring and reopening the partition
+//! live in [`super::lifecycle`]; isolating a record the broker keeps
+//! refusing lives in [`super::refusals`].
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rdkafka::Message;
+use rdkafka::Offset;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::producer::FutureRecord;
 use tokio::sync::mpsc;
 
-use super::engine::RebalanceHook;
+use super::engine::{BARRIER_TIMEOUT, RebalanceHook};
+use super::holds::{
+    SchemaLookup, Stalled, TransientHold, fetch_schema, resume_after_state_errors,
+    state_read_failed,
+};
+use super::lifecycle::Lifecycle;
 use super::processor::{LastChangelog, OutRecord, PartitionProcessor, Processed, Store};
+use super::refusals::{Grant, Refusals};
 use super::{Pipeline, Readiness};
+use crate::dlq::ErrorClass;
 use crate::metrics::METRICS;
-use crate::registry::RegistryError;
+use crate::transactor::{Generation, SendError, Transactor};
 
 /// A topic and partition, the unit of assignment.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -68,14 +75,71 @@ pub enum Control {
     Barrier {
         reply: std_mpsc::Sender<TaskProgress>,
     },
-    /// The transaction committed: make its state durable and go on. Carries
-    /// the new producer when the old one could not begin the next one.
-    Committed { producer: Option<FutureProducer> },
-    /// The transaction was aborted: forget its state and rewind. Carries the
-    /// new producer when the old one was rebuilt.
-    Aborted { producer: Option<FutureProducer> },
+    /// The transaction committed: make its state durable and go on in
+    /// generation `next`. `solo` names the task whose next transaction is
+    /// its own (every other task takes no records until the next outcome).
+    Committed { next: Generation, solo: Option<i32> },
+    /// The transaction was aborted: forget its state, rewind to the
+    /// committed offsets and go on in generation `next`. `refused` carries
+    /// the broker's words when the broker or producer caused the abort.
+    Aborted {
+        next: Generation,
+        refused: Option<String>,
+        solo: Option<i32>,
+    },
+    /// Reopen the partition from what the broker committed, then go on in
+    /// generation `next`.
+    Reopen {
+        next: Generation,
+        reason: ReopenReason,
+    },
     /// Release the partition.
     Stop { reply: std_mpsc::Sender<()> },
+}
+
+/// Why a partition is reopened (the `baton_partition_reopens_total` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReopenReason {
+    /// A commit's outcome is unknown.
+    CommitUnknown,
+    /// The producer was fenced or failed fatally and was rebuilt.
+    ProducerRebuilt,
+    /// Writing committed state to RocksDB failed.
+    StateWrite,
+    /// The task did not reach a barrier in time.
+    MissedBarrier,
+    /// Reading state kept failing.
+    StateRead,
+}
+
+impl ReopenReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            ReopenReason::CommitUnknown => "commit_unknown",
+            ReopenReason::ProducerRebuilt => "producer_rebuilt",
+            ReopenReason::StateWrite => "state_write",
+            ReopenReason::MissedBarrier => "missed_barrier",
+            ReopenReason::StateRead => "state_read",
+        }
+    }
+}
+
+/// Why a task needs the open transaction aborted.
+#[derive(Debug, Clone)]
+pub enum TaskFailure {
+    /// The producer refused an output (the broker's or client's words).
+    Refused(String),
+    /// The task must reopen its partition (its stores are suspect).
+    Reopen(String),
+}
+
+impl fmt::Display for TaskFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TaskFailure::Refused(text) => write!(f, "refused: {text}"),
+            TaskFailure::Reopen(text) => write!(f, "must reopen: {text}"),
+        }
+    }
 }
 
 /// A task's positions at a barrier.
@@ -86,17 +150,32 @@ pub struct TaskProgress {
     pub next_offsets: Vec<(TopicPartition, i64)>,
     /// Input records processed in this transaction.
     pub records: u64,
-    /// Set when an output could not be enqueued: the transaction must abort.
-    pub failure: Option<String>,
+    /// Set when the transaction must abort.
+    pub failure: Option<TaskFailure>,
+    /// The task asks for a transaction of its own (see `refusals`).
+    pub wants_solo: bool,
+}
+
+impl TaskProgress {
+    /// The report of a task that took part in nothing.
+    pub fn idle(partition: i32) -> TaskProgress {
+        TaskProgress {
+            partition,
+            next_offsets: vec![],
+            records: 0,
+            failure: None,
+            wants_solo: false,
+        }
+    }
 }
 
 /// What the task has done since the last commit, per input partition.
 #[derive(Default)]
-struct Uncommitted {
+pub(super) struct Uncommitted {
     /// First offset processed (where an abort rewinds to) and next offset.
     positions: BTreeMap<TopicPartition, (i64, i64)>,
     records: u64,
-    failure: Option<String>,
+    pub failure: Option<TaskFailure>,
     /// The last changelog write of each store: its offset becomes that
     /// store's checkpoint.
     last_changelog: LastChangelog,
@@ -107,10 +186,48 @@ pub(crate) struct TaskSetup {
     pub partition: i32,
     pub queues: Vec<(TopicPartition, StreamPartitionQueue<RebalanceHook>)>,
     pub consumer: Arc<StreamConsumer<RebalanceHook>>,
-    pub producer: FutureProducer,
+    pub transactor: Arc<Transactor>,
+    /// The open transaction's generation when the task starts.
+    pub generation: Generation,
     pub pipeline: Arc<Pipeline>,
     pub readiness: Arc<Readiness>,
     pub control: mpsc::UnboundedReceiver<Control>,
+}
+
+/// What the loop does after a control message.
+enum Next {
+    Continue,
+    Reopen(ReopenReason),
+    Stop(Option<std_mpsc::Sender<()>>),
+}
+
+/// The task's work since the last outcome.
+#[derive(Default)]
+pub(super) struct Work {
+    pub pending: Uncommitted,
+    pub outputs: Vec<OutRecord>,
+    pub refusals: Refusals,
+    /// The task asked to reopen its partition at the next outcome.
+    pub reopen: Option<ReopenReason>,
+    /// Partitions the last abort rewound.
+    rewound: Vec<TopicPartition>,
+}
+
+impl Work {
+    fn progress(&mut self, partition: i32) -> TaskProgress {
+        TaskProgress {
+            partition,
+            next_offsets: self
+                .pending
+                .positions
+                .iter()
+                .map(|(tp, (_, next))| (tp.clone(), *next))
+                .collect(),
+            records: self.pending.records,
+            failure: self.pending.failure.take(),
+            wants_solo: self.refusals.wants_solo(),
+        }
+    }
 }
 
 pub(crate) async fn run_partition_task(setup: TaskSetup) {
@@ -118,143 +235,98 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
         partition,
         queues,
         consumer,
-        mut producer,
+        transactor,
+        generation,
         pipeline,
         readiness,
-        mut control,
+        control,
     } = setup;
     let tps: Vec<TopicPartition> = queues.iter().map(|(tp, _)| tp.clone()).collect();
-    readiness.partition_restoring(partition);
-    let mut processor = match PartitionProcessor::open(
-        &pipeline,
+    let mut life = Lifecycle {
         partition,
-        &tps,
-        &consumer,
-        &mut control,
-        &mut producer,
-    )
-    .await
-    {
-        Some(processor) => processor,
-        // Stopped (or the engine went away) while restoring.
-        None => {
-            readiness.partition_released(partition);
-            return;
-        }
+        tps,
+        consumer,
+        pipeline,
+        readiness,
+        control,
+        generation,
+        transactor,
     };
-    readiness.partition_ready(partition);
+    let Some(mut processor) = life.open().await else {
+        life.readiness.partition_released(partition);
+        return;
+    };
 
     let mut records = futures::stream::select_all(queues.iter().map(|(_, queue)| queue.stream()));
-    let mut pending = Uncommitted::default();
-    let mut outputs: Vec<OutRecord> = Vec::with_capacity(8);
+    let mut work = Work::default();
     // An Avro record whose writer schema is being fetched. While it waits,
     // no later record of this task is taken: per-partition order holds.
     let mut stalled: Option<Stalled> = None;
     let mut lookup: Option<SchemaLookup> = None;
+    // A record whose state read failed, retried after a backoff.
+    let mut transient: Option<TransientHold> = None;
     loop {
-        tokio::select! {
+        let takes = work.pending.failure.is_none()
+            && work.reopen.is_none()
+            && stalled.is_none()
+            && transient.is_none()
+            && work.refusals.takes_records();
+        let next = tokio::select! {
             biased;
-            command = control.recv() => {
-                match command {
-                    Some(Control::Barrier { reply }) => {
-                        let _ = reply.send(TaskProgress {
-                            partition,
-                            next_offsets: pending
-                                .positions
-                                .iter()
-                                .map(|(tp, (_, next))| (tp.clone(), *next))
-                                .collect(),
-                            records: pending.records,
-                            failure: pending.failure.take(),
-                        });
-                        let outcome = control.recv().await;
-                        let done = std::mem::take(&mut pending);
-                        match outcome {
-                            Some(Control::Committed { producer: rebuilt }) => {
-                                if let Some(rebuilt) = rebuilt {
-                                    producer = rebuilt;
-                                }
-                                if let Err(err) = processor.on_commit(done.last_changelog).await {
-                                    tracing::error!(partition, cause = %err, "cannot write committed state locally");
-                                }
-                            }
-                            Some(Control::Aborted { producer: rebuilt }) => {
-                                if let Some(rebuilt) = rebuilt {
-                                    producer = rebuilt;
-                                }
-                                processor.on_abort();
-                                // A held record on a rewound partition comes
-                                // back with the rewind; holding it too would
-                                // process it twice.
-                                if let Some(held) = &stalled
-                                    && done.positions.contains_key(&held.tp)
-                                {
-                                    if let Some(held) = stalled.take() {
-                                        held.release(&consumer, &tps);
-                                    }
-                                    lookup = None;
-                                }
-                                for (tp, (first, _)) in done.positions {
-                                    rewind(&consumer, &tp, first).await;
-                                }
-                            }
-                            Some(Control::Stop { reply }) => {
-                                if let Some(held) = stalled.take() {
-                                    held.release(&consumer, &tps);
-                                }
-                                processor.on_abort();
-                                drop(records);
-                                processor.close().await;
-                                readiness.partition_released(partition);
-                                let _ = reply.send(());
-                                return;
-                            }
-                            Some(Control::Barrier { .. }) | None => break,
-                        }
-                    }
-                    Some(Control::Stop { reply }) => {
-                        if let Some(held) = stalled.take() {
-                            held.release(&consumer, &tps);
-                        }
-                        drop(records);
-                        processor.close().await;
-                        readiness.partition_released(partition);
-                        let _ = reply.send(());
-                        return;
-                    }
-                    // Outcomes only follow a barrier; anything else is stale.
-                    Some(Control::Committed { .. }) | Some(Control::Aborted { .. }) => {}
-                    None => break,
+            command = life.control.recv() => {
+                let next = on_control(command, &mut work, &mut processor, &mut life).await;
+                if matches!(next, Next::Continue) {
+                    release_rewound(&mut stalled, &mut lookup, &mut transient, &mut work, &life);
                 }
+                next
             }
             fetched = async { match lookup.as_mut() { Some(fetch) => fetch.await, None => std::future::pending().await } }, if lookup.is_some() => {
                 lookup = None;
                 let Some(mut held) = stalled.take() else { continue };
                 match fetched {
                     Ok(()) => {
-                        held.release(&consumer, &tps);
-                        outputs.clear();
-                        match processor.process(&held.message, &mut outputs) {
-                            Processed::Done => {
-                                record_outputs(&producer, &outputs, &held.message, &mut pending).await;
+                        held.release(&life.consumer, &life.tps);
+                        let message = held.message;
+                        match handle(&message, &mut work, &mut processor, &life).await {
+                            Handled::Done => solo_took(&mut work, message),
+                            Handled::NeedsSchema(id) => {
+                                // Fetched, yet not cached: ask again rather than guess.
+                                lookup = Some(fetch_schema(&life.pipeline, id, Duration::ZERO));
+                                stalled = Some(Stalled::new(message, id));
                             }
-                            // Fetched, yet not cached: ask again rather than guess.
-                            Processed::NeedsSchema(id) => {
-                                lookup = Some(fetch_schema(&pipeline, id, Duration::ZERO));
-                                stalled = Some(held);
+                            Handled::Transient(dependency, reason) => {
+                                transient = state_read_failed(message, None, dependency, &reason, &mut work, &life);
                             }
-                            // Until the task pauses on it: abort and rewind.
-                            Processed::Transient { reason, .. } => pending.failure = Some(reason),
                         }
                     }
                     Err(err) => {
-                        let delay = held.failed(partition, &err, &consumer, &tps);
-                        lookup = Some(fetch_schema(&pipeline, held.schema_id, delay));
+                        let delay = held.failed(partition, &err, &life.consumer, &life.tps);
+                        lookup = Some(fetch_schema(&life.pipeline, held.schema_id, delay));
                         stalled = Some(held);
                     }
                 }
+                Next::Continue
             }
-            message = records.next(), if pending.failure.is_none() && stalled.is_none() => {
+            _ = async { match transient.as_mut() { Some(hold) => hold.retry.as_mut().await, None => std::future::pending().await } }, if transient.is_some() => {
+                let Some(hold) = transient.take() else { continue };
+                match handle(&hold.message, &mut work, &mut processor, &life).await {
+                    Handled::Done => {
+                        resume_after_state_errors(&hold, &life);
+                        solo_took(&mut work, hold.message);
+                    }
+                    Handled::NeedsSchema(id) => {
+                        resume_after_state_errors(&hold, &life);
+                        lookup = Some(fetch_schema(&life.pipeline, id, Duration::ZERO));
+                        stalled = Some(Stalled::new(hold.message, id));
+                    }
+                    Handled::Transient(dependency, reason) => {
+                        let failures = hold.failures;
+                        transient = state_read_failed(hold.message, Some(failures), dependency, &reason, &mut work, &life);
+                    }
+                }
+                Next::Continue
+            }
+            message = records.next(), if takes => {
                 let message = match message {
                     Some(Ok(message)) => message,
                     Some(Err(err)) => {
@@ -263,41 +335,277 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
                     }
                     None => break,
                 };
-                outputs.clear();
-                match processor.process(&message, &mut outputs) {
-                    Processed::Done => record_outputs(&producer, &outputs, &message, &mut pending).await,
-                    Processed::NeedsSchema(id) => {
-                        lookup = Some(fetch_schema(&pipeline, id, Duration::ZERO));
-                        stalled = Some(Stalled::new(message.detach(), id));
+                if work.refusals.is_solo() {
+                    let message = message.detach();
+                    match handle(&message, &mut work, &mut processor, &life).await {
+                        Handled::Done => solo_took(&mut work, message),
+                        Handled::NeedsSchema(id) => {
+                            lookup = Some(fetch_schema(&life.pipeline, id, Duration::ZERO));
+                            stalled = Some(Stalled::new(message, id));
+                        }
+                        Handled::Transient(dependency, reason) => {
+                            transient = state_read_failed(message, None, dependency, &reason, &mut work, &life);
+                        }
                     }
-                    // Until the task pauses on it: abort and rewind.
-                    Processed::Transient { reason, .. } => pending.failure = Some(reason),
+                } else {
+                    match handle(&message, &mut work, &mut processor, &life).await {
+                        Handled::Done => {}
+                        Handled::NeedsSchema(id) => {
+                            lookup = Some(fetch_schema(&life.pipeline, id, Duration::ZERO));
+                            stalled = Some(Stalled::new(message.detach(), id));
+                        }
+                        Handled::Transient(dependency, reason) => {
+                            transient = state_read_failed(message.detach(), None, dependency, &reason, &mut work, &life);
+                        }
+                    }
                 }
+                Next::Continue
+            }
+        };
+        match next {
+            Next::Continue => {}
+            Next::Reopen(reason) => {
+                release_all(&mut stalled, &mut lookup, &mut transient, &life);
+                work = Work::default();
+                match life.reopen(processor, reason).await {
+                    Some(reopened) => processor = reopened,
+                    None => {
+                        drop(records);
+                        life.readiness.partition_released(partition);
+                        return;
+                    }
+                }
+            }
+            Next::Stop(reply) => {
+                release_all(&mut stalled, &mut lookup, &mut transient, &life);
+                processor.on_abort();
+                drop(records);
+                processor.close().await;
+                life.readiness.partition_released(partition);
+                if let Some(reply) = reply {
+                    let _ = reply.send(());
+                }
+                return;
             }
         }
     }
-    if let Some(held) = stalled.take() {
-        held.release(&consumer, &tps);
-    }
+    release_all(&mut stalled, &mut lookup, &mut transient, &life);
     drop(records);
     processor.close().await;
-    readiness.partition_released(partition);
+    life.readiness.partition_released(partition);
 }
 
-/// Enqueues one input's outputs and advances its partition's position.
+/// A control message while processing.
+async fn on_control(
+    command: Option<Control>,
+    work: &mut Work,
+    processor: &mut PartitionProcessor,
+    life: &mut Lifecycle,
+) -> Next {
+    match command {
+        Some(Control::Barrier { reply }) => {
+            // A failed reply means the engine gave up waiting for this
+            // task; its next word (a reopen) says what to do.
+            let _ = reply.send(work.progress(life.partition));
+            let outcome = life.control.recv().await;
+            settle(outcome, work, processor, life).await
+        }
+        Some(Control::Stop { reply }) => Next::Stop(Some(reply)),
+        Some(Control::Reopen { next, reason }) => {
+            life.generation = next;
+            Next::Reopen(reason)
+        }
+        // Outcomes only follow a barrier; anything else is stale.
+        Some(Control::Committed { .. }) | Some(Control::Aborted { .. }) => Next::Continue,
+        None => Next::Stop(None),
+    }
+}
+
+/// Applies a transaction's outcome to the task.
+async fn settle(
+    outcome: Option<Control>,
+    work: &mut Work,
+    processor: &mut PartitionProcessor,
+    life: &mut Lifecycle,
+) -> Next {
+    let done = std::mem::take(&mut work.pending);
+    match outcome {
+        Some(Control::Committed { next, solo }) => {
+            life.generation = next;
+            let advanced: Vec<TopicPartition> = done.positions.keys().cloned().collect();
+            if let Err(err) = processor.on_commit(done.last_changelog).await {
+                tracing::error!(partition = life.partition, cause = %err, "cannot write committed state locally; reopening the stores");
+                return Next::Reopen(ReopenReason::StateWrite);
+            }
+            work.refusals.committed(&advanced);
+            if let Some(reason) = work.reopen.take() {
+                return Next::Reopen(reason);
+            }
+            grant(solo, work, processor, life).await;
+            Next::Continue
+        }
+        Some(Control::Aborted {
+            next,
+            refused,
+            solo,
+        }) => {
+            life.generation = next;
+            processor.on_abort();
+            if let Some(reason) = work.reopen.take() {
+                return Next::Reopen(reason);
+            }
+            let firsts: Vec<(TopicPartition, i64)> = done
+                .positions
+                .iter()
+                .map(|(tp, (first, _))| (tp.clone(), *first))
+                .collect();
+            for (tp, first) in &firsts {
+                rewind(&life.consumer, tp, *first).await;
+            }
+            work.rewound = firsts.iter().map(|(tp, _)| tp.clone()).collect();
+            work.refusals.aborted(&firsts, refused.as_deref());
+            grant(solo, work, processor, life).await;
+            Next::Continue
+        }
+        Some(Control::Reopen { next, reason }) => {
+            life.generation = next;
+            Next::Reopen(reason)
+        }
+        Some(Control::Stop { reply }) => Next::Stop(Some(reply)),
+        Some(Control::Barrier { .. }) | None => Next::Stop(None),
+    }
+}
+
+/// Acts on the engine's choice of solo task: when it is this task and a
+/// record is to be dead-lettered, writes the dead letter as the
+/// transaction's only output and moves past the record.
+async fn grant(
+    solo: Option<i32>,
+    work: &mut Work,
+    processor: &mut PartitionProcessor,
+    life: &mut Lifecycle,
+) {
+    let Grant::WriteDeadLetter { message, cause } = work.refusals.granted(solo, life.partition)
+    else {
+        return;
+    };
+    work.outputs.clear();
+    processor.dead_letter_input(
+        message,
+        ErrorClass::OutputRejected,
+        cause.to_string(),
+        &mut work.outputs,
+    );
+    let tp = TopicPartition::new(message.topic(), message.partition());
+    rewind(&life.consumer, &tp, message.offset() + 1).await;
+    record_outputs(
+        &life.transactor,
+        life.generation,
+        &work.outputs,
+        message,
+        &mut work.pending,
+    )
+    .await;
+}
+
+/// What became of one record in the task's hands.
+enum Handled {
+    Done,
+    NeedsSchema(u32),
+    Transient(&'static str, String),
+}
+
+/// Runs one record through the processor and sends its outputs.
+async fn handle<M: Message>(
+    message: &M,
+    work: &mut Work,
+    processor: &mut PartitionProcessor,
+    life: &Lifecycle,
+) -> Handled {
+    work.outputs.clear();
+    match processor.process(message, &mut work.outputs) {
+        Processed::Done => {
+            record_outputs(
+                &life.transactor,
+                life.generation,
+                &work.outputs,
+                message,
+                &mut work.pending,
+            )
+            .await;
+            Handled::Done
+        }
+        Processed::NeedsSchema(id) => Handled::NeedsSchema(id),
+        Processed::Transient { dependency, reason } => Handled::Transient(dependency, reason),
+    }
+}
+
+/// In a solo transaction, the record just sent is the only one.
+fn solo_took(work: &mut Work, message: OwnedMessage) {
+    if work.refusals.is_solo() {
+        work.refusals.took(message);
+    }
+}
+
+/// After an abort, a held record on a rewound partition comes back with
+/// the rewind; holding it too would process it twice.
+fn release_rewound(
+    stalled: &mut Option<Stalled>,
+    lookup: &mut Option<SchemaLookup>,
+    transient: &mut Option<TransientHold>,
+    work: &mut Work,
+    life: &Lifecycle,
+) {
+    let rewound = std::mem::take(&mut work.rewound);
+    if stalled
+        .as_ref()
+        .is_some_and(|held| rewound.contains(&held.tp))
+    {
+        if let Some(held) = stalled.take() {
+            held.release(&life.consumer, &life.tps);
+        }
+        *lookup = None;
+    }
+    if transient
+        .as_ref()
+        .is_some_and(|hold| rewound.contains(&hold.tp))
+    {
+        if let Some(hold) = transient.take() {
+            resume_after_state_errors(&hold, life);
+        }
+    }
+}
+
+/// Lets go of every held record (the partition is reopened or released).
+fn release_all(
+    stalled: &mut Option<Stalled>,
+    lookup: &mut Option<SchemaLookup>,
+    transient: &mut Option<TransientHold>,
+    life: &Lifecycle,
+) {
+    if let Some(held) = stalled.take() {
+        held.release(&life.consumer, &life.tps);
+    }
+    *lookup = None;
+    if let Some(hold) = transient.take() {
+        resume_after_state_errors(&hold, life);
+    }
+}
+
+/// Sends one input's outputs and advances its partition's position.
 async fn record_outputs<M: Message>(
-    producer: &FutureProducer,
+    transactor: &Transactor,
+    generation: Generation,
     outputs: &[OutRecord],
     message: &M,
     pending: &mut Uncommitted,
 ) {
     let offset = message.offset();
-    match enqueue(producer, outputs, &mut pending.last_changelog).await {
-        Ok(()) => {}
-        Err(failure) => {
-            tracing::error!(offset, cause = %failure, "cannot enqueue output; the transaction will abort");
-            pending.failure = Some(failure);
-        }
+    if let Err(failure) =
+        enqueue(transactor, generation, outputs, &mut pending.last_changelog).await
+    {
+        tracing::error!(offset, cause = %failure, "cannot send an output; the transaction will abort");
+        pending.failure = Some(failure);
     }
     pending
         .positions
@@ -307,122 +615,18 @@ async fn record_outputs<M: Message>(
     pending.records += 1;
 }
 
-/// A writer-schema lookup in flight, after an optional backoff delay.
-type SchemaLookup = Pin<Box<dyn Future<Output = Result<(), RegistryError>> + Send>>;
-
-fn fetch_schema(pipeline: &Arc<Pipeline>, id: u32, delay: Duration) -> SchemaLookup {
-    let registry = pipeline.decoder.registry().cloned();
-    Box::pin(async move {
-        tokio::time::sleep(delay).await;
-        match registry {
-            Some(registry) => registry.fetch(id).await.map(|_| ()),
-            // Without a registry the decoder never asks for a schema.
-            None => Ok(()),
-        }
-    })
-}
-
-/// Backoff between registry attempts while it is down: doubling, capped so
-/// that a recovered registry is noticed within seconds.
-const SCHEMA_RETRY_FIRST: Duration = Duration::from_millis(100);
-const SCHEMA_RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// A record held back until its writer schema is known.
-struct Stalled {
-    message: OwnedMessage,
-    tp: TopicPartition,
-    schema_id: u32,
-    failures: u32,
-    /// Set while the task is paused on a registry outage.
-    paused_since: Option<Instant>,
-}
-
-impl Stalled {
-    fn new(message: OwnedMessage, schema_id: u32) -> Stalled {
-        let tp = TopicPartition::new(message.topic(), message.partition());
-        Stalled {
-            message,
-            tp,
-            schema_id,
-            failures: 0,
-            paused_since: None,
-        }
-    }
-
-    /// Records a failed lookup; the first one pauses the task's partitions.
-    /// Returns how long to wait before the next attempt.
-    fn failed(
-        &mut self,
-        partition: i32,
-        err: &RegistryError,
-        consumer: &StreamConsumer<RebalanceHook>,
-        tps: &[TopicPartition],
-    ) -> Duration {
-        self.failures += 1;
-        METRICS
-            .transient_errors
-            .with_label_values(&["schema_registry"])
-            .inc();
-        let delay = SCHEMA_RETRY_FIRST
-            .saturating_mul(1 << self.failures.min(10))
-            .min(SCHEMA_RETRY_MAX);
-        if self.paused_since.is_none() {
-            self.paused_since = Some(Instant::now());
-            METRICS.partitions_paused.inc();
-            set_paused(consumer, tps, true);
-            tracing::warn!(
-                partition,
-                schema_id = self.schema_id,
-                offset = self.message.offset(),
-                cause = %err,
-                "schema registry unavailable; partition paused, retrying with backoff"
-            );
-        } else if self.failures.is_multiple_of(10) {
-            tracing::warn!(partition, schema_id = self.schema_id, failures = self.failures, cause = %err, "schema registry still unavailable");
-        }
-        delay
-    }
-
-    /// Ends a pause, if any.
-    fn release(&self, consumer: &StreamConsumer<RebalanceHook>, tps: &[TopicPartition]) {
-        if let Some(since) = self.paused_since {
-            METRICS.partitions_paused.dec();
-            set_paused(consumer, tps, false);
-            tracing::info!(
-                schema_id = self.schema_id,
-                failures = self.failures,
-                paused_ms = since.elapsed().as_millis() as u64,
-                "schema registry reachable again; partition resumed"
-            );
-        }
-    }
-}
-
-/// Pauses or resumes fetching for the task's partitions. The task has
-/// already stopped taking records; this stops librdkafka fetching ahead.
-fn set_paused(consumer: &StreamConsumer<RebalanceHook>, tps: &[TopicPartition], paused: bool) {
-    let mut list = TopicPartitionList::new();
-    for tp in tps {
-        list.add_partition(tp.topic(), tp.partition());
-    }
-    let result = if paused {
-        consumer.pause(&list)
-    } else {
-        consumer.resume(&list)
-    };
-    if let Err(err) = result {
-        tracing::warn!(paused, cause = %err, "cannot change the fetch state of the partitions");
-    }
-}
-
-/// Enqueues every output of one input in the open transaction, keeping the
+/// Sends every output of one input into the open transaction, keeping the
 /// delivery future of each store's last changelog record. A full local
-/// queue is waited out; any other error fails the transaction.
+/// queue is waited out, at most [`BARRIER_TIMEOUT`] (the engine gives up on
+/// the task by then anyway); a stale generation or any other error fails
+/// the transaction.
 async fn enqueue(
-    producer: &FutureProducer,
+    transactor: &Transactor,
+    generation: Generation,
     outputs: &[OutRecord],
     last_changelog: &mut LastChangelog,
-) -> Result<(), String> {
+) -> Result<(), TaskFailure> {
+    let deadline = Instant::now() + BARRIER_TIMEOUT;
     for out in outputs {
         let mut backoff = Duration::from_micros(200);
         loop {
@@ -442,7 +646,7 @@ async fn enqueue(
             if let Some(timestamp) = out.timestamp {
                 record = record.timestamp(timestamp);
             }
-            match producer.send_result(record) {
+            match transactor.send(generation, record) {
                 // Other delivery reports are not awaited: the commit flushes
                 // every outstanding record and fails if one failed.
                 Ok(delivery) => {
@@ -454,21 +658,28 @@ async fn enqueue(
                     }
                     break;
                 }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(SendError::QueueFull) if Instant::now() < deadline => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(50));
                 }
-                Err((err, _)) => return Err(format!("{}: {err}", out.topic)),
+                Err(err @ SendError::Stale { .. }) => {
+                    return Err(TaskFailure::Reopen(err.to_string()));
+                }
+                Err(err) => return Err(TaskFailure::Refused(format!("{}: {err}", out.topic))),
             }
         }
     }
     Ok(())
 }
 
-/// Seeks the partition back to `offset`. librdkafka discards whatever it had
+/// Seeks the partition to `offset`. librdkafka discards whatever it had
 /// already fetched past it. A failed seek must not be skipped (records would
-/// be lost), so it is retried until it succeeds.
-async fn rewind(consumer: &Arc<StreamConsumer<RebalanceHook>>, tp: &TopicPartition, offset: i64) {
+/// be lost or repeated), so it is retried until it succeeds.
+pub(super) async fn rewind(
+    consumer: &Arc<StreamConsumer<RebalanceHook>>,
+    tp: &TopicPartition,
+    offset: i64,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let consumer = Arc::clone(consumer);
@@ -485,11 +696,7 @@ async fn rewind(consumer: &Arc<StreamConsumer<RebalanceHook>>, tp: &TopicPartiti
         .await;
         match result {
             Ok(Ok(())) => {
-                tracing::info!(
-                    topic = tp.topic(),
-                    offset,
-                    "rewound to the last committed offset"
-                );
+                tracing::info!(topic = tp.topic(), offset, "rewound");
                 return;
             }
             Ok(Err(err)) => tracing::warn!(offset, cause = %err, "seek failed; retrying"),

@@ -57,6 +57,36 @@ pub enum StateError {
     MissingFamily(&'static str),
     #[error("the blocking state task failed: {0}")]
     Join(String),
+    /// Only under the test fault switch (see [`faults`]).
+    #[error("state write failed: injected by {0} (BATON_TEST_FAULTS_DIR, test only)")]
+    InjectedFault(PathBuf),
+}
+
+/// A fault switch for integration tests, never for production: when the
+/// environment variable `BATON_TEST_FAULTS_DIR` is set (it is read once),
+/// every [`PartitionStore::commit`] fails with an I/O-like error while the
+/// file `{dir}/fail-state-writes` exists. A test flips it mid-run to make a
+/// running pod's RocksDB writes fail, deterministically. Unset, it costs
+/// one initialised `OnceLock` read per commit.
+pub mod faults {
+    use std::path::{Path, PathBuf};
+    use std::sync::OnceLock;
+
+    /// The variable that names the fault directory.
+    pub const DIR_VAR: &str = "BATON_TEST_FAULTS_DIR";
+    /// While this file exists in the fault directory, state writes fail.
+    pub const FAIL_STATE_WRITES: &str = "fail-state-writes";
+
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+    /// The switch file, when state writes must fail now.
+    pub fn failing_state_writes() -> Option<PathBuf> {
+        let dir: &Path = DIR
+            .get_or_init(|| std::env::var_os(DIR_VAR).map(PathBuf::from))
+            .as_deref()?;
+        let switch = dir.join(FAIL_STATE_WRITES);
+        switch.exists().then_some(switch)
+    }
 }
 
 /// The name of a store's changelog topic.
@@ -249,6 +279,10 @@ impl PartitionStore {
     pub async fn commit(&mut self, checkpoint: Option<i64>) -> Result<(), StateError> {
         if self.overlay.is_empty() && checkpoint.is_none() {
             return Ok(());
+        }
+        if let Some(switch) = faults::failing_state_writes() {
+            self.overlay.clear();
+            return Err(StateError::InjectedFault(switch));
         }
         let overlay = std::mem::take(&mut self.overlay);
         let db = Arc::clone(&self.db);

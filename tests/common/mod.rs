@@ -513,6 +513,8 @@ pub struct BatonOptions<'a> {
     pub topology: PathBuf,
     pub extra_args: Vec<String>,
     pub state_dir: Option<tempfile::TempDir>,
+    /// Extra environment variables (e.g. `BATON_TEST_FAULTS_DIR`).
+    pub env: Vec<(String, String)>,
 }
 
 impl<'a> BatonOptions<'a> {
@@ -522,6 +524,7 @@ impl<'a> BatonOptions<'a> {
             topology: Path::new(REPO).join("topology"),
             extra_args: vec![],
             state_dir: None,
+            env: vec![],
         }
     }
 }
@@ -553,6 +556,7 @@ impl Baton {
             .args(["--kafka-prop", "consumer.session.timeout.ms=6000"])
             .args(["--kafka-prop", "consumer.heartbeat.interval.ms=500"])
             .args(&options.extra_args)
+            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
             .env("BATON_SNAPSHOT_SECRET", SNAPSHOT_SECRET)
             .env_remove("BATON_SNAPSHOT_SECRET_PREVIOUS")

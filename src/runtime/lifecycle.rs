@@ -1,0 +1,270 @@
+//! A partition's lifecycle, in one place: open (restore the stores from the
+//! changelog while still answering the engine), reopen, and the seeks that
+//! go with them.
+//!
+//! Reopen is the one recovery path. After a commit whose outcome is unknown,
+//! a rebuilt producer, a failed post-commit RocksDB write, a missed barrier
+//! or repeated state read errors, the task closes its stores, seeks its
+//! inputs to the group's committed offsets and restores the stores from the
+//! changelog. Restore skips changelog records whose source offset is at or
+//! past the committed input offset, so the result is exact whatever the
+//! broker did with the last transaction.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use super::engine::RebalanceHook;
+use super::processor::PartitionProcessor;
+use super::task::{Control, ReopenReason, TaskProgress, TopicPartition};
+use super::{Pipeline, Readiness};
+use crate::metrics::METRICS;
+use crate::state::restore;
+use crate::transactor::{Generation, Transactor};
+
+/// Attempts to read the committed offsets (and to seek) before a reopen
+/// gives up and holds the partition unprocessed until it is released.
+const SEEK_ATTEMPTS: u32 = 10;
+const SEEK_BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const SEEK_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long one committed-offsets request or seek may take.
+const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a task's lifecycle needs, whatever state the task is in.
+pub(super) struct Lifecycle {
+    pub partition: i32,
+    pub tps: Vec<TopicPartition>,
+    pub consumer: Arc<StreamConsumer<RebalanceHook>>,
+    pub pipeline: Arc<Pipeline>,
+    pub readiness: Arc<Readiness>,
+    pub control: mpsc::UnboundedReceiver<Control>,
+    /// The generation this task may send in.
+    pub generation: Generation,
+    pub transactor: Arc<Transactor>,
+}
+
+impl Lifecycle {
+    /// Opens and restores the partition's stores. While restoring, barriers
+    /// get an empty report and outcomes only move the generation on; a stop
+    /// ends the restore. `None` when stopped (or the engine went away).
+    pub async fn open(&mut self) -> Option<PartitionProcessor> {
+        self.readiness.partition_restoring(self.partition);
+        let cancel = restore::cancel_flag();
+        // The restore borrows its own handles, so `self` stays free to
+        // answer the engine meanwhile.
+        let (pipeline, consumer, tps) = (
+            Arc::clone(&self.pipeline),
+            Arc::clone(&self.consumer),
+            self.tps.clone(),
+        );
+        let opening = PartitionProcessor::open(
+            &pipeline,
+            self.partition,
+            &tps,
+            &consumer,
+            Arc::clone(&cancel),
+        );
+        tokio::pin!(opening);
+        let opened = loop {
+            tokio::select! {
+                biased;
+                command = self.control.recv() => match command {
+                    Some(Control::Barrier { reply }) => {
+                        let _ = reply.send(TaskProgress::idle(self.partition));
+                        match self.control.recv().await {
+                            Some(Control::Stop { reply }) => {
+                                cancel.store(true, Ordering::Relaxed);
+                                close_if_opened((&mut opening).await).await;
+                                let _ = reply.send(());
+                                return None;
+                            }
+                            Some(command) => self.follow(&command),
+                            None => {
+                                cancel.store(true, Ordering::Relaxed);
+                                close_if_opened((&mut opening).await).await;
+                                return None;
+                            }
+                        }
+                    }
+                    Some(Control::Stop { reply }) => {
+                        cancel.store(true, Ordering::Relaxed);
+                        close_if_opened((&mut opening).await).await;
+                        let _ = reply.send(());
+                        return None;
+                    }
+                    Some(command) => self.follow(&command),
+                    None => {
+                        cancel.store(true, Ordering::Relaxed);
+                        close_if_opened((&mut opening).await).await;
+                        return None;
+                    }
+                },
+                opened = &mut opening => break opened,
+            }
+        };
+        match opened {
+            Ok(processor) => {
+                self.readiness.partition_ready(self.partition);
+                Some(processor)
+            }
+            Err(err) => {
+                tracing::error!(partition = self.partition, cause = %err, "cannot restore the stores; the partition stays unprocessed");
+                self.wait_for_stop().await
+            }
+        }
+    }
+
+    /// A transaction outcome while not processing: only its generation
+    /// matters (this task had nothing in it).
+    fn follow(&mut self, command: &Control) {
+        match command {
+            Control::Committed { next, .. }
+            | Control::Aborted { next, .. }
+            | Control::Reopen { next, .. } => self.generation = *next,
+            Control::Barrier { .. } | Control::Stop { .. } => {}
+        }
+    }
+
+    /// Closes the stores, seeks the inputs to the group's committed offsets
+    /// and opens (restores) the stores again. `None` when stopped meanwhile
+    /// (the caller releases the partition).
+    pub async fn reopen(
+        &mut self,
+        processor: PartitionProcessor,
+        reason: ReopenReason,
+    ) -> Option<PartitionProcessor> {
+        METRICS
+            .partition_reopens
+            .with_label_values(&[reason.label()])
+            .inc();
+        tracing::warn!(
+            partition = self.partition,
+            reason = reason.label(),
+            "reopening the partition: closing its stores, seeking to the committed offsets and restoring from the changelog"
+        );
+        let mut processor = processor;
+        processor.on_abort();
+        processor.close().await;
+        if let Err(err) = self.seek_to_committed().await {
+            tracing::error!(partition = self.partition, cause = %err, "cannot seek to the committed offsets; the partition stays unprocessed");
+            self.readiness.partition_restoring(self.partition);
+            return self.wait_for_stop().await;
+        }
+        let reopened = self.open().await;
+        if reopened.is_some() {
+            tracing::info!(
+                partition = self.partition,
+                reason = reason.label(),
+                "partition reopened"
+            );
+        }
+        reopened
+    }
+
+    /// Seeks every input of the task to the group's committed offset (the
+    /// start of the partition where none is committed, as
+    /// `auto.offset.reset=earliest` would). Bounded retries.
+    async fn seek_to_committed(&self) -> Result<(), String> {
+        let mut backoff = SEEK_BACKOFF_FIRST;
+        let mut attempt = 1;
+        loop {
+            let consumer = Arc::clone(&self.consumer);
+            let tps = self.tps.clone();
+            let result = tokio::task::spawn_blocking(move || seek_blocking(&consumer, &tps))
+                .await
+                .map_err(|err| err.to_string())
+                .and_then(|r| r);
+            match result {
+                Ok(()) => return Ok(()),
+                Err(err) if attempt < SEEK_ATTEMPTS => {
+                    tracing::warn!(attempt, cause = %err, "seek to the committed offsets failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(SEEK_BACKOFF_MAX);
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// A partition that cannot be restored must not be processed; hold it
+    /// (uncommitted, so nothing is lost) until the engine releases it.
+    pub async fn wait_for_stop(&mut self) -> Option<PartitionProcessor> {
+        while let Some(command) = self.control.recv().await {
+            match command {
+                Control::Barrier { reply } => {
+                    let _ = reply.send(TaskProgress::idle(self.partition));
+                }
+                Control::Stop { reply } => {
+                    let _ = reply.send(());
+                    return None;
+                }
+                other => self.follow(&other),
+            }
+        }
+        None
+    }
+}
+
+/// Closes stores that finished opening after the task was told to stop.
+async fn close_if_opened(opened: Result<PartitionProcessor, String>) {
+    if let Ok(processor) = opened {
+        processor.close().await;
+    }
+}
+
+/// Reads the committed offsets and seeks to them. Blocking.
+fn seek_blocking(
+    consumer: &StreamConsumer<RebalanceHook>,
+    tps: &[TopicPartition],
+) -> Result<(), String> {
+    let committed = committed_offsets(consumer, tps)?;
+    for tp in tps {
+        let offset = committed
+            .get(&(tp.topic().to_string(), tp.partition()))
+            .map_or(Offset::Beginning, |at| Offset::Offset(*at));
+        consumer
+            .seek(tp.topic(), tp.partition(), offset, BROKER_CALL_TIMEOUT)
+            .map_err(|err| format!("cannot seek {tp} to {offset:?}: {err}"))?;
+        tracing::info!(
+            topic = tp.topic(),
+            partition = tp.partition(),
+            ?offset,
+            "seeked to the committed offset"
+        );
+    }
+    Ok(())
+}
+
+/// The group's committed offsets for `tps`, from the broker. Blocking.
+///
+/// librdkafka's `rd_kafka_committed()` sends OffsetFetch with
+/// `require_stable` set whenever the consumer is `read_committed` (it sets
+/// `require_stable_offsets = isolation.level == read_committed`), and baton's
+/// consumers always are: offsets of a transaction still completing are
+/// waited for (UNSTABLE_OFFSET_COMMIT is retried), never read half-done.
+pub(super) fn committed_offsets(
+    consumer: &StreamConsumer<RebalanceHook>,
+    tps: &[TopicPartition],
+) -> Result<HashMap<(String, i32), i64>, String> {
+    let mut request = TopicPartitionList::new();
+    for tp in tps {
+        request.add_partition(tp.topic(), tp.partition());
+    }
+    let committed = consumer
+        .committed_offsets(request, BROKER_CALL_TIMEOUT)
+        .map_err(|err| format!("cannot read committed offsets: {err}"))?;
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(offset) => Some(((e.topic().to_string(), e.partition()), offset)),
+            _ => None,
+        })
+        .collect())
+}
