@@ -170,6 +170,12 @@ pub struct RunArgs {
     /// and ones with control characters, are dead-lettered as `invalid_context_id`.
     #[arg(long, env = "BATON_MAX_CONTEXT_ID_BYTES")]
     pub max_context_id_bytes: Option<usize>,
+    /// How long one transactional call (commit, abort, send offsets) may
+    /// block, in milliseconds (default 30000). A commit still failing after
+    /// its retries has an unknown outcome: the producer is rebuilt and every
+    /// partition reopens from the offsets the broker has committed.
+    #[arg(long, env = "BATON_TRANSACTION_CALL_TIMEOUT_MS")]
+    pub transaction_call_timeout_ms: Option<u64>,
     /// How long start-up tries to reach Kafka before failing.
     #[arg(long, env = "BATON_STARTUP_TIMEOUT_MS")]
     pub startup_timeout_ms: Option<u64>,

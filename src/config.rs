@@ -38,6 +38,7 @@ pub struct FileConfig {
     pub max_held_bytes: Option<usize>,
     pub max_memory_bytes: Option<usize>,
     pub max_context_id_bytes: Option<usize>,
+    pub transaction_call_timeout_ms: Option<u64>,
     pub startup_timeout_ms: Option<u64>,
     /// Per input topic: `avro`, `json` or `auto` (the default).
     #[serde(default)]
@@ -81,6 +82,8 @@ pub struct RunConfig {
     pub limits: DecodeLimits,
     /// Bounds on one context: held records, memory, its id.
     pub context_limits: ContextLimits,
+    /// How long one transactional call may block before it counts as failed.
+    pub transaction_call_timeout: Duration,
     /// How long start-up keeps trying to reach the brokers before giving up.
     pub startup_timeout: Duration,
     /// Per input topic; topics not named are `auto`.
@@ -360,6 +363,16 @@ impl RunConfig {
             ),
         };
 
+        let transaction_call_timeout_ms = args
+            .transaction_call_timeout_ms
+            .or(file.transaction_call_timeout_ms)
+            .unwrap_or(crate::transactor::TRANSACTION_TIMEOUT.as_millis() as u64);
+        if !(100..=300_000).contains(&transaction_call_timeout_ms) {
+            problems.push(format!(
+                "transaction_call_timeout_ms: {transaction_call_timeout_ms} is outside 100..=300000"
+            ));
+        }
+
         let startup_timeout_ms = args
             .startup_timeout_ms
             .or(file.startup_timeout_ms)
@@ -546,6 +559,7 @@ impl RunConfig {
             dlq_topic,
             limits: DecodeLimits { max_record_bytes },
             context_limits,
+            transaction_call_timeout: Duration::from_millis(transaction_call_timeout_ms),
             startup_timeout: Duration::from_millis(startup_timeout_ms),
             input_formats,
             schema_registry,

@@ -1,17 +1,19 @@
 //! Failures a running pod must recover from exactly: its RocksDB writes
-//! failing mid-run (the test fault switch `BATON_TEST_FAULTS_DIR`). The
+//! failing mid-run (the test fault switch `BATON_TEST_FAULTS_DIR`), and the
+//! reply of a transaction commit lost on the wire (the harness's proxy). The
 //! task reopens its partition (stores closed, restored from the changelog,
 //! inputs seeked to the committed offsets) and the outcome still equals the
 //! reference model.
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use baton::sample;
-use common::{Baton, BatonOptions, Broker, HANDOVER_TOPICS, Reader, dedup_handovers, reference};
-use serde_json::{Value, json};
+use common::{
+    Baton, BatonOptions, Broker, HANDOVER_TOPICS, Reader, assert_states_match, dedup_handovers,
+    expected_states, reference,
+};
 
 const PARTITIONS: i32 = 3;
 
@@ -19,57 +21,6 @@ fn handovers_reader(broker: &Broker) -> Reader {
     let mut topics: Vec<&str> = HANDOVER_TOPICS.to_vec();
     topics.push("mcp.events.dlq");
     Reader::new(broker, &topics)
-}
-
-/// The fields a reference comparison covers (time and dedup memory aside).
-fn essentials(value: &Value) -> Value {
-    json!({
-        "workflow": value["workflow"], "state": value["state"], "locked_by": value["locked_by"],
-        "attempts": value["attempts"], "token_budget": value["token_budget"],
-        "tokens_used": value["tokens_used"], "version": value["version"],
-    })
-}
-
-fn state_of(pod: &Baton, context: &str) -> Option<Value> {
-    match pod.http_get(&format!("/contexts/{context}")) {
-        Some((200, body)) => serde_json::from_str(&body).ok(),
-        _ => None,
-    }
-}
-
-/// Waits until every context's state on `pod` equals the reference.
-fn assert_states_match(pod: &Baton, expected: &HashMap<String, Value>) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let mismatches: Vec<(String, Option<Value>, Value)> = expected
-            .iter()
-            .filter_map(|(context, want)| {
-                let got = state_of(pod, context).map(|got| essentials(&got));
-                (got.as_ref() != Some(want)).then(|| (context.clone(), got, want.clone()))
-            })
-            .take(5)
-            .collect();
-        if mismatches.is_empty() {
-            return;
-        }
-        if std::time::Instant::now() > deadline {
-            for (context, got, want) in &mismatches {
-                eprintln!("{context}: got {got:?}\n  want {want}");
-            }
-            panic!("final states differ from the reference");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// The value of one metric series on the pod, 0 when absent.
-fn metric(pod: &Baton, series: &str) -> f64 {
-    pod.http_get("/metrics")
-        .and_then(|(_, body)| {
-            body.lines()
-                .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
 }
 
 #[test]
@@ -107,7 +58,7 @@ fn state_writes_failing_mid_run_reopen_the_partition_and_stay_exact() {
     common::wait_for(
         "a partition reopened after a failed state write",
         Duration::from_secs(120),
-        || metric(&pod, reopens) >= 1.0,
+        || pod.metric(reopens) >= 1.0,
     );
     std::fs::remove_file(&switch).expect("fault switch off");
     broker.produce("mcp.events.all", third);
@@ -125,17 +76,7 @@ fn state_writes_failing_mid_run_reopen_the_partition_and_stay_exact() {
         eprintln!("duplicates (aborted records this broker shows): {duplicates}");
     }
     assert!(reader.topic("mcp.events.dlq").is_empty(), "no dead letters");
-    let states: HashMap<String, Value> = expected
-        .states
-        .iter()
-        .map(|(context, state)| {
-            (
-                context.clone(),
-                essentials(&serde_json::to_value(state).expect("json")),
-            )
-        })
-        .collect();
-    assert_states_match(&pod, &states);
+    assert_states_match(&[&pod], &expected_states(&inputs));
 
     let log = pod.log();
     assert!(
@@ -150,4 +91,116 @@ fn state_writes_failing_mid_run_reopen_the_partition_and_stay_exact() {
         log.contains("partition reopened"),
         "the partition came back"
     );
+}
+
+#[test]
+fn losing_the_reply_of_commits_mid_run_duplicates_nothing_and_stays_exact() {
+    let (broker, proxy) = Broker::start_behind_proxy();
+    broker.create_baton_topics(PARTITIONS);
+    let inputs = sample::vision_research_traffic(300, 0.0, 29);
+    let expected = reference(&inputs);
+    let total = expected.handovers.len();
+    let pod = Baton::start(&broker, BatonOptions::new("pod-lost-replies"));
+    let mut reader = handovers_reader(&broker);
+
+    let (first, rest) = inputs.split_at(inputs.len() / 3);
+    let (second, third) = rest.split_at(rest.len() / 2);
+    broker.produce("mcp.events.all", first);
+    reader.wait_until("a tenth of the handovers", Duration::from_secs(120), |r| {
+        common::unique_handover_count(r) >= total / 10
+    });
+
+    // The broker acts on the next three EndTxn requests (commits, or the
+    // aborts they lead to), but the pod never hears back: the connection is
+    // cut as each reply arrives.
+    let end_txn = common::proxy::api::END_TXN;
+    let seen = proxy.stats().requests(end_txn);
+    proxy.cut_after_request(end_txn, 3);
+    broker.produce("mcp.events.all", second);
+    common::wait_for(
+        "three commit replies lost",
+        Duration::from_secs(120),
+        || proxy.fired() >= 3,
+    );
+    broker.produce("mcp.events.all", third);
+
+    reader.wait_until("every handover", Duration::from_secs(240), |r| {
+        common::unique_handover_count(r) >= total
+    });
+    reader.poll_to_end();
+    let (unique, duplicates) = dedup_handovers(&reader.handovers());
+    assert_eq!(unique, expected.handovers, "handovers equal the reference");
+    if broker.hides_aborted {
+        assert_eq!(duplicates, 0, "duplicate handovers");
+    } else {
+        eprintln!("duplicates (aborted records this broker shows): {duplicates}");
+    }
+    assert!(reader.topic("mcp.events.dlq").is_empty(), "no dead letters");
+    assert_states_match(&[&pod], &expected_states(&inputs));
+    eprintln!(
+        "lost commit replies: {}; EndTxn requests during the run: {}; transactions committed {}, aborted {}, outcome unknown {}; reopens after an unknown outcome {}",
+        proxy.fired(),
+        proxy.stats().requests(end_txn) - seen,
+        pod.metric("baton_transactions_total{outcome=\"committed\"}"),
+        pod.metric("baton_transactions_total{outcome=\"aborted\"}"),
+        pod.metric("baton_transactions_total{outcome=\"outcome_unknown\"}"),
+        pod.metric("baton_partition_reopens_total{reason=\"commit_unknown\"}"),
+    );
+}
+
+#[test]
+fn a_commit_whose_outcome_is_unknown_reopens_from_the_broker_and_stays_exact() {
+    let (broker, proxy) = Broker::start_behind_proxy();
+    broker.create_baton_topics(PARTITIONS);
+    let inputs = sample::vision_research_traffic(300, 0.0, 31);
+    let expected = reference(&inputs);
+    let total = expected.handovers.len();
+    let mut options = BatonOptions::new("pod-unknown-commit");
+    options.extra_args = ["--transaction-call-timeout-ms", "1000"]
+        .map(String::from)
+        .to_vec();
+    let pod = Baton::start(&broker, options);
+    let mut reader = handovers_reader(&broker);
+
+    let (first, rest) = inputs.split_at(inputs.len() / 3);
+    let (second, third) = rest.split_at(rest.len() / 2);
+    broker.produce("mcp.events.all", first);
+    reader.wait_until("a tenth of the handovers", Duration::from_secs(120), |r| {
+        common::unique_handover_count(r) >= total / 10
+    });
+    broker.produce("mcp.events.all", second);
+
+    // Packets to and from the pod vanish (dropped, not refused) for longer
+    // than a commit and its retries may take: the pod cannot know whether
+    // its transaction committed.
+    proxy.black_hole();
+    common::wait_for(
+        "a commit with an unknown outcome",
+        Duration::from_secs(60),
+        || pod.metric("baton_transactions_total{outcome=\"outcome_unknown\"}") >= 1.0,
+    );
+    proxy.heal();
+    common::wait_for(
+        "the pod reopened its partitions from the broker",
+        Duration::from_secs(120),
+        || {
+            pod.metric("baton_partition_reopens_total{reason=\"commit_unknown\"}") >= 1.0
+                || pod.metric("baton_partition_reopens_total{reason=\"producer_rebuilt\"}") >= 1.0
+        },
+    );
+    broker.produce("mcp.events.all", third);
+
+    reader.wait_until("every handover", Duration::from_secs(240), |r| {
+        common::unique_handover_count(r) >= total
+    });
+    reader.poll_to_end();
+    let (unique, duplicates) = dedup_handovers(&reader.handovers());
+    assert_eq!(unique, expected.handovers, "handovers equal the reference");
+    if broker.hides_aborted {
+        assert_eq!(duplicates, 0, "duplicate handovers");
+    } else {
+        eprintln!("duplicates (aborted records this broker shows): {duplicates}");
+    }
+    assert!(reader.topic("mcp.events.dlq").is_empty(), "no dead letters");
+    assert_states_match(&[&pod], &expected_states(&inputs));
 }

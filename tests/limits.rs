@@ -53,13 +53,6 @@ fn letters_by_class(reader: &Reader) -> BTreeMap<String, Vec<common::Record>> {
     by_class
 }
 
-fn metric(pod: &Baton, series: &str) -> f64 {
-    let (_, body) = pod.http_get("/metrics").expect("metrics");
-    body.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn assert_handovers_match(broker: &Broker, reader: &Reader, expected: &common::Reference) {
     let (unique, duplicates) = dedup_handovers(&reader.handovers());
     assert_eq!(unique.len(), expected.handovers.len(), "handover count");
@@ -130,9 +123,9 @@ fn a_megabyte_of_garbage_among_a_thousand_events_is_cut_to_fit_and_nothing_stall
     assert!(letter.value.len() > 900_000, "keeps the first part");
     assert_eq!(letter.value[..], garbage[..letter.value.len()]);
     assert_eq!(letter.key.as_deref(), Some(&b"garbage"[..]));
-    assert_eq!(metric(&pod, "baton_dlq_truncated_total"), 1.0);
+    assert_eq!(pod.metric("baton_dlq_truncated_total"), 1.0);
     assert_eq!(
-        metric(&pod, "baton_transactions_total{outcome=\"aborted\"}"),
+        pod.metric("baton_transactions_total{outcome=\"aborted\"}"),
         0.0,
         "no transaction aborted: {}",
         pod.log()
@@ -332,7 +325,7 @@ fn events_keyed_by_their_server_are_repartitioned_by_context() {
             .all(|r| r.headers.get("baton.source.topic").map(String::as_str)
                 == Some("mcp.events.all"))
     );
-    assert!(metric(&pod, "baton_records_repartitioned_total") >= inputs.len() as f64);
+    assert!(pod.metric("baton_records_repartitioned_total") >= inputs.len() as f64);
 }
 
 #[test]
@@ -397,7 +390,7 @@ fn an_output_that_cannot_fit_dead_letters_its_input_and_leaves_the_state_unchang
         "the state is unchanged"
     );
     assert_eq!(
-        metric(&pod, "baton_transactions_total{outcome=\"aborted\"}"),
+        pod.metric("baton_transactions_total{outcome=\"aborted\"}"),
         0.0
     );
 }

@@ -31,7 +31,7 @@ use super::task::{
 };
 use super::{Pipeline, Readiness};
 use crate::metrics::METRICS;
-use crate::transactor::{Failure, Generation, Recovery, TRANSACTION_TIMEOUT, Transactor, TxnError};
+use crate::transactor::{Failure, Generation, Recovery, Transactor, TxnError};
 
 /// The consumer type every baton pod uses.
 pub type BatonConsumer = StreamConsumer<RebalanceHook>;
@@ -141,10 +141,11 @@ impl Engine {
         pipeline: Arc<Pipeline>,
         producer_config: ClientConfig,
         transactional_id: String,
+        call_timeout: Duration,
         runtime: tokio::runtime::Handle,
         readiness: Arc<Readiness>,
     ) -> Result<Engine, EngineError> {
-        let transactor = Transactor::init(producer_config, &transactional_id, TRANSACTION_TIMEOUT)
+        let transactor = Transactor::init(producer_config, &transactional_id, call_timeout)
             .map_err(|source| EngineError::InitTransactions {
                 transactional_id: transactional_id.clone(),
                 source,

@@ -678,6 +678,19 @@ impl Baton {
         Some((status, headers, body.to_string()))
     }
 
+    /// One sample of the pod's metrics (`name{labels}`), 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.http_get("/metrics")
+            .and_then(|(_, body)| {
+                body.lines().find_map(|line| {
+                    line.strip_prefix(series)
+                        .and_then(|rest| rest.strip_prefix(' '))
+                        .and_then(|value| value.trim().parse().ok())
+                })
+            })
+            .unwrap_or(0.0)
+    }
+
     pub fn is_ready(&self) -> bool {
         matches!(self.http_get("/readyz"), Some((200, _)))
     }
