@@ -4,6 +4,7 @@
 mod engine;
 mod holds;
 mod lifecycle;
+mod output;
 pub mod processor;
 mod refusals;
 mod task;

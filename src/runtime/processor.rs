@@ -17,21 +17,20 @@ use std::time::Instant;
 
 use prometheus::{Histogram, IntCounter};
 use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::DeliveryFuture;
-use rdkafka::{Offset, TopicPartitionList};
 
 use super::Pipeline;
 use super::engine::RebalanceHook;
+pub use super::output::{LastChangelog, OutRecord, Store};
 use super::task::TopicPartition;
 use crate::codec::DecodeError;
 use crate::control::ControlCommand;
 use crate::dlq::{self, DeadLetter, ErrorClass};
 use crate::event::SourceCoordinates;
-use crate::memory::{self, Memory, Snapshot};
+use crate::memory::{self, Memory};
 use crate::metrics::METRICS;
-use crate::state::restore::{self, RestoreRequest};
 use crate::state::{self, PartitionStore, StateError};
 use crate::workflow::{self, Context, Effects, Input, Outcome, WorkflowState};
 
@@ -99,60 +98,6 @@ impl InputRecord<'_> {
     }
 }
 
-/// One record to produce inside the open transaction.
-#[derive(Debug)]
-pub struct OutRecord {
-    pub topic: String,
-    pub partition: Option<i32>,
-    pub key: Option<Vec<u8>>,
-    /// `None` is a tombstone (a changelog delete).
-    pub payload: Option<Vec<u8>>,
-    pub headers: Option<OwnedHeaders>,
-    /// The record's timestamp; `None` lets the producer stamp it.
-    pub timestamp: Option<i64>,
-    /// A changelog write of this store: its offset becomes the checkpoint.
-    pub changelog: Option<Store>,
-}
-
-impl OutRecord {
-    fn to(topic: &str, key: &str, payload: Vec<u8>) -> OutRecord {
-        OutRecord {
-            topic: topic.to_owned(),
-            partition: None,
-            key: Some(key.as_bytes().to_vec()),
-            payload: Some(payload),
-            headers: None,
-            timestamp: None,
-            changelog: None,
-        }
-    }
-
-    /// The size librdkafka counts against `message.max.bytes`.
-    fn wire_size(&self) -> usize {
-        let headers = self.headers.iter().flat_map(|headers| {
-            headers
-                .iter()
-                .map(|header| (header.key, header.value))
-                .collect::<Vec<_>>()
-        });
-        crate::kafka::record_wire_size(self.key.as_deref(), self.payload.as_deref(), headers)
-    }
-}
-
-/// The stores of a task, each with its own changelog.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Store {
-    Workflow,
-    Memory,
-}
-
-/// The last changelog record of each store in the open transaction.
-#[derive(Default)]
-pub struct LastChangelog {
-    pub workflow: Option<DeliveryFuture>,
-    pub memory: Option<DeliveryFuture>,
-}
-
 pub struct PartitionProcessor {
     pipeline: Arc<Pipeline>,
     partition: i32,
@@ -211,7 +156,9 @@ impl PartitionProcessor {
             let consumer = Arc::clone(consumer);
             let inputs = inputs.to_vec();
             tokio::task::spawn_blocking(move || {
-                open_and_restore(&pipeline, partition, &inputs, &consumer, &cancel)
+                super::lifecycle::open_and_restore(
+                    &pipeline, partition, &inputs, &consumer, &cancel,
+                )
             })
         };
         let result = restoring.await;
@@ -845,83 +792,6 @@ impl PartitionProcessor {
         })
         .await;
     }
-}
-
-/// Opens and restores the workflow and memory stores of one partition. Blocking.
-fn open_and_restore(
-    pipeline: &Pipeline,
-    partition: i32,
-    inputs: &[TopicPartition],
-    consumer: &StreamConsumer<RebalanceHook>,
-    cancel: &std::sync::atomic::AtomicBool,
-) -> Result<(PartitionStore, PartitionStore), String> {
-    let committed = committed_offsets(consumer, inputs)?;
-    let open = |store: &str, changelog_topic: &str, version_of: fn(&[u8]) -> Option<u64>| {
-        let path = state::store_path(
-            &pipeline.state_dir,
-            &pipeline.application_id,
-            store,
-            partition,
-        );
-        let opened = PartitionStore::open(&path).map_err(|err| err.to_string())?;
-        let report = restore::restore(
-            opened.db(),
-            &RestoreRequest {
-                kafka: &pipeline.kafka,
-                changelog_topic,
-                partition,
-                committed: &committed,
-                version_of,
-                cancel,
-            },
-        )
-        .map_err(|err| err.to_string())?;
-        tracing::info!(
-            partition,
-            store,
-            read = report.read,
-            applied = report.applied,
-            skipped_uncommitted = report.skipped_uncommitted,
-            skipped_stale = report.skipped_stale,
-            elapsed_ms = report.elapsed.as_millis() as u64,
-            "store restored"
-        );
-        Ok::<_, String>(opened)
-    };
-    let workflow = open(WORKFLOW_STORE, &pipeline.workflow_changelog, |bytes| {
-        WorkflowState::decode(bytes).ok().map(|s| s.version)
-    })?;
-    let memory = open(MEMORY_STORE, &pipeline.memory_changelog, |bytes| {
-        // Live memory carries a version; a snapshot is written once, so its
-        // own number serves.
-        Memory::decode(bytes)
-            .map(|m| m.version)
-            .or_else(|_| Snapshot::decode(bytes).map(|s| s.version))
-            .ok()
-    })?;
-    Ok((workflow, memory))
-}
-
-/// The group's committed offsets for the task's inputs. Blocking.
-fn committed_offsets(
-    consumer: &StreamConsumer<RebalanceHook>,
-    inputs: &[TopicPartition],
-) -> Result<HashMap<(String, i32), i64>, String> {
-    let mut request = TopicPartitionList::new();
-    for tp in inputs {
-        request.add_partition(tp.topic(), tp.partition());
-    }
-    let committed = consumer
-        .committed_offsets(request, std::time::Duration::from_secs(30))
-        .map_err(|err| format!("cannot read committed offsets: {err}"))?;
-    Ok(committed
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(offset) => Some(((e.topic().to_string(), e.partition()), offset)),
-            _ => None,
-        })
-        .collect())
 }
 
 pub(crate) fn now_rfc3339() -> String {
