@@ -342,7 +342,7 @@ fn an_output_that_cannot_fit_dead_letters_its_input_and_leaves_the_state_unchang
         VISION,
         json!({"text": "o".repeat(300_000)}),
     );
-    broker.produce_raw("mcp.events.all", &[big.clone()]);
+    broker.produce_raw("mcp.events.all", std::slice::from_ref(&big));
     let healthy = traffic(20, 17);
     broker.produce("mcp.events.all", &healthy);
 

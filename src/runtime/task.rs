@@ -569,10 +569,9 @@ fn release_rewound(
     if transient
         .as_ref()
         .is_some_and(|hold| rewound.contains(&hold.tp))
+        && let Some(hold) = transient.take()
     {
-        if let Some(hold) = transient.take() {
-            resume_after_state_errors(&hold, life);
-        }
+        resume_after_state_errors(&hold, life);
     }
 }
 

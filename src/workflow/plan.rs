@@ -369,7 +369,7 @@ pub fn apply_command(
                     snapshot,
                 })
                 .collect();
-            let memory = frozen.is_some().then(|| MemoryWrite {
+            let memory = frozen.is_some().then_some(MemoryWrite {
                 live: memory,
                 frozen,
                 pruned,

@@ -207,10 +207,12 @@ fn memory_drops_its_oldest_tool_outputs_then_dead_letters() {
         Outcome::DeadLettered(ErrorClass::MemoryOverflow)
     );
     assert!(huge.state.is_none() && huge.memory.is_none());
-    assert!(
-        DEFAULT_MAX_MEMORY_BYTES < 1_000_000,
-        "memory fits a changelog record"
-    );
+    const {
+        assert!(
+            DEFAULT_MAX_MEMORY_BYTES < 1_000_000,
+            "memory fits a changelog record"
+        )
+    };
 }
 
 #[test]
