@@ -11,17 +11,10 @@ use std::time::Duration;
 
 use baton::sample;
 use common::{
-    Baton, BatonOptions, Broker, HANDOVER_TOPICS, Reader, assert_states_match, dedup_handovers,
-    expected_states, reference,
+    Baton, BatonOptions, Broker, assert_states_match, dedup_handovers, expected_states, reference,
 };
 
 const PARTITIONS: i32 = 3;
-
-fn handovers_reader(broker: &Broker) -> Reader {
-    let mut topics: Vec<&str> = HANDOVER_TOPICS.to_vec();
-    topics.push("mcp.events.dlq");
-    Reader::new(broker, &topics)
-}
 
 #[test]
 fn state_writes_failing_mid_run_reopen_the_partition_and_stay_exact() {
@@ -42,7 +35,7 @@ fn state_writes_failing_mid_run_reopen_the_partition_and_stay_exact() {
             ..BatonOptions::new("pod-faults")
         },
     );
-    let mut reader = handovers_reader(&broker);
+    let mut reader = common::outputs_reader(&broker);
 
     let (first, rest) = inputs.split_at(inputs.len() / 3);
     let (second, third) = rest.split_at(rest.len() / 2);
@@ -101,7 +94,7 @@ fn losing_the_reply_of_commits_mid_run_duplicates_nothing_and_stays_exact() {
     let expected = reference(&inputs);
     let total = expected.handovers.len();
     let pod = Baton::start(&broker, BatonOptions::new("pod-lost-replies"));
-    let mut reader = handovers_reader(&broker);
+    let mut reader = common::outputs_reader(&broker);
 
     let (first, rest) = inputs.split_at(inputs.len() / 3);
     let (second, third) = rest.split_at(rest.len() / 2);
@@ -166,7 +159,7 @@ fn a_commit_whose_outcome_is_unknown_reopens_from_the_broker_and_stays_exact() {
     .map(String::from)
     .to_vec();
     let pod = Baton::start(&broker, options);
-    let mut reader = handovers_reader(&broker);
+    let mut reader = common::outputs_reader(&broker);
 
     let (first, rest) = inputs.split_at(inputs.len() / 3);
     let (second, third) = rest.split_at(rest.len() / 2);

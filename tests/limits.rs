@@ -10,20 +10,14 @@ use std::time::Duration;
 
 use baton::sample::{self, SampleRecord};
 use common::{
-    Baton, BatonOptions, Broker, HANDOVER_TOPICS, RawRecord, Reader, assert_states_match,
-    dedup_handovers, expected_states, reference,
+    Baton, BatonOptions, Broker, RawRecord, Reader, assert_states_match, dedup_handovers,
+    expected_states, reference,
 };
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 const PARTITIONS: i32 = 6;
-
-fn outputs(broker: &Broker) -> Reader {
-    let mut topics: Vec<&str> = HANDOVER_TOPICS.to_vec();
-    topics.push("mcp.events.dlq");
-    Reader::new(broker, &topics)
-}
 
 fn traffic(contexts: usize, seed: u64) -> Vec<SampleRecord> {
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -98,7 +92,7 @@ fn a_megabyte_of_garbage_among_a_thousand_events_is_cut_to_fit_and_nothing_stall
 
     let pod = Baton::start(&broker, BatonOptions::new("pod-big"));
     let expected = reference(&inputs);
-    let mut reader = outputs(&broker);
+    let mut reader = common::outputs_reader(&broker);
     reader.wait_until(
         "every handover and the dead letter",
         Duration::from_secs(120),
@@ -195,7 +189,7 @@ fn contexts_past_their_bounds_are_dead_lettered_and_the_partition_flows_on() {
         .to_vec();
     let pod = Baton::start(&broker, options);
     let expected = reference(&healthy);
-    let mut reader = outputs(&broker);
+    let mut reader = common::outputs_reader(&broker);
     reader.wait_until(
         "the healthy contexts' handovers and five dead letters",
         Duration::from_secs(90),
@@ -282,7 +276,7 @@ fn events_keyed_by_their_server_are_repartitioned_by_context() {
     // Streams before a repartition: send them in waves, each after the last
     // is handed over, so the order (and so the reference) is exact.
     let pod = Baton::start(&broker, BatonOptions::new("pod-keys"));
-    let mut reader = outputs(&broker);
+    let mut reader = common::outputs_reader(&broker);
     let mut inputs: Vec<SampleRecord> = Vec::new();
     for wave in 0..4 {
         let records: Vec<SampleRecord> =
@@ -357,7 +351,7 @@ fn an_output_that_cannot_fit_dead_letters_its_input_and_leaves_the_state_unchang
     .to_vec();
     let pod = Baton::start(&broker, options);
     let expected = reference(&healthy);
-    let mut reader = outputs(&broker);
+    let mut reader = common::outputs_reader(&broker);
     reader.wait_until(
         "the healthy handovers and the dead letter",
         Duration::from_secs(90),

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton::sample::{self, SampleRecord};
-use common::{Baton, BatonOptions, Broker, HANDOVER_TOPICS, Reader, dedup_handovers, reference};
+use common::{Baton, BatonOptions, Broker, Reader, dedup_handovers, reference};
 
 const PARTITIONS: i32 = 6;
 
@@ -25,12 +25,6 @@ fn vision_events_with_poison(valid: usize) -> Vec<SampleRecord> {
         }
     }
     out
-}
-
-fn all_outputs(broker: &Broker) -> Reader {
-    let mut topics: Vec<&str> = HANDOVER_TOPICS.to_vec();
-    topics.push("mcp.events.dlq");
-    Reader::new(broker, &topics)
 }
 
 /// Dead letters, deduplicated by the input coordinates they carry.
@@ -77,7 +71,7 @@ fn a_ten_thousand_events_one_percent_poison_exactly_once() {
     broker.produce("mcp.events.all", &inputs);
 
     let baton = Baton::start(&broker, BatonOptions::new("pod-a"));
-    let mut reader = all_outputs(&broker);
+    let mut reader = common::outputs_reader(&broker);
     reader.wait_until(
         "9,900 handovers and 100 dead letters",
         Duration::from_secs(120),
@@ -150,7 +144,7 @@ fn b_sigkill_one_of_two_pods_mid_stream_loses_nothing() {
     let second = Baton::start(&broker, BatonOptions::new("pod-2"));
     let producer = produce_in_background(&broker, inputs.clone());
 
-    let mut reader = all_outputs(&broker);
+    let mut reader = common::outputs_reader(&broker);
     let third = expected.handovers.len() / 3;
     reader.wait_until(
         "a third of the handovers",
@@ -185,7 +179,7 @@ fn c_sigterm_under_load_exits_cleanly_and_loses_nothing() {
 
     let mut pod = Baton::start(&broker, BatonOptions::new("pod-term"));
     let producer = produce_in_background(&broker, inputs.clone());
-    let mut reader = all_outputs(&broker);
+    let mut reader = common::outputs_reader(&broker);
     reader.wait_until("some handovers", Duration::from_secs(120), |records| {
         common::handover_records(records).len() >= expected.handovers.len() / 4
     });

@@ -8,18 +8,12 @@ use std::time::Duration;
 
 use baton::sample::{self, SampleRecord};
 use common::{
-    Baton, BatonOptions, Broker, HANDOVER_TOPICS, Reader, assert_states_match, dedup_handovers,
-    expected_states, reference, state_of,
+    Baton, BatonOptions, Broker, assert_states_match, dedup_handovers, expected_states, reference,
+    state_of,
 };
 use serde_json::{Value, json};
 
 const PARTITIONS: i32 = 6;
-
-fn handovers_reader(broker: &Broker) -> Reader {
-    let mut topics: Vec<&str> = HANDOVER_TOPICS.to_vec();
-    topics.push("mcp.events.dlq");
-    Reader::new(broker, &topics)
-}
 
 #[test]
 fn thousand_contexts_on_three_pods_with_kills_and_a_joiner_stay_exact() {
@@ -36,7 +30,7 @@ fn thousand_contexts_on_three_pods_with_kills_and_a_joiner_stay_exact() {
     let mut pod1 = Baton::start(&broker, BatonOptions::new("pod-1"));
     let pod2 = Baton::start(&broker, BatonOptions::new("pod-2"));
     let pod3 = Baton::start(&broker, BatonOptions::new("pod-3"));
-    let mut reader = handovers_reader(&broker);
+    let mut reader = common::outputs_reader(&broker);
 
     let (first_half, second_half) = inputs.split_at(inputs.len() / 2);
     broker.produce("mcp.events.all", first_half);
@@ -88,7 +82,7 @@ fn a_wiped_state_directory_restores_exactly_the_same_state() {
     broker.produce("mcp.events.all", &inputs);
 
     let mut pod = Baton::start(&broker, BatonOptions::new("pod-w"));
-    let mut reader = handovers_reader(&broker);
+    let mut reader = common::outputs_reader(&broker);
     reader.wait_until("every handover", Duration::from_secs(120), |r| {
         common::unique_handover_count(r) >= expected.handovers.len()
     });
@@ -210,7 +204,7 @@ fn budgets_invalid_transitions_and_duplicates_behave_as_specified() {
     let expected = reference(&inputs);
     broker.produce("mcp.events.all", &inputs);
     let pod = Baton::start(&broker, BatonOptions::new("pod-s"));
-    let mut reader = handovers_reader(&broker);
+    let mut reader = common::outputs_reader(&broker);
     reader.wait_until("handovers and dead letters", Duration::from_secs(60), |r| {
         common::unique_handover_count(r) >= expected.handovers.len()
             && r.iter().filter(|r| r.topic == "mcp.events.dlq").count() >= 2

@@ -468,6 +468,13 @@ impl Reader {
     }
 }
 
+/// A reader of every agent's handover topic and the DLQ: what a run outputs.
+pub fn outputs_reader(broker: &Broker) -> Reader {
+    let mut topics: Vec<&str> = HANDOVER_TOPICS.to_vec();
+    topics.push("mcp.events.dlq");
+    Reader::new(broker, &topics)
+}
+
 pub fn handover_records(records: &[Record]) -> Vec<&Record> {
     records
         .iter()
