@@ -153,7 +153,10 @@ pub fn open_reader(
         .set("isolation.level", "read_committed")
         // Little prefetch: the client's pace, not the broker's, sets the rate.
         .set("queued.max.messages.kbytes", "1024")
-        .set("fetch.wait.max.ms", "100");
+        .set("fetch.wait.max.ms", "100")
+        // A resume position past the end means the topic was recreated:
+        // go live rather than flood the client with a replay.
+        .set("auto.offset.reset", "latest");
     let consumer: StreamConsumer = config
         .create()
         .map_err(|err| format!("cannot create a feed reader: {err}"))?;
@@ -177,7 +180,10 @@ pub fn open_reader(
             .fetch_watermarks(topic, partition, timeout)
             .map_err(|err| format!("cannot read {topic}-{partition} offsets: {err}"))?;
         let start = match request.resume.get(&partition) {
-            Some(next) => (*next).clamp(low, high),
+            // Not clamped to `high`: a high watermark can lag the log (a
+            // broker that reports the last batch's base offset + 1), and
+            // clamping would replay what the client has already seen.
+            Some(next) => (*next).max(low),
             None => (high - request.replay).max(low),
         };
         position.insert(partition, start);
