@@ -124,6 +124,7 @@ RESTORE="$(bench_exe restore)"
 
 # --- run ---------------------------------------------------------------------
 echo "== peers ($MODE): $BATON_BENCH_RECORDS events each, peers $BATON_BENCH_PEERS, loads $BATON_BENCH_LOADS x ${BATON_BENCH_LOAD_SECS}s"
+LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 export BATON_BENCH_JSON="$OUT_DIR/results-$MODE.json"
 rm -f "$BATON_BENCH_JSON"
 run_tracked "$COMPARE" > >(tee "$OUT_DIR/compare-$MODE.log") 2>&1
@@ -137,4 +138,7 @@ echo
 echo "== results ($MODE)"
 "$PYTHON" "$REPO_ROOT/benches/peers/report.py" "$BATON_BENCH_JSON" "$OUT_DIR/restore-$MODE.log" \
     "$MODE" "$REPO_ROOT/docs/benchmarks-throughput.png" "$OUT_DIR/results-$MODE.md"
+# Other work on the machine shares the cores: say how busy it was.
+MACHINE="$(nproc) cores, $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'); load average (1, 5, 15 min) before the peers: $LOAD_BEFORE, after the restore: $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '\nMachine: %s.\n' "$MACHINE" | tee -a "$OUT_DIR/results-$MODE.md"
 echo "results: $OUT_DIR/results-$MODE.{json,md}"

@@ -57,8 +57,10 @@ def main():
 
     lines = []
     out = lines.append
+    share = lambda every: f"{100 / every:g}%" if every else "none"
     out(
-        f"{results['records']:,} events per peer (1% not JSON, 2% tool failures), "
+        f"{results['records']:,} events per peer ({share(results.get('poison_every'))} not JSON, "
+        f"{share(results.get('failure_every'))} tool failures), "
         f"{results['partitions']} partitions, commit every {results['commit_interval_ms']} ms, "
         f"exactly-once, one broker; mode `{mode}`."
     )
