@@ -236,7 +236,7 @@ fn load_point(
                         if stop.load(Ordering::Relaxed) {
                             let quiet = quiet_since.get_or_insert_with(Instant::now);
                             if latencies.len() == seen.len()
-                                || quiet.elapsed() > Duration::from_secs(10)
+                                || quiet.elapsed() > Duration::from_secs(5)
                             {
                                 break;
                             }
@@ -279,7 +279,7 @@ fn load_point(
     }
     let offered_secs = epoch.elapsed().as_secs_f64() - start;
     producer.flush(Duration::from_secs(30)).expect("flush");
-    // The reader ends when everything has come out, or after 10 s of quiet.
+    // The reader ends when everything has come out, or after 5 s of quiet.
     let deadline = Instant::now() + Duration::from_secs(60);
     stop.store(true, Ordering::Relaxed);
     while !reader.is_finished() && Instant::now() < deadline {
@@ -365,11 +365,11 @@ fn run_passthrough(broker: &Broker, settings: &Settings, peer: &str, fanout: usi
     ))
     .args([
         "passthrough",
-        &broker.bootstrap,
-        &input,
-        &output,
-        &settings.records.to_string(),
-        &fanout.to_string(),
+        broker.bootstrap.as_str(),
+        input.as_str(),
+        output.as_str(),
+        settings.records.to_string().as_str(),
+        fanout.to_string().as_str(),
     ])
     .stdout(Stdio::piped())
     .spawn()
@@ -516,7 +516,12 @@ fn run_quix(broker: &Broker, settings: &Settings, python: &str) -> Value {
     let app = Path::new(common::REPO).join("benches/peers/quix_first_step.py");
     let mut child = die_with_parent(&mut Command::new(python))
         .arg(&app)
-        .args([&broker.bootstrap, input, output, &count.to_string()])
+        .args([
+            broker.bootstrap.as_str(),
+            input,
+            output,
+            count.to_string().as_str(),
+        ])
         .arg(&stats_path)
         .arg(dir.path().join("state"))
         .stdout(Stdio::null())
@@ -558,7 +563,8 @@ fn run_quix(broker: &Broker, settings: &Settings, python: &str) -> Value {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("passthrough") {
-        return passthrough_child(&args[1..]);
+        passthrough_child(&args[1..]);
+        return;
     }
     let settings = Settings {
         records: env_or("BATON_BENCH_RECORDS", 100_000),
