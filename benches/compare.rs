@@ -374,7 +374,7 @@ fn run_passthrough(broker: &Broker, settings: &Settings, peer: &str, fanout: usi
     .stdout(Stdio::piped())
     .spawn()
     .expect("passthrough child");
-    let mut guard = KillOnDrop(&mut child);
+    let guard = KillOnDrop(&mut child);
     let mut line = String::new();
     {
         use std::io::BufRead;

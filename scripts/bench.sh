@@ -4,7 +4,7 @@
 # Usage:
 #   scripts/bench.sh [--quick|--full]
 #
-#   --quick   20,000 events per peer, three offered loads of 5 s, restore of
+#   --quick   50,000 events per peer, three offered loads of 5 s, restore of
 #             200,000 records; a few minutes on 2 cores
 #   --full    (default) 100,000 events per peer, four offered loads of 15 s,
 #             restore of 1,000,000 records, and baton's peak RSS after
@@ -49,7 +49,7 @@ for arg in "$@"; do
 done
 
 if [[ $MODE == quick ]]; then
-    : "${BATON_BENCH_RECORDS:=20000}" "${BATON_BENCH_LOADS:=0.25,0.5,0.75}" "${BATON_BENCH_LOAD_SECS:=5}"
+    : "${BATON_BENCH_RECORDS:=50000}" "${BATON_BENCH_LOADS:=0.25,0.5,0.75}" "${BATON_BENCH_LOAD_SECS:=5}"
     : "${BATON_BENCH_RSS_CONTEXTS:=0}" "${BATON_BENCH_RESTORE_RECORDS:=200000}"
 else
     : "${BATON_BENCH_RECORDS:=100000}" "${BATON_BENCH_LOADS:=0.25,0.5,0.75,1.0}" "${BATON_BENCH_LOAD_SECS:=15}"
