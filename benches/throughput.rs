@@ -8,121 +8,12 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{Message, Offset, TopicPartitionList};
-use serde_json::json;
-
-use baton::sample::SampleRecord;
 use common::{Baton, BatonOptions, Broker, Reader};
-
-const PARTITIONS: i32 = 6;
-const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Vision events with a result of about 1 KB, one per context.
-fn records(count: usize) -> Vec<SampleRecord> {
-    let filler = "x".repeat(900);
-    (0..count)
-        .map(|i| {
-            let context = format!("bench-{i}");
-            let value = json!({
-                "event_id": format!("{context}-vision"), "context_id": context,
-                "event": "tool.vision_analyze.completed", "server_id": "srv-vision", "tool": "vision_analyze",
-                "arguments": {}, "result": {"labels": ["sofa"], "notes": filler},
-                "usage": {"input_tokens": 100, "output_tokens": 20},
-            });
-            SampleRecord {
-                key: Some(context.into_bytes()),
-                value: value.to_string().into_bytes(),
-            }
-        })
-        .collect()
-}
-
-/// Consume, produce the same bytes `fanout` times, send offsets, commit
-/// every interval.
-fn raw_passthrough(
-    broker: &Broker,
-    input: &str,
-    output: &str,
-    expected: usize,
-    fanout: usize,
-) -> (Duration, usize) {
-    let name = format!("raw-passthrough-x{fanout}");
-    let consumer: BaseConsumer = broker
-        .client_config()
-        .set("group.id", &name)
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .create()
-        .expect("consumer");
-    let producer: BaseProducer = broker
-        .client_config()
-        .set("transactional.id", &name)
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "500000")
-        .create()
-        .expect("producer");
-    producer
-        .init_transactions(Duration::from_secs(30))
-        .expect("init");
-    producer.begin_transaction().expect("begin");
-    consumer.subscribe(&[input]).expect("subscribe");
-    let mut first: Option<Instant> = None;
-    let mut done = 0;
-    let mut positions: std::collections::HashMap<i32, i64> = std::collections::HashMap::new();
-    let mut last_commit = Instant::now();
-    while done < expected {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(10)) {
-            first.get_or_insert_with(Instant::now);
-            for _ in 0..fanout {
-                let mut record = BaseRecord::<[u8], [u8]>::to(output)
-                    .payload(message.payload().unwrap_or_default());
-                if let Some(key) = message.key() {
-                    record = record.key(key);
-                }
-                let mut pending = record;
-                loop {
-                    match producer.send(pending) {
-                        Ok(()) => break,
-                        Err((_, returned)) => {
-                            producer.poll(Duration::from_millis(1));
-                            pending = returned;
-                        }
-                    }
-                }
-            }
-            positions.insert(message.partition(), message.offset() + 1);
-            done += 1;
-        }
-        if last_commit.elapsed() >= COMMIT_INTERVAL || done == expected {
-            if !positions.is_empty() {
-                let mut offsets = TopicPartitionList::new();
-                for (partition, next) in positions.drain() {
-                    offsets
-                        .add_partition_offset(input, partition, Offset::Offset(next))
-                        .expect("offset");
-                }
-                let metadata = consumer.group_metadata().expect("group metadata");
-                producer
-                    .send_offsets_to_transaction(&offsets, &metadata, Duration::from_secs(30))
-                    .expect("send offsets");
-                producer
-                    .commit_transaction(Duration::from_secs(30))
-                    .expect("commit");
-                producer.begin_transaction().expect("begin");
-            }
-            last_commit = Instant::now();
-        }
-    }
-    (first.map(|f| f.elapsed()).unwrap_or_default(), done)
-}
+use support::{COMMIT_INTERVAL, PARTITIONS, raw_passthrough, records};
 
 fn main() {
     let count: usize = std::env::var("BATON_BENCH_RECORDS")
@@ -141,8 +32,8 @@ fn main() {
     broker.produce("raw.input", &inputs);
     broker.produce("mcp.events.all", &inputs);
 
-    let (raw_elapsed, raw_done) = raw_passthrough(&broker, "raw.input", "raw.output", count, 1);
-    let raw_rate = raw_done as f64 / raw_elapsed.as_secs_f64();
+    let raw = raw_passthrough(&broker.bootstrap, "raw.input", "raw.output", count, 1, None);
+    let raw_rate = raw.done as f64 / raw.elapsed.as_secs_f64();
 
     // Timed like the passthrough, by records committed: the pod's own
     // `baton_transaction_records_sum`, polled from /metrics, so no reader
@@ -186,9 +77,15 @@ fn main() {
     let sent = metric(&baton, "baton_records_sent_total");
     drop(baton);
     let fanout = (sent as f64 / count as f64).round().max(1.0) as usize;
-    let (fan_elapsed, fan_done) =
-        raw_passthrough(&broker, "raw.input", "raw.output", count, fanout);
-    let fan_rate = fan_done as f64 / fan_elapsed.as_secs_f64();
+    let fan = raw_passthrough(
+        &broker.bootstrap,
+        "raw.input",
+        "raw.output",
+        count,
+        fanout,
+        None,
+    );
+    let fan_rate = fan.done as f64 / fan.elapsed.as_secs_f64();
 
     println!(
         "records:                    {count} (~1 KB each, {PARTITIONS} partitions, commit every {COMMIT_INTERVAL:?})"
