@@ -126,7 +126,7 @@ fn main() {
             changelog_topic: CHANGELOG,
             partition: 0,
             committed: &committed,
-            version_of: |bytes| WorkflowState::decode(bytes).ok().map(|s| s.version),
+            version_of: baton::state::record::version_of,
             cancel: &cancel,
         },
     )

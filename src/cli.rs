@@ -435,7 +435,6 @@ async fn heal(args: HealArgs) -> anyhow::Result<ExitCode> {
     let http_state = Arc::new(HttpState::new(
         Arc::new(Readiness::default()),
         Arc::new(crate::state::OpenStores::default()),
-        Arc::new(crate::state::OpenStores::default()),
         Arc::default(),
         shutdown.clone(),
     ));
@@ -492,11 +491,14 @@ async fn state_get(args: StateGetArgs) -> anyhow::Result<ExitCode> {
     match crate::state::get_offline(
         &state_dir,
         &args.application_id,
-        crate::runtime::processor::WORKFLOW_STORE,
+        crate::runtime::processor::CONTEXT_STORE,
         &args.context_id,
-    )? {
-        Some((partition, bytes)) => {
-            let state = crate::workflow::WorkflowState::decode(&bytes)?;
+    )?
+    .map(|(partition, bytes)| crate::state::record::decode_workflow(&bytes).map(|s| (partition, s)))
+    .transpose()
+    .map_err(anyhow::Error::msg)?
+    {
+        Some((partition, Some(state))) => {
             let mut value = serde_json::to_value(&state)?;
             if let Some(object) = value.as_object_mut() {
                 object.insert("partition".into(), serde_json::json!(partition));
@@ -504,7 +506,7 @@ async fn state_get(args: StateGetArgs) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&value)?);
             Ok(ExitCode::SUCCESS)
         }
-        None => {
+        Some((_, None)) | None => {
             eprintln!(
                 "no workflow state for context `{}` in {}",
                 args.context_id,
@@ -534,7 +536,6 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     shutdown.listen_for_signals();
     let http_state = Arc::new(HttpState::new(
         Arc::new(Readiness::default()),
-        Arc::new(crate::state::OpenStores::default()),
         Arc::new(crate::state::OpenStores::default()),
         Arc::default(),
         shutdown.clone(),

@@ -29,12 +29,12 @@ use tokio::net::TcpListener;
 
 use crate::kafka::{self, KafkaSettings};
 use crate::members::{Membership, Owner};
-use crate::memory::{self, Memory, Snapshot, SnapshotState};
+use crate::memory::{self, SnapshotState};
 use crate::metrics::{self, METRICS};
 use crate::runtime::Readiness;
 use crate::shutdown::Shutdown;
 use crate::snapshot_url::UrlSigner;
-use crate::state::OpenStores;
+use crate::state::{OpenStores, record};
 use crate::workflow::WorkflowState;
 
 pub type HttpResponse = Response<BoxBody<Bytes, Infallible>>;
@@ -52,8 +52,8 @@ const DASHBOARD: &str = include_str!("http/dashboard.html");
 /// State every request handler can see.
 pub struct HttpState {
     pub readiness: Arc<Readiness>,
+    /// Open context store partitions.
     pub stores: Arc<OpenStores>,
-    pub memory_stores: Arc<OpenStores>,
     /// Set once start-up has checked the topics; until then, 503.
     pub surface: Arc<OnceLock<Surface>>,
     pub shutdown: Shutdown,
@@ -65,14 +65,12 @@ impl HttpState {
     pub fn new(
         readiness: Arc<Readiness>,
         stores: Arc<OpenStores>,
-        memory_stores: Arc<OpenStores>,
         surface: Arc<OnceLock<Surface>>,
         shutdown: Shutdown,
     ) -> HttpState {
         HttpState {
             readiness,
             stores,
-            memory_stores,
             surface,
             shutdown,
             feeds: Arc::default(),
@@ -321,8 +319,13 @@ async fn context(state: &HttpState, request: &Request<Incoming>, raw_id: &str) -
 
 fn local_context(state: &HttpState, id: &str) -> HttpResponse {
     match state.stores.get(id) {
-        Ok(Some((partition, bytes))) => match WorkflowState::decode(&bytes) {
-            Ok(workflow_state) => match serde_json::to_value(&workflow_state) {
+        Ok(Some((partition, bytes))) => match record::decode_workflow(&bytes) {
+            Ok(None) => error(
+                StatusCode::NOT_FOUND,
+                "unknown_context",
+                &format!("no workflow state for context `{id}`"),
+            ),
+            Ok(Some(workflow_state)) => match serde_json::to_value(&workflow_state) {
                 Ok(mut value) => {
                     if let Some(object) = value.as_object_mut() {
                         object.insert("partition".into(), json!(partition));
@@ -419,7 +422,7 @@ fn local_snapshot(
     version: u64,
     max_tokens: Option<u64>,
 ) -> HttpResponse {
-    let stored = match state.memory_stores.get(&memory::snapshot_key(id, version)) {
+    let stored = match state.stores.get(id) {
         Ok(stored) => stored,
         Err(err) => {
             return error(
@@ -429,29 +432,27 @@ fn local_snapshot(
             );
         }
     };
-    if let Some((_, bytes)) = stored {
-        let snapshot = match Snapshot::decode(&bytes) {
-            Ok(snapshot) => snapshot,
-            Err(err) => return error(StatusCode::INTERNAL_SERVER_ERROR, "corrupt_snapshot", &err),
-        };
+    let (workflow, memory) = match stored.map(|(_, bytes)| record::decode(&bytes)) {
+        Some(Ok(context)) => context,
+        Some(Err(err)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "corrupt_state", &err),
+        None => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_context",
+                &format!("no memory for context `{id}`"),
+            );
+        }
+    };
+    if let Some(snapshot) = memory.snapshot(version) {
         // Trimmed to what the context can still spend, unless asked otherwise.
         let budget = max_tokens.unwrap_or_else(|| {
-            state
-                .stores
-                .get(id)
-                .ok()
-                .flatten()
-                .and_then(|(_, bytes)| WorkflowState::decode(&bytes).ok())
-                .map_or(u64::MAX, |workflow| workflow.tokens_left())
+            workflow
+                .as_ref()
+                .map_or(u64::MAX, WorkflowState::tokens_left)
         });
         return json_response(StatusCode::OK, &memory::render_prompt(&snapshot, budget));
     }
-    let live = state
-        .memory_stores
-        .get(id)
-        .ok()
-        .flatten()
-        .and_then(|(_, bytes)| Memory::decode(&bytes).ok());
+    let live = Some(memory);
     match live.map(|memory| memory.snapshot_state(version)) {
         Some(SnapshotState::Pruned) => error(
             StatusCode::GONE,

@@ -14,10 +14,14 @@ use serde_json::{Map, Value, json};
 
 use crate::workflow::estimate_tokens;
 
-/// The encoding version [`Memory::encode`] and [`Snapshot::encode`] write.
-/// Bump it when a field changes meaning, and teach the decoders the old layout:
-/// memory outlives deployments in RocksDB and the changelog.
-pub const MEMORY_ENCODING_VERSION: u64 = 1;
+/// The encoding version [`Memory::encode`] writes. Bump it when a field
+/// changes meaning, and teach the decoder the old layout: memory outlives
+/// deployments in RocksDB and the changelog. Version 2 holds its snapshots
+/// (as [`Frozen`] versions and retired items) instead of copies.
+pub const MEMORY_ENCODING_VERSION: u64 = 2;
+
+/// The encoding version [`Snapshot::encode`] writes.
+pub const SNAPSHOT_ENCODING_VERSION: u64 = 1;
 
 /// Recent tool outputs a context keeps. The next agent mostly needs the last
 /// few results; older ones are in the snapshots that carried them.
@@ -198,6 +202,10 @@ pub struct MemoryEntry {
     pub seq: u64,
     /// Milliseconds since the epoch of the record that last wrote it.
     pub at: i64,
+    /// The [`Memory::version`] this entry became live at; the snapshots
+    /// frozen from then on hold it. 0 in a frozen [`Snapshot`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub since: u64,
 }
 
 /// The output of one tool call, as the next agent should see it.
@@ -208,9 +216,37 @@ pub struct ToolOutput {
     pub output: Value,
     /// Milliseconds since the epoch of the event's record.
     pub at: i64,
+    /// As [`MemoryEntry::since`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub since: u64,
 }
 
-/// The live memory of one context, stored in its own RocksDB store.
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+/// A live snapshot: the memory as it was at [`Memory::version`] `as_of`.
+/// Snapshots are not copies: an item that leaves the live memory while a
+/// snapshot still holds it is kept in [`Memory::retired_entries`] or
+/// [`Memory::retired_outputs`] until the last such snapshot is pruned, so
+/// one record carries a context's memory and every snapshot it can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frozen {
+    pub version: u64,
+    /// Milliseconds since the epoch.
+    pub frozen_at: i64,
+    pub as_of: u64,
+}
+
+/// An item that left the live memory at version `until`, kept for the
+/// snapshots frozen before that.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Retired<T> {
+    pub until: u64,
+    pub item: T,
+}
+
+/// The live memory of one context, with what its live snapshots need.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Memory {
     pub context_id: String,
@@ -220,13 +256,32 @@ pub struct Memory {
     pub next_seq: u64,
     /// The newest snapshot version; 0 before the first. Versions start at 1.
     pub latest_snapshot: u64,
-    /// Live snapshot versions and when they were frozen, oldest first.
-    pub snapshots: VecDeque<(u64, i64)>,
+    /// Live snapshots, oldest first.
+    pub snapshots: VecDeque<Frozen>,
     /// Every version up to and including this one was pruned.
     pub pruned_through: u64,
     /// Bumped on every change, so a restore can skip changelog records older
-    /// than the value it already holds.
+    /// than the value it already holds; also the clock snapshots are read at.
     pub version: u64,
+    /// Entries replaced or evicted while a live snapshot still holds them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_entries: Vec<Retired<MemoryEntry>>,
+    /// Tool outputs dropped while a live snapshot still holds them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_outputs: Vec<Retired<ToolOutput>>,
+}
+
+/// Memory as encoding version 1 wrote it, next to frozen copies in their own
+/// store: its snapshots' contents are not in it.
+#[derive(Deserialize)]
+struct MemoryV1 {
+    context_id: String,
+    entries: Vec<MemoryEntry>,
+    tool_outputs: VecDeque<ToolOutput>,
+    next_seq: u64,
+    latest_snapshot: u64,
+    pruned_through: u64,
+    version: u64,
 }
 
 /// Whether a snapshot version can still be served.
@@ -238,7 +293,7 @@ pub enum SnapshotState {
     Unknown,
 }
 
-/// An immutable frozen memory, stored under [`snapshot_key`].
+/// A frozen memory as an agent reads it, built by [`Memory::snapshot`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub context_id: String,
@@ -272,31 +327,30 @@ impl std::io::Write for ByteCounter {
     }
 }
 
-fn encode_versioned<T: Serialize>(body: &T) -> Vec<u8> {
-    let envelope = Envelope {
-        v: MEMORY_ENCODING_VERSION,
-        body,
-    };
+fn encode_versioned<T: Serialize>(body: &T, version: u64) -> Vec<u8> {
+    let envelope = Envelope { v: version, body };
     // Strings, integers, finite floats (upserts clamp importance) and JSON
     // values with string keys: serialising cannot fail.
     serde_json::to_vec(&envelope).expect("memory values serialise to JSON")
 }
 
-fn decode_versioned<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String> {
-    let value: Value =
+/// Only the version tag; serde skips the rest without building it.
+#[derive(Deserialize)]
+struct VersionTag {
+    v: Option<u64>,
+}
+
+fn encoding_version(bytes: &[u8], what: &str) -> Result<u64, String> {
+    let tag: VersionTag =
         serde_json::from_slice(bytes).map_err(|err| format!("{what} is not valid JSON: {err}"))?;
-    let version = value
-        .get("v")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| format!("{what} carries no encoding version `v`"))?;
-    match version {
-        // Version 1 is today's layout; the tag itself is ignored as an unknown field.
-        1 => serde_json::from_value(value)
-            .map_err(|err| format!("{what} is not valid for encoding version 1: {err}")),
-        found => Err(format!(
-            "{what} has encoding version {found}; this baton reads up to {MEMORY_ENCODING_VERSION}"
-        )),
-    }
+    tag.v
+        .ok_or_else(|| format!("{what} carries no encoding version `v`"))
+}
+
+fn decode_as<T: DeserializeOwned>(bytes: &[u8], what: &str, version: u64) -> Result<T, String> {
+    // The tag itself is ignored as an unknown field.
+    serde_json::from_slice(bytes)
+        .map_err(|err| format!("{what} is not valid for encoding version {version}: {err}"))
 }
 
 impl Memory {
@@ -310,6 +364,8 @@ impl Memory {
             snapshots: VecDeque::new(),
             pruned_through: 0,
             version: 0,
+            retired_entries: Vec::new(),
+            retired_outputs: Vec::new(),
         }
     }
 
@@ -322,6 +378,7 @@ impl Memory {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.version += 1;
+        let now = self.version;
         // A NaN would serialise as `null` and make the stored memory unreadable.
         let importance = if upsert.importance.is_nan() {
             0.0
@@ -330,15 +387,18 @@ impl Memory {
         };
         let held = upsert.key.as_deref().and_then(|key| {
             self.entries
-                .iter_mut()
-                .find(|entry| entry.key.as_deref() == Some(key))
+                .iter()
+                .position(|entry| entry.key.as_deref() == Some(key))
         });
-        if let Some(entry) = held {
+        if let Some(index) = held {
+            self.retire_entry(self.entries[index].clone());
+            let entry = &mut self.entries[index];
             entry.kind = upsert.kind;
             entry.content.clone_from(&upsert.content);
             entry.importance = importance;
             entry.seq = seq;
             entry.at = at;
+            entry.since = now;
             return;
         }
         self.entries.push(MemoryEntry {
@@ -348,6 +408,7 @@ impl Memory {
             importance,
             seq,
             at,
+            since: now,
         });
         while self.entries.len() > MAX_ENTRIES {
             let least = self
@@ -361,19 +422,20 @@ impl Memory {
                 })
                 .map(|(index, _)| index);
             if let Some(index) = least {
-                self.entries.remove(index);
+                let evicted = self.entries.remove(index);
+                self.retire_entry(evicted);
             }
         }
     }
 
-    /// Keeps the output, dropping the oldest beyond [`MAX_TOOL_OUTPUTS`]. An
-    /// `event_id` already held is ignored, so a redelivered event changes nothing.
     /// The newest recorded tool output, if any.
     pub fn last_tool_output(&self) -> Option<&serde_json::Value> {
         self.tool_outputs.back().map(|output| &output.output)
     }
 
-    pub fn record_tool_output(&mut self, output: ToolOutput) {
+    /// Keeps the output, dropping the oldest beyond [`MAX_TOOL_OUTPUTS`]. An
+    /// `event_id` already held is ignored, so a redelivered event changes nothing.
+    pub fn record_tool_output(&mut self, mut output: ToolOutput) {
         if self
             .tool_outputs
             .iter()
@@ -381,63 +443,173 @@ impl Memory {
         {
             return;
         }
+        self.version += 1;
+        output.since = self.version;
         self.tool_outputs.push_back(output);
         while self.tool_outputs.len() > MAX_TOOL_OUTPUTS {
-            self.tool_outputs.pop_front();
+            if let Some(dropped) = self.tool_outputs.pop_front() {
+                self.retire_output(dropped);
+            }
         }
-        self.version += 1;
     }
 
-    /// Freezes the memory as the next snapshot version and returns it.
-    pub fn freeze(&mut self, at: i64) -> Snapshot {
+    /// Drops the oldest tool output (a bound on the memory's size).
+    pub fn drop_oldest_tool_output(&mut self) {
+        if let Some(dropped) = self.tool_outputs.pop_front() {
+            self.version += 1;
+            self.retire_output(dropped);
+        }
+    }
+
+    /// Whether a live snapshot holds an item that was live from `since`
+    /// until now.
+    fn held_by_a_snapshot(&self, since: u64) -> bool {
+        self.snapshots.iter().any(|frozen| frozen.as_of >= since)
+    }
+
+    /// An entry leaves the live memory at the current version.
+    fn retire_entry(&mut self, entry: MemoryEntry) {
+        if self.held_by_a_snapshot(entry.since) {
+            self.retired_entries.push(Retired {
+                until: self.version,
+                item: entry,
+            });
+        }
+    }
+
+    fn retire_output(&mut self, output: ToolOutput) {
+        if self.held_by_a_snapshot(output.since) {
+            self.retired_outputs.push(Retired {
+                until: self.version,
+                item: output,
+            });
+        }
+    }
+
+    /// Freezes the memory as the next snapshot version and returns that
+    /// version. Nothing is copied: see [`Frozen`].
+    pub fn freeze(&mut self, at: i64) -> u64 {
         self.latest_snapshot += 1;
-        self.snapshots.push_back((self.latest_snapshot, at));
-        self.version += 1;
-        Snapshot {
-            context_id: self.context_id.clone(),
+        self.snapshots.push_back(Frozen {
             version: self.latest_snapshot,
             frozen_at: at,
-            entries: self.entries.clone(),
-            tool_outputs: self.tool_outputs.iter().cloned().collect(),
+            as_of: self.version,
+        });
+        self.version += 1;
+        self.latest_snapshot
+    }
+
+    /// A live snapshot's contents, as they were when it was frozen.
+    pub fn snapshot(&self, version: u64) -> Option<Snapshot> {
+        let frozen = self.snapshots.iter().find(|f| f.version == version)?;
+        let held = |since: u64| since <= frozen.as_of;
+        let held_then = |since: u64, until: u64| since <= frozen.as_of && frozen.as_of < until;
+        let mut entries: Vec<MemoryEntry> = self
+            .entries
+            .iter()
+            .filter(|entry| held(entry.since))
+            .chain(
+                self.retired_entries
+                    .iter()
+                    .filter(|r| held_then(r.item.since, r.until))
+                    .map(|r| &r.item),
+            )
+            .cloned()
+            .collect();
+        entries.sort_by_key(|entry| entry.seq);
+        let mut tool_outputs: Vec<ToolOutput> = self
+            .tool_outputs
+            .iter()
+            .filter(|output| held(output.since))
+            .chain(
+                self.retired_outputs
+                    .iter()
+                    .filter(|r| held_then(r.item.since, r.until))
+                    .map(|r| &r.item),
+            )
+            .cloned()
+            .collect();
+        tool_outputs.sort_by_key(|output| output.since);
+        for entry in &mut entries {
+            entry.since = 0;
         }
+        for output in &mut tool_outputs {
+            output.since = 0;
+        }
+        Some(Snapshot {
+            context_id: self.context_id.clone(),
+            version: frozen.version,
+            frozen_at: frozen.frozen_at,
+            entries,
+            tool_outputs,
+        })
     }
 
     /// Drops the snapshots frozen before `now - retention_ms`, then the oldest
-    /// beyond `max_snapshots`. Returns the dropped versions, oldest first, for
-    /// the caller to delete from the store.
+    /// beyond `max_snapshots`, and the retired items only they held. Returns
+    /// the dropped versions, oldest first.
     pub fn prune(&mut self, now: i64, retention_ms: i64, max_snapshots: usize) -> Vec<u64> {
         let cutoff = now.saturating_sub(retention_ms);
         let mut dropped = Vec::new();
-        self.snapshots.retain(|&(version, frozen_at)| {
-            let keep = frozen_at >= cutoff;
+        self.snapshots.retain(|frozen| {
+            let keep = frozen.frozen_at >= cutoff;
             if !keep {
-                dropped.push(version);
+                dropped.push(frozen.version);
             }
             keep
         });
         while self.snapshots.len() > max_snapshots {
-            if let Some((version, _)) = self.snapshots.pop_front() {
-                dropped.push(version);
+            if let Some(frozen) = self.snapshots.pop_front() {
+                dropped.push(frozen.version);
             }
         }
         if dropped.is_empty() {
             return dropped;
         }
         dropped.sort_unstable();
+        self.after_pruning();
+        dropped
+    }
+
+    /// Prunes the oldest live snapshot ahead of its time (a bound on the
+    /// memory's size); returns its version.
+    pub fn prune_oldest_snapshot(&mut self) -> Option<u64> {
+        let frozen = self.snapshots.pop_front()?;
+        self.after_pruning();
+        Some(frozen.version)
+    }
+
+    fn after_pruning(&mut self) {
         // Record timestamps may run backwards, so age can drop a version
         // newer than a live one: only the prefix below the oldest live
         // version is known to be gone entirely.
         let through = match self.snapshots.front() {
-            Some(&(oldest_live, _)) => oldest_live.saturating_sub(1),
+            Some(oldest_live) => oldest_live.version.saturating_sub(1),
             None => self.latest_snapshot,
         };
         self.pruned_through = self.pruned_through.max(through);
+        let snapshots = &self.snapshots;
+        let held = |since: u64, until: u64| {
+            snapshots
+                .iter()
+                .any(|frozen| since <= frozen.as_of && frozen.as_of < until)
+        };
+        self.retired_entries.retain(|r| held(r.item.since, r.until));
+        self.retired_outputs.retain(|r| held(r.item.since, r.until));
         self.version += 1;
-        dropped
+    }
+
+    /// Whether items are kept only for older snapshots.
+    pub fn keeps_history(&self) -> bool {
+        !self.retired_entries.is_empty() || !self.retired_outputs.is_empty()
     }
 
     pub fn snapshot_state(&self, version: u64) -> SnapshotState {
-        if self.snapshots.iter().any(|&(live, _)| live == version) {
+        if self
+            .snapshots
+            .iter()
+            .any(|frozen| frozen.version == version)
+        {
             SnapshotState::Live
         } else if version >= 1 && version <= self.latest_snapshot {
             SnapshotState::Pruned
@@ -446,9 +618,9 @@ impl Memory {
         }
     }
 
-    /// JSON with a version tag: `{"v":1,"context_id":...}`.
+    /// JSON with a version tag: `{"v":2,"context_id":...}`.
     pub fn encode(&self) -> Vec<u8> {
-        encode_versioned(self)
+        encode_versioned(self, MEMORY_ENCODING_VERSION)
     }
 
     /// The length of [`Memory::encode`], counted without building it.
@@ -463,30 +635,48 @@ impl Memory {
         counter.0
     }
 
-    /// Reads bytes any released version of baton wrote.
+    /// Reads bytes any released version of baton wrote. Version 1 kept its
+    /// snapshots as copies elsewhere: they read as pruned (410 Gone).
     pub fn decode(bytes: &[u8]) -> Result<Memory, String> {
-        decode_versioned(bytes, "memory")
+        match encoding_version(bytes, "memory")? {
+            1 => {
+                let old: MemoryV1 = decode_as(bytes, "memory", 1)?;
+                Ok(Memory {
+                    context_id: old.context_id,
+                    entries: old.entries,
+                    tool_outputs: old.tool_outputs,
+                    next_seq: old.next_seq,
+                    latest_snapshot: old.latest_snapshot,
+                    snapshots: VecDeque::new(),
+                    pruned_through: old.latest_snapshot.max(old.pruned_through),
+                    version: old.version,
+                    retired_entries: Vec::new(),
+                    retired_outputs: Vec::new(),
+                })
+            }
+            MEMORY_ENCODING_VERSION => decode_as(bytes, "memory", MEMORY_ENCODING_VERSION),
+            found => Err(format!(
+                "memory has encoding version {found}; this baton reads up to {MEMORY_ENCODING_VERSION}"
+            )),
+        }
     }
 }
 
 impl Snapshot {
     /// JSON with a version tag: `{"v":1,"context_id":...}`.
     pub fn encode(&self) -> Vec<u8> {
-        encode_versioned(self)
+        encode_versioned(self, SNAPSHOT_ENCODING_VERSION)
     }
 
     /// Reads bytes any released version of baton wrote.
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, String> {
-        decode_versioned(bytes, "memory snapshot")
+        match encoding_version(bytes, "memory snapshot")? {
+            SNAPSHOT_ENCODING_VERSION => decode_as(bytes, "memory snapshot", 1),
+            found => Err(format!(
+                "memory snapshot has encoding version {found}; this baton reads up to {SNAPSHOT_ENCODING_VERSION}"
+            )),
+        }
     }
-}
-
-/// The store key of a snapshot. It sorts right after the context's live memory
-/// (stored under the bare context id) and cannot collide with a context id,
-/// because context ids never contain NUL; the zero-padded version keeps a
-/// context's snapshots in version order.
-pub fn snapshot_key(context_id: &str, version: u64) -> String {
-    format!("{context_id}\u{0}snapshot\u{0}{version:020}")
 }
 
 /// The prompt-ready JSON of a snapshot:
@@ -623,7 +813,16 @@ mod tests {
             tool: "vision_analyze".into(),
             output: json!({"labels": ["bicycle"], "event": event_id}),
             at,
+            since: 0,
         }
+    }
+
+    fn live(memory: &Memory) -> Vec<(u64, i64)> {
+        memory
+            .snapshots
+            .iter()
+            .map(|frozen| (frozen.version, frozen.frozen_at))
+            .collect()
     }
 
     fn contents(entries: &[MemoryEntry]) -> Vec<&str> {
@@ -743,7 +942,7 @@ mod tests {
     }
 
     #[test]
-    fn freeze_numbers_versions_from_one_and_snapshots_are_independent_copies() {
+    fn freeze_numbers_versions_from_one_and_snapshots_keep_what_they_saw() {
         let mut memory = Memory::new("c-1");
         memory.upsert(&upsert(Some("k"), "first", 0.5), 1);
         memory.record_tool_output(output("e-1", 1));
@@ -753,12 +952,10 @@ mod tests {
         let two = memory.freeze(200);
         let three = memory.freeze(300);
 
-        assert_eq!([one.version, two.version, three.version], [1, 2, 3]);
+        assert_eq!([one, two, three], [1, 2, 3]);
         assert_eq!(memory.latest_snapshot, 3);
-        assert_eq!(
-            memory.snapshots,
-            VecDeque::from([(1, 100), (2, 200), (3, 300)])
-        );
+        assert_eq!(live(&memory), [(1, 100), (2, 200), (3, 300)]);
+        let [one, two, three] = [1, 2, 3].map(|v| memory.snapshot(v).expect("live"));
         assert_eq!(one.frozen_at, 100);
         assert_eq!(one.context_id, "c-1");
         assert_eq!(contents(&one.entries), ["first"]);
@@ -777,7 +974,7 @@ mod tests {
         let version = memory.version;
         // now 450, retention 200: cutoff 250, so 100 and 200 go.
         assert_eq!(memory.prune(450, 200, 10), [1, 2]);
-        assert_eq!(memory.snapshots, VecDeque::from([(3, 300), (4, 400)]));
+        assert_eq!(live(&memory), [(3, 300), (4, 400)]);
         assert_eq!(memory.pruned_through, 2);
         assert!(memory.version > version);
 
@@ -800,7 +997,7 @@ mod tests {
             memory.freeze(at);
         }
         assert_eq!(memory.prune(5, 1_000, 2), [1, 2, 3]);
-        assert_eq!(memory.snapshots, VecDeque::from([(4, 4), (5, 5)]));
+        assert_eq!(live(&memory), [(4, 4), (5, 5)]);
         assert_eq!(memory.pruned_through, 3);
 
         assert_eq!(memory.prune(5, 1_000, 0), [4, 5]);
@@ -810,7 +1007,7 @@ mod tests {
         assert_eq!(memory.snapshot_state(6), SnapshotState::Unknown);
 
         // Versions keep counting after everything was pruned.
-        assert_eq!(memory.freeze(6).version, 6);
+        assert_eq!(memory.freeze(6), 6);
         assert_eq!(memory.snapshot_state(6), SnapshotState::Live);
     }
 
@@ -828,6 +1025,98 @@ mod tests {
         assert_eq!(memory.pruned_through, 2);
     }
 
+    #[test]
+    fn a_snapshot_keeps_what_it_saw_after_the_live_memory_moves_on() {
+        let mut memory = Memory::new("c-1");
+        memory.upsert(&upsert(Some("lang"), "English", 0.5), 1);
+        memory.upsert(&upsert(None, "bicycle", 0.4), 2);
+        for i in 0..MAX_TOOL_OUTPUTS {
+            memory.record_tool_output(output(&format!("e-{i}"), i as i64));
+        }
+        let one = memory.freeze(100);
+        let seen = memory.snapshot(one).expect("live");
+        // Replace an entry, push every tool output out, then freeze again.
+        memory.upsert(&upsert(Some("lang"), "French", 0.9), 3);
+        for i in 0..MAX_TOOL_OUTPUTS {
+            memory.record_tool_output(output(&format!("f-{i}"), 100 + i as i64));
+        }
+        let two = memory.freeze(200);
+        assert_eq!(memory.snapshot(one).expect("still live"), seen);
+        assert_eq!(contents(&seen.entries), ["English", "bicycle"]);
+        assert_eq!(seen.tool_outputs.len(), MAX_TOOL_OUTPUTS);
+        assert_eq!(seen.tool_outputs[0].event_id, "e-0");
+        let second = memory.snapshot(two).expect("live");
+        assert_eq!(contents(&second.entries), ["bicycle", "French"]);
+        assert_eq!(second.tool_outputs[0].event_id, "f-0");
+        assert_eq!(memory.retired_entries.len(), 1);
+        assert_eq!(memory.retired_outputs.len(), MAX_TOOL_OUTPUTS);
+        assert!(Memory::decode(&memory.encode()).unwrap() == memory);
+
+        // Pruning the first snapshot lets go of what only it held.
+        assert_eq!(memory.prune(200, 1_000, 1), [1]);
+        assert!(!memory.keeps_history());
+        assert_eq!(memory.snapshot(two).expect("live"), second);
+        assert_eq!(memory.snapshot(one), None);
+    }
+
+    #[test]
+    fn items_nobody_froze_are_not_kept() {
+        let mut memory = Memory::new("c-1");
+        for i in 0..(MAX_TOOL_OUTPUTS * 3) {
+            memory.record_tool_output(output(&format!("e-{i}"), i as i64));
+            memory.upsert(&upsert(Some("k"), &format!("v{i}"), 0.5), i as i64);
+        }
+        assert!(!memory.keeps_history());
+        memory.freeze(1);
+        memory.drop_oldest_tool_output();
+        memory.upsert(&upsert(Some("k"), "after", 0.5), 2);
+        assert_eq!(memory.retired_outputs.len(), 1);
+        assert_eq!(memory.retired_entries.len(), 1);
+        assert_eq!(memory.prune_oldest_snapshot(), Some(1));
+        assert!(!memory.keeps_history());
+        assert_eq!(memory.snapshot_state(1), SnapshotState::Pruned);
+    }
+
+    proptest! {
+        /// Whatever happens after a freeze, the snapshot reads as a copy
+        /// taken at that moment would have.
+        #[test]
+        fn a_snapshot_equals_a_copy_taken_when_it_was_frozen(
+            ops in prop::collection::vec((0u8..4, 0u8..6), 1..80)
+        ) {
+            let mut memory = Memory::new("c-1");
+            let mut copies: Vec<(u64, Vec<MemoryEntry>, Vec<ToolOutput>)> = Vec::new();
+            for (step, (op, arg)) in ops.into_iter().enumerate() {
+                let at = step as i64;
+                match op {
+                    0 => memory.upsert(&upsert(Some(&format!("k{arg}")), &format!("s{step}"), 0.5), at),
+                    1 => memory.record_tool_output(output(&format!("e-{step}"), at)),
+                    2 => {
+                        let version = memory.freeze(at);
+                        let mut entries = memory.entries.clone();
+                        entries.sort_by_key(|entry| entry.seq);
+                        copies.push((version, entries, memory.tool_outputs.iter().cloned().collect()));
+                    }
+                    _ => {
+                        memory.prune(at, 1_000, usize::from(arg));
+                    }
+                }
+            }
+            for (version, mut entries, mut outputs) in copies {
+                entries.iter_mut().for_each(|entry| entry.since = 0);
+                outputs.iter_mut().for_each(|output| output.since = 0);
+                match memory.snapshot(version) {
+                    Some(snapshot) => {
+                        prop_assert_eq!(snapshot.entries, entries);
+                        prop_assert_eq!(snapshot.tool_outputs, outputs);
+                    }
+                    None => prop_assert_eq!(memory.snapshot_state(version), SnapshotState::Pruned),
+                }
+            }
+            prop_assert_eq!(Memory::decode(&memory.encode()).unwrap(), memory);
+        }
+    }
+
     fn populated() -> Memory {
         let mut memory = Memory::new("c-1");
         memory.upsert(&upsert(Some("lang"), "answers in French", 0.9), 1_000);
@@ -843,9 +1132,10 @@ mod tests {
     fn memory_and_snapshots_round_trip() {
         let mut memory = populated();
         assert_eq!(Memory::decode(&memory.encode()).unwrap(), memory);
-        let snapshot = memory.freeze(5_000);
+        let version = memory.freeze(5_000);
+        let snapshot = memory.snapshot(version).expect("live");
         assert_eq!(Snapshot::decode(&snapshot.encode()).unwrap(), snapshot);
-        assert!(memory.encode().starts_with(br#"{"v":1,"#));
+        assert!(memory.encode().starts_with(br#"{"v":2,"#));
         assert!(snapshot.encode().starts_with(br#"{"v":1,"#));
     }
 
@@ -855,7 +1145,7 @@ mod tests {
     const SNAPSHOT_V1: &[u8] = br#"{"v":1,"context_id":"c-1","version":2,"frozen_at":4000,"entries":[{"key":"lang","kind":"preference","content":"answers in French","importance":0.9,"seq":0,"at":1000}],"tool_outputs":[{"event_id":"e-1","tool":"vision_analyze","output":{"labels":["bicycle"]},"at":2000}]}"#;
 
     #[test]
-    fn a_v1_memory_literal_decodes_and_encodes_to_the_same_bytes() {
+    fn a_v1_memory_literal_decodes_with_its_snapshots_gone() {
         let memory = Memory::decode(MEMORY_V1).unwrap();
         assert_eq!(memory.context_id, "c-1");
         assert_eq!(memory.entries.len(), 2);
@@ -865,10 +1155,12 @@ mod tests {
             memory.tool_outputs[0].output,
             json!({"labels": ["bicycle"]})
         );
-        assert_eq!(memory.snapshots, VecDeque::from([(2, 4000)]));
-        assert_eq!(memory.pruned_through, 1);
+        // Version 1 kept snapshot copies in another store: they are gone.
+        assert!(memory.snapshots.is_empty());
+        assert_eq!(memory.snapshot_state(2), SnapshotState::Pruned);
+        assert_eq!(memory.pruned_through, 2);
         assert_eq!(memory.version, 6);
-        assert_eq!(memory.encode(), MEMORY_V1);
+        assert_eq!(Memory::decode(&memory.encode()).unwrap(), memory);
     }
 
     #[test]
@@ -882,26 +1174,17 @@ mod tests {
 
     #[test]
     fn unknown_or_missing_encoding_versions_are_rejected() {
-        let v2 = String::from_utf8(MEMORY_V1.to_vec())
+        let v3 = String::from_utf8(MEMORY_V1.to_vec())
             .unwrap()
-            .replacen(r#""v":1"#, r#""v":2"#, 1);
-        let err = Memory::decode(v2.as_bytes()).unwrap_err();
-        assert!(err.contains("encoding version 2"), "{err}");
+            .replacen(r#""v":1"#, r#""v":3"#, 1);
+        let err = Memory::decode(v3.as_bytes()).unwrap_err();
+        assert!(err.contains("encoding version 3"), "{err}");
         let err = Snapshot::decode(br#"{"v":9,"context_id":"c"}"#).unwrap_err();
         assert!(err.contains("encoding version 9"), "{err}");
         let err = Memory::decode(br#"{"context_id":"c"}"#).unwrap_err();
         assert!(err.contains("`v`"), "{err}");
         assert!(Memory::decode(b"not json").is_err());
         assert!(Memory::decode(br#"{"v":1,"context_id":"c"}"#).is_err());
-    }
-
-    #[test]
-    fn snapshot_keys_sort_after_the_context_and_in_version_order() {
-        let key = snapshot_key("c-1", 7);
-        assert_eq!(key, "c-1\u{0}snapshot\u{0}00000000000000000007");
-        assert!(key.as_str() > "c-1");
-        assert!(snapshot_key("c-1", 9) < snapshot_key("c-1", 10));
-        assert!(snapshot_key("c-1", u64::MAX).as_str() < "c-1-");
     }
 
     #[test]
@@ -1036,6 +1319,7 @@ mod tests {
             importance,
             seq,
             at: 0,
+            since: 0,
         }
     }
 

@@ -297,7 +297,7 @@ fn events_keyed_by_their_server_are_repartitioned_by_context() {
     assert_states_match(&[&pod], &expected_states(&inputs));
 
     // Each context's state lives on one partition: the one its id hashes to.
-    let changelog = broker.read_all("baton-test-workflow-changelog");
+    let changelog = broker.read_all("baton-test-context-changelog");
     let mut partitions: BTreeMap<String, BTreeSet<i32>> = BTreeMap::new();
     for record in &changelog {
         let key = String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned();

@@ -20,15 +20,13 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::engine::RebalanceHook;
-use super::processor::{MEMORY_STORE, PartitionProcessor, WORKFLOW_STORE};
+use super::processor::{CONTEXT_STORE, PartitionProcessor};
 use super::task::{Control, ReopenReason, TaskProgress, TopicPartition};
 use super::{Pipeline, Readiness};
-use crate::memory::{Memory, Snapshot};
 use crate::metrics::METRICS;
 use crate::state::restore::{self, RestoreRequest};
 use crate::state::{self, PartitionStore};
 use crate::transactor::{Generation, Transactor};
-use crate::workflow::WorkflowState;
 
 /// Attempts to read the committed offsets (and to seek) before a reopen
 /// gives up and holds the partition unprocessed until it is released.
@@ -272,57 +270,43 @@ pub(super) fn committed_offsets(
         .collect())
 }
 
-/// Opens and restores the workflow and memory stores of one partition. Blocking.
+/// Opens and restores the context store of one partition. Blocking.
 pub(super) fn open_and_restore(
     pipeline: &Pipeline,
     partition: i32,
     inputs: &[TopicPartition],
     consumer: &StreamConsumer<RebalanceHook>,
     cancel: &std::sync::atomic::AtomicBool,
-) -> Result<(PartitionStore, PartitionStore), String> {
+) -> Result<PartitionStore, String> {
     let committed = committed_offsets(consumer, inputs)?;
-    let open = |store: &str, changelog_topic: &str, version_of: fn(&[u8]) -> Option<u64>| {
-        let path = state::store_path(
-            &pipeline.state_dir,
-            &pipeline.application_id,
-            store,
+    let path = state::store_path(
+        &pipeline.state_dir,
+        &pipeline.application_id,
+        CONTEXT_STORE,
+        partition,
+    );
+    let opened = PartitionStore::open(&path).map_err(|err| err.to_string())?;
+    let report = restore::restore(
+        opened.db(),
+        &RestoreRequest {
+            kafka: &pipeline.kafka,
+            changelog_topic: &pipeline.changelog,
             partition,
-        );
-        let opened = PartitionStore::open(&path).map_err(|err| err.to_string())?;
-        let report = restore::restore(
-            opened.db(),
-            &RestoreRequest {
-                kafka: &pipeline.kafka,
-                changelog_topic,
-                partition,
-                committed: &committed,
-                version_of,
-                cancel,
-            },
-        )
-        .map_err(|err| err.to_string())?;
-        tracing::info!(
-            partition,
-            store,
-            read = report.read,
-            applied = report.applied,
-            skipped_uncommitted = report.skipped_uncommitted,
-            skipped_stale = report.skipped_stale,
-            elapsed_ms = report.elapsed.as_millis() as u64,
-            "store restored"
-        );
-        Ok::<_, String>(opened)
-    };
-    let workflow = open(WORKFLOW_STORE, &pipeline.workflow_changelog, |bytes| {
-        WorkflowState::decode(bytes).ok().map(|s| s.version)
-    })?;
-    let memory = open(MEMORY_STORE, &pipeline.memory_changelog, |bytes| {
-        // Live memory carries a version; a snapshot is written once, so its
-        // own number serves.
-        Memory::decode(bytes)
-            .map(|m| m.version)
-            .or_else(|_| Snapshot::decode(bytes).map(|s| s.version))
-            .ok()
-    })?;
-    Ok((workflow, memory))
+            committed: &committed,
+            version_of: state::record::version_of,
+            cancel,
+        },
+    )
+    .map_err(|err| err.to_string())?;
+    tracing::info!(
+        partition,
+        store = CONTEXT_STORE,
+        read = report.read,
+        applied = report.applied,
+        skipped_uncommitted = report.skipped_uncommitted,
+        skipped_stale = report.skipped_stale,
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "store restored"
+    );
+    Ok(opened)
 }

@@ -66,13 +66,13 @@ pub struct Pipeline {
     pub application_id: String,
     pub state_dir: PathBuf,
     pub dlq_topic: String,
-    pub workflow_changelog: String,
+    /// `{app}-context-changelog`: the context store's changelog.
+    pub changelog: String,
     pub decoder: InputDecoder,
     pub output: OutputEncoder,
     pub status_topic: String,
     pub memory_topic: String,
     pub control_topic: String,
-    pub memory_changelog: String,
     /// `{app}-events-repartition`: input not keyed by its `context_id` is
     /// forwarded here, keyed by it, before any state is touched.
     pub repartition_topic: String,
@@ -83,8 +83,6 @@ pub struct Pipeline {
     pub policy: crate::workflow::Policy,
     /// Set when handovers carry signed memory snapshot URLs.
     pub snapshots: Option<SnapshotSettings>,
-    /// Open memory store partitions, for the snapshot endpoint.
-    pub memory_stores: Arc<state::OpenStores>,
     /// Open store partitions, readable by the HTTP surface.
     pub stores: Arc<state::OpenStores>,
 }
@@ -152,9 +150,7 @@ pub async fn run(
             .await
             .map_err(|err| RunError::Coordinator(err.to_string()))??;
 
-    let workflow_changelog =
-        state::changelog_topic(&config.application_id, processor::WORKFLOW_STORE);
-    let memory_changelog = state::changelog_topic(&config.application_id, processor::MEMORY_STORE);
+    let changelog = state::changelog_topic(&config.application_id, processor::CONTEXT_STORE);
     let members_topic = members::members_topic(&config.application_id);
     let repartition_topic = repartition_topic(&config.application_id);
     let partitions = check_topics(&config, &topology, &metadata)?;
@@ -178,11 +174,7 @@ pub async fn run(
         }
         Some(_) => {}
     }
-    for (topic, count) in [
-        (&workflow_changelog, partitions),
-        (&memory_changelog, partitions),
-        (&members_topic, 1),
-    ] {
+    for (topic, count) in [(&changelog, partitions), (&members_topic, 1)] {
         if !metadata.topics().iter().any(|t| t.name() == topic.as_str()) {
             create_compacted_topic(&config.kafka, topic, count).await?;
         }
@@ -253,19 +245,17 @@ pub async fn run(
         application_id: config.application_id.clone(),
         state_dir: config.state_dir.clone(),
         dlq_topic: config.dlq_topic.clone(),
-        workflow_changelog,
+        changelog,
         decoder,
         output,
         status_topic: config.status_topic.clone(),
         memory_topic: config.memory_topic.clone(),
         control_topic: config.control_topic.clone(),
-        memory_changelog,
         repartition_topic: repartition_topic.clone(),
         max_message_bytes,
         policy,
         snapshots: signer.clone().map(|signer| SnapshotSettings { signer }),
         stores: Arc::clone(&http.stores),
-        memory_stores: Arc::clone(&http.memory_stores),
     });
 
     let membership = Arc::new(Membership::new(

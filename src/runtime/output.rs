@@ -15,8 +15,8 @@ pub struct OutRecord {
     pub headers: Option<OwnedHeaders>,
     /// The record's timestamp; `None` lets the producer stamp it.
     pub timestamp: Option<i64>,
-    /// A changelog write of this store: its offset becomes the checkpoint.
-    pub changelog: Option<Store>,
+    /// A changelog write: its offset becomes the store's checkpoint.
+    pub changelog: bool,
 }
 
 impl OutRecord {
@@ -28,7 +28,7 @@ impl OutRecord {
             payload: Some(payload),
             headers: None,
             timestamp: None,
-            changelog: None,
+            changelog: false,
         }
     }
 
@@ -44,16 +44,7 @@ impl OutRecord {
     }
 }
 
-/// The stores of a task, each with its own changelog.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Store {
-    Workflow,
-    Memory,
-}
-
-/// The last changelog record of each store in the open transaction.
+/// The last changelog record of the open transaction: once it is
+/// delivered, its offset becomes the store's checkpoint.
 #[derive(Default)]
-pub struct LastChangelog {
-    pub workflow: Option<DeliveryFuture>,
-    pub memory: Option<DeliveryFuture>,
-}
+pub struct LastChangelog(pub Option<DeliveryFuture>);

@@ -23,7 +23,7 @@ use rdkafka::producer::DeliveryFuture;
 
 use super::Pipeline;
 use super::engine::RebalanceHook;
-pub use super::output::{LastChangelog, OutRecord, Store};
+pub use super::output::{LastChangelog, OutRecord};
 use super::task::TopicPartition;
 use crate::codec::DecodeError;
 use crate::control::ControlCommand;
@@ -31,13 +31,13 @@ use crate::dlq::{self, DeadLetter, ErrorClass};
 use crate::event::SourceCoordinates;
 use crate::memory::{self, Memory};
 use crate::metrics::METRICS;
-use crate::state::{self, PartitionStore, StateError};
+use crate::state::{self, PartitionStore, StateError, record as context_record};
 use crate::workflow::{self, Context, Effects, Input, Outcome, WorkflowState};
 
-/// The workflow store's name; its changelog is `{app}-workflow-changelog`.
-pub const WORKFLOW_STORE: &str = "workflow";
-/// The memory store's name: live memory and frozen snapshots per context.
-pub const MEMORY_STORE: &str = "memory";
+/// The context store's name: one record per context holding its workflow
+/// state and its memory with its snapshots ([`context_record`]); its
+/// changelog is `{app}-context-changelog`.
+pub const CONTEXT_STORE: &str = "context";
 
 /// What became of one input record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +102,6 @@ pub struct PartitionProcessor {
     pipeline: Arc<Pipeline>,
     partition: i32,
     store: PartitionStore,
-    memory: PartitionStore,
     consumed: HashMap<String, IntCounter>,
     stages: StageTimers,
 }
@@ -163,20 +162,16 @@ impl PartitionProcessor {
         };
         let result = restoring.await;
         METRICS.partitions_restoring.dec();
-        let (store, memory) = match result {
-            Ok(Ok(stores)) => stores,
+        let store = match result {
+            Ok(Ok(store)) => store,
             Ok(Err(err)) => return Err(err),
             Err(err) => return Err(format!("the restore task failed: {err}")),
         };
         pipeline.stores.register(partition, Arc::clone(store.db()));
-        pipeline
-            .memory_stores
-            .register(partition, Arc::clone(memory.db()));
         Ok(PartitionProcessor {
             pipeline: Arc::clone(pipeline),
             partition,
             store,
-            memory,
             consumed: HashMap::new(),
             stages: StageTimers::new(),
         })
@@ -272,7 +267,13 @@ impl PartitionProcessor {
         );
         self.stages.step.observe(started.elapsed().as_secs_f64());
         let started = Instant::now();
-        self.apply(record, &event.context_id, effects, out);
+        self.apply(
+            record,
+            &event.context_id,
+            (state.as_ref(), &memory),
+            effects,
+            out,
+        );
         self.stages.encode.observe(started.elapsed().as_secs_f64());
         Processed::Done
     }
@@ -339,7 +340,8 @@ impl PartitionProcessor {
             .control_commands
             .with_label_values(&[command.action.as_str(), outcome])
             .inc();
-        let Some(applied) = self.apply(record, &command.context_id, effects, out) else {
+        let loaded = (state.as_ref(), &memory);
+        let Some(applied) = self.apply(record, &command.context_id, loaded, effects, out) else {
             return Processed::Done;
         };
         // The released records belong to this context: they are stepped
@@ -399,7 +401,8 @@ impl PartitionProcessor {
                 &self.pipeline.policy,
                 released.timestamp_ms,
             );
-            if let Some(applied) = self.apply(&released, &event.context_id, effects, out) {
+            let loaded = (state.as_ref(), &memory);
+            if let Some(applied) = self.apply(&released, &event.context_id, loaded, effects, out) {
                 state = applied.state.or(state);
                 memory = applied.memory.map_or(memory, |write| write.live);
             }
@@ -420,8 +423,8 @@ impl PartitionProcessor {
             self.repartition(record, &upsert.context_id, out);
             return Processed::Done;
         }
-        let memory = match self.load_memory(&upsert.context_id) {
-            Ok(memory) => memory,
+        let (state, memory) = match self.load_context(&upsert.context_id) {
+            Ok(context) => context,
             Err(LoadError::Store(err)) => return transient(err),
             Err(LoadError::Unreadable(reason)) => {
                 self.reject(record, ErrorClass::UnreadableState, reason, out);
@@ -430,7 +433,8 @@ impl PartitionProcessor {
         };
         let effects =
             workflow::remember(&memory, &upsert, &self.pipeline.policy, record.timestamp_ms);
-        self.apply(record, &upsert.context_id, effects, out);
+        let loaded = (state.as_ref(), &memory);
+        self.apply(record, &upsert.context_id, loaded, effects, out);
         Processed::Done
     }
 
@@ -460,7 +464,7 @@ impl PartitionProcessor {
             payload: record.payload.map(<[u8]>::to_vec),
             headers: Some(headers),
             timestamp: Some(record.timestamp_ms),
-            changelog: None,
+            changelog: false,
         };
         if forwarded.wire_size() > self.pipeline.max_message_bytes {
             let reason = format!(
@@ -477,46 +481,48 @@ impl PartitionProcessor {
 
     /// Encodes and sizes everything `effects` plans, then stages its writes
     /// and queues its records; or, if an output cannot be encoded or cannot
-    /// fit, dead-letters the input instead and changes nothing. Returns the
-    /// effects that were applied.
+    /// fit, dead-letters the input instead and changes nothing. `loaded` is
+    /// the context the plan was made from. Returns the effects that were
+    /// applied.
     fn apply(
         &mut self,
         record: &InputRecord<'_>,
         context_id: &str,
+        loaded: (Option<&WorkflowState>, &Memory),
         effects: Effects,
         out: &mut Vec<OutRecord>,
     ) -> Option<Effects> {
         let mut records =
-            Vec::with_capacity(effects.handovers.len() + effects.status_updates.len() + 3);
-        let mut staged: Vec<(Store, String, Option<Vec<u8>>)> = Vec::new();
-        if let Err(rejected) = self.encode(record, context_id, &effects, &mut records, &mut staged)
-        {
-            self.reject(record, rejected.class, rejected.reason, out);
-            return None;
-        }
+            Vec::with_capacity(effects.handovers.len() + effects.status_updates.len() + 1);
+        let staged = match self.encode(record, context_id, loaded, &effects, &mut records) {
+            Ok(staged) => staged,
+            Err(rejected) => {
+                self.reject(record, rejected.class, rejected.reason, out);
+                return None;
+            }
+        };
         if let Some(plan) = &effects.dead_letter {
             self.dead_letter(record, plan.class, plan.reason.clone(), &plan.headers, out);
         }
-        for (store, key, value) in staged {
-            match store {
-                Store::Workflow => self.store.stage(&key, value),
-                Store::Memory => self.memory.stage(&key, value),
-            }
+        if let Some(value) = staged {
+            self.store.stage(context_id, Some(value));
         }
         self.count(&effects);
         out.append(&mut records);
         Some(effects)
     }
 
-    /// The records of `effects` other than its dead letter, each sized.
+    /// The records of `effects` other than its dead letter, each sized, and
+    /// the context's new store value if it changed: one record with the
+    /// workflow state and the memory, whichever of them changed.
     fn encode(
         &self,
         record: &InputRecord<'_>,
         context_id: &str,
+        loaded: (Option<&WorkflowState>, &Memory),
         effects: &Effects,
         records: &mut Vec<OutRecord>,
-        staged: &mut Vec<(Store, String, Option<Vec<u8>>)>,
-    ) -> Result<(), Rejected> {
+    ) -> Result<Option<Vec<u8>>, Rejected> {
         let output = &self.pipeline.output;
         let unencodable = |what: &str, err: String| Rejected {
             class: ErrorClass::OutputUnencodable,
@@ -550,50 +556,27 @@ impl PartitionProcessor {
                 payload,
             ));
         }
-        if let Some(state) = &effects.state {
-            let value = state.encode();
-            records.push(self.changelog_record(
-                Store::Workflow,
-                context_id,
-                Some(&value),
-                state.version,
-                &record.consumed,
-            ));
-            staged.push((Store::Workflow, context_id.to_owned(), Some(value)));
-        }
-        if let Some(write) = &effects.memory {
-            if let Some(snapshot) = &write.frozen {
-                let key = memory::snapshot_key(context_id, snapshot.version);
-                let value = snapshot.encode();
-                records.push(self.changelog_record(
-                    Store::Memory,
-                    &key,
-                    Some(&value),
-                    snapshot.version,
+        let mut staged = None;
+        if effects.state.is_some() || effects.memory.is_some() {
+            let state = effects.state.as_ref().or(loaded.0);
+            let memory = effects
+                .memory
+                .as_ref()
+                .map_or(loaded.1, |write| &write.live);
+            let value = context_record::encode(state, memory);
+            records.push(OutRecord {
+                topic: self.pipeline.changelog.clone(),
+                partition: Some(self.partition),
+                key: Some(context_id.as_bytes().to_vec()),
+                payload: Some(value.clone()),
+                headers: Some(state::changelog_headers(
                     &record.consumed,
-                ));
-                staged.push((Store::Memory, key, Some(value)));
-            }
-            for &version in &write.pruned {
-                let key = memory::snapshot_key(context_id, version);
-                records.push(self.changelog_record(
-                    Store::Memory,
-                    &key,
-                    None,
-                    version,
-                    &record.consumed,
-                ));
-                staged.push((Store::Memory, key, None));
-            }
-            let value = write.live.encode();
-            records.push(self.changelog_record(
-                Store::Memory,
-                context_id,
-                Some(&value),
-                write.live.version,
-                &record.consumed,
-            ));
-            staged.push((Store::Memory, context_id.to_owned(), Some(value)));
+                    context_record::version(state, memory),
+                )),
+                timestamp: None,
+                changelog: true,
+            });
+            staged = Some(value);
         }
         let max = self.pipeline.max_message_bytes;
         if let Some(big) = records.iter().find(|out| out.wire_size() > max) {
@@ -606,30 +589,7 @@ impl PartitionProcessor {
                 ),
             });
         }
-        Ok(())
-    }
-
-    fn changelog_record(
-        &self,
-        store: Store,
-        key: &str,
-        value: Option<&[u8]>,
-        version: u64,
-        consumed: &SourceCoordinates,
-    ) -> OutRecord {
-        let topic = match store {
-            Store::Workflow => &self.pipeline.workflow_changelog,
-            Store::Memory => &self.pipeline.memory_changelog,
-        };
-        OutRecord {
-            topic: topic.clone(),
-            partition: Some(self.partition),
-            key: Some(key.as_bytes().to_vec()),
-            payload: value.map(<[u8]>::to_vec),
-            headers: Some(state::changelog_headers(consumed, version)),
-            timestamp: None,
-            changelog: Some(store),
-        }
+        Ok(staged)
     }
 
     /// Metrics for a planned input, once its outputs are queued.
@@ -709,25 +669,14 @@ impl PartitionProcessor {
             key: fitted.key,
             payload: fitted.value,
             timestamp: None,
-            changelog: None,
+            changelog: false,
         });
     }
 
     fn load_context(&self, context_id: &str) -> Result<(Option<WorkflowState>, Memory), LoadError> {
-        let state = match self.store.get(context_id).map_err(LoadError::Store)? {
-            Some(bytes) => Some(
-                WorkflowState::decode(&bytes)
-                    .map_err(|err| LoadError::Unreadable(err.to_string()))?,
-            ),
-            None => None,
-        };
-        Ok((state, self.load_memory(context_id)?))
-    }
-
-    fn load_memory(&self, context_id: &str) -> Result<Memory, LoadError> {
-        match self.memory.get(context_id).map_err(LoadError::Store)? {
-            Some(bytes) => Memory::decode(&bytes).map_err(LoadError::Unreadable),
-            None => Ok(Memory::new(context_id)),
+        match self.store.get(context_id).map_err(LoadError::Store)? {
+            Some(bytes) => context_record::decode(&bytes).map_err(LoadError::Unreadable),
+            None => Ok((None, Memory::new(context_id))),
         }
     }
 
@@ -748,11 +697,8 @@ impl PartitionProcessor {
                 None => None,
             }
         };
-        let workflow = checkpoint(last_changelog.workflow).await;
-        let memory = checkpoint(last_changelog.memory).await;
-        let (workflow, memory) =
-            tokio::join!(self.store.commit(workflow), self.memory.commit(memory));
-        workflow.and(memory)
+        let next = checkpoint(last_changelog.0).await;
+        self.store.commit(next).await
     }
 
     /// Sets `message` aside: its dead letter of `class` goes to `out`, and
@@ -771,23 +717,18 @@ impl PartitionProcessor {
 
     pub fn on_abort(&mut self) {
         self.store.abort();
-        self.memory.abort();
     }
 
     pub async fn close(self) {
         self.pipeline.stores.unregister(self.partition);
-        self.pipeline.memory_stores.unregister(self.partition);
-        let dbs = [Arc::clone(self.store.db()), Arc::clone(self.memory.db())];
+        let db = Arc::clone(self.store.db());
         drop(self.store);
-        drop(self.memory);
-        // The stores write no WAL: flushing on close keeps their state, so
+        // The store writes no WAL: flushing on close keeps its state, so
         // the next open restores nothing.
         let partition = self.partition;
         let _ = tokio::task::spawn_blocking(move || {
-            for db in dbs {
-                if let Err(err) = crate::state::flush(&db) {
-                    tracing::warn!(partition, cause = %err, "cannot flush a store on close; the next open restores from the changelog");
-                }
+            if let Err(err) = crate::state::flush(&db) {
+                tracing::warn!(partition, cause = %err, "cannot flush the store on close; the next open restores from the changelog");
             }
         })
         .await;

@@ -32,7 +32,7 @@ use super::holds::{
     state_read_failed,
 };
 use super::lifecycle::Lifecycle;
-use super::processor::{LastChangelog, OutRecord, PartitionProcessor, Processed, Store};
+use super::processor::{LastChangelog, OutRecord, PartitionProcessor, Processed};
 use super::refusals::{Grant, Refusals};
 use super::{Pipeline, Readiness};
 use crate::dlq::ErrorClass;
@@ -650,10 +650,8 @@ async fn enqueue(
                 // every outstanding record and fails if one failed.
                 Ok(delivery) => {
                     METRICS.records_sent.inc();
-                    match out.changelog {
-                        Some(Store::Workflow) => last_changelog.workflow = Some(delivery),
-                        Some(Store::Memory) => last_changelog.memory = Some(delivery),
-                        None => {}
+                    if out.changelog {
+                        last_changelog.0 = Some(delivery);
                     }
                     break;
                 }

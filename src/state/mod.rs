@@ -14,6 +14,7 @@
 //! committed batches with a checkpoint that matches it; the restore replays
 //! the rest of the changelog (at most the unflushed memtables).
 
+pub mod record;
 pub mod restore;
 
 use std::collections::HashMap;

@@ -19,7 +19,7 @@ use crate::control::ControlCommand;
 use crate::dlq::{ErrorClass, headers};
 use crate::event::{SourceCoordinates, ToolEvent};
 use crate::handover::Handover;
-use crate::memory::{Memory, MemoryUpsert, Snapshot, ToolOutput};
+use crate::memory::{Memory, MemoryUpsert, ToolOutput};
 use crate::topology::Topology;
 
 /// The bounds and settings the plan obeys; each is a flag of `baton run`.
@@ -127,13 +127,13 @@ pub struct Effects {
     pub release: Vec<HeldRecord>,
 }
 
-/// A context's memory after the input, and the snapshot store's changes.
+/// A context's memory after the input, with the snapshots it holds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemoryWrite {
     pub live: Memory,
-    /// The snapshot frozen for this input's handovers.
-    pub frozen: Option<Snapshot>,
-    /// Snapshot versions to delete, oldest first.
+    /// The version of the snapshot frozen for this input's handovers.
+    pub frozen: Option<u64>,
+    /// Snapshot versions pruned by this input, oldest first.
     pub pruned: Vec<u64>,
 }
 
@@ -200,15 +200,16 @@ pub fn step(
             status_updates,
         } => {
             let mut memory = context.memory.clone();
-            if let Err(reason) = record_output(&mut memory, event, now_ms, policy) {
-                return Effects::dead_letter(ErrorClass::MemoryOverflow, reason);
-            }
-            let (frozen, pruned) = if drafts.is_empty() {
-                (None, Vec::new())
-            } else {
-                freeze(&mut memory, policy, now_ms)
+            let mut pruned = match record_output(&mut memory, event, now_ms, policy) {
+                Ok(pruned) => pruned,
+                Err(reason) => return Effects::dead_letter(ErrorClass::MemoryOverflow, reason),
             };
-            let snapshot = frozen.as_ref().map(|snapshot| snapshot.version);
+            let frozen = if drafts.is_empty() {
+                None
+            } else {
+                freeze(&mut memory, policy, now_ms, &mut pruned)
+            };
+            let snapshot = frozen;
             let handovers = drafts
                 .iter()
                 .map(|draft| PlannedHandover {
@@ -240,9 +241,10 @@ pub fn step(
             status_updates,
         } => {
             let mut memory = context.memory.clone();
-            if let Err(reason) = record_output(&mut memory, event, now_ms, policy) {
-                return Effects::dead_letter(ErrorClass::MemoryOverflow, reason);
-            }
+            let pruned = match record_output(&mut memory, event, now_ms, policy) {
+                Ok(pruned) => pruned,
+                Err(reason) => return Effects::dead_letter(ErrorClass::MemoryOverflow, reason),
+            };
             let mut headers = vec![
                 (headers::WORKFLOW, state.workflow.clone()),
                 (headers::STEP, failure.step.clone()),
@@ -262,7 +264,7 @@ pub fn step(
                 memory: Some(MemoryWrite {
                     live: memory,
                     frozen: None,
-                    pruned: Vec::new(),
+                    pruned,
                 }),
                 status_updates,
                 dead_letter: Some(DeadLetterPlan {
@@ -347,12 +349,13 @@ pub fn apply_command(
             causation_id,
         } => {
             let mut memory = context.memory.clone();
-            let (frozen, pruned) = if drafts.is_empty() || policy.snapshots.is_none() {
-                (None, Vec::new())
+            let mut pruned = Vec::new();
+            let frozen = if drafts.is_empty() || policy.snapshots.is_none() {
+                None
             } else {
-                freeze(&mut memory, policy, now_ms)
+                freeze(&mut memory, policy, now_ms, &mut pruned)
             };
-            let snapshot = frozen.as_ref().map(|snapshot| snapshot.version);
+            let snapshot = frozen;
             let last_output = memory.last_tool_output().cloned().unwrap_or(Value::Null);
             let handovers = drafts
                 .iter()
@@ -393,14 +396,15 @@ pub fn remember(memory: &Memory, upsert: &MemoryUpsert, policy: &Policy, now_ms:
     }
     let mut memory = memory.clone();
     memory.upsert(upsert, now_ms);
-    if let Err(reason) = bound_memory(&mut memory, policy.max_memory_bytes) {
-        return Effects::dead_letter(ErrorClass::MemoryOverflow, reason);
-    }
+    let pruned = match bound_memory(&mut memory, policy.max_memory_bytes) {
+        Ok(pruned) => pruned,
+        Err(reason) => return Effects::dead_letter(ErrorClass::MemoryOverflow, reason),
+    };
     Effects {
         memory: Some(MemoryWrite {
             live: memory,
             frozen: None,
-            pruned: Vec::new(),
+            pruned,
         }),
         ..Effects::only(Outcome::Remembered)
     }
@@ -431,41 +435,51 @@ fn record_output(
     event: &ToolEvent,
     now_ms: i64,
     policy: &Policy,
-) -> Result<(), String> {
+) -> Result<Vec<u64>, String> {
     memory.record_tool_output(ToolOutput {
         event_id: event.event_id.clone(),
         tool: event.tool_name().unwrap_or_default().to_string(),
         output: event.result.clone(),
         at: now_ms,
+        since: 0,
     });
     bound_memory(memory, policy.max_memory_bytes)
 }
 
-/// Drops the oldest tool outputs (never the newest) until the memory's
-/// encoding fits `max_bytes`; an error if it still does not.
-fn bound_memory(memory: &mut Memory, max_bytes: usize) -> Result<(), String> {
+/// Makes the memory's encoding (live memory and what its snapshots hold)
+/// fit `max_bytes`: first the oldest snapshots that hold items the live
+/// memory has let go of are pruned early (their URLs answer 410 Gone), then
+/// the oldest tool outputs are dropped, never the newest. An error if it
+/// still does not fit. Returns the pruned snapshot versions. Checked before
+/// a freeze, which adds only a version number.
+fn bound_memory(memory: &mut Memory, max_bytes: usize) -> Result<Vec<u64>, String> {
+    let mut pruned = Vec::new();
     let mut size = memory.encoded_len();
-    while size > max_bytes && memory.tool_outputs.len() > 1 {
-        memory.tool_outputs.pop_front();
-        memory.version = memory.version.saturating_add(1);
+    while size > max_bytes {
+        if let Some(version) = memory
+            .keeps_history()
+            .then(|| memory.prune_oldest_snapshot())
+            .flatten()
+        {
+            pruned.push(version);
+        } else if memory.tool_outputs.len() > 1 {
+            memory.drop_oldest_tool_output();
+        } else {
+            return Err(format!(
+                "context `{}` memory would take {size} bytes, more than the {max_bytes} allowed (--max-memory-bytes), even with only its newest tool output",
+                crate::dlq::cut_text(&memory.context_id, 120)
+            ));
+        }
         size = memory.encoded_len();
     }
-    if size > max_bytes {
-        return Err(format!(
-            "context `{}` memory would take {size} bytes, more than the {max_bytes} allowed (--max-memory-bytes), even with only its newest tool output",
-            crate::dlq::cut_text(&memory.context_id, 120)
-        ));
-    }
-    Ok(())
+    Ok(pruned)
 }
 
 /// Freezes the memory as the next snapshot and prunes old ones, when
-/// snapshots are on.
-fn freeze(memory: &mut Memory, policy: &Policy, now_ms: i64) -> (Option<Snapshot>, Vec<u64>) {
-    let Some(snapshots) = policy.snapshots else {
-        return (None, Vec::new());
-    };
-    let snapshot = memory.freeze(now_ms);
-    let pruned = memory.prune(now_ms, snapshots.retention_ms, snapshots.max_per_context);
-    (Some(snapshot), pruned)
+/// snapshots are on; returns the frozen version.
+fn freeze(memory: &mut Memory, policy: &Policy, now_ms: i64, pruned: &mut Vec<u64>) -> Option<u64> {
+    let snapshots = policy.snapshots?;
+    let version = memory.freeze(now_ms);
+    pruned.extend(memory.prune(now_ms, snapshots.retention_ms, snapshots.max_per_context));
+    Some(version)
 }

@@ -53,7 +53,9 @@ fn a_handover_freezes_a_snapshot_and_names_its_version() {
     let write = effects.memory.expect("memory written");
     assert_eq!(write.live.tool_outputs.len(), 1);
     let frozen = write.frozen.expect("a snapshot for the handover");
-    assert_eq!(frozen.version, 1);
+    assert_eq!(frozen, 1);
+    let snapshot = write.live.snapshot(frozen).expect("live");
+    assert_eq!(snapshot.tool_outputs.len(), 1);
     assert_eq!(effects.handovers.len(), 1);
     let planned = &effects.handovers[0];
     assert_eq!(planned.snapshot, Some(1));
@@ -82,7 +84,7 @@ fn snapshots_off_freeze_nothing_and_old_snapshots_are_pruned() {
     memory.freeze(50);
     let effects = plan(None, &memory, &event("e1", VISION, 10), &policy);
     let write = effects.memory.expect("memory");
-    assert_eq!(write.frozen.map(|s| s.version), Some(2));
+    assert_eq!(write.frozen, Some(2));
     assert_eq!(write.pruned, vec![1], "one snapshot kept per context");
 }
 
@@ -269,6 +271,7 @@ fn a_command_releases_held_records_and_hands_over_with_the_last_output() {
         tool: "browser_take_screenshot".into(),
         output: json!({"shot": 1}),
         at: 30,
+        since: 0,
     });
     let effects = apply_command(
         Context {
