@@ -27,6 +27,8 @@ use serde_json::{Value, json};
 
 /// How long chromium may take beyond the requested wait before it is killed.
 const GRACE: Duration = Duration::from_secs(30);
+/// How long a starting chromium may take to answer its first command.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Debian's chromium: `BATON_CHROMIUM`, else `chromium` / `chromium-browser`
 /// on PATH. None if absent.
@@ -86,8 +88,44 @@ struct Page {
 
 impl Page {
     /// Starts chromium, opens `url` in a `size` viewport and waits `wait`.
+    /// A chromium that does not answer its first command in [`START_TIMEOUT`]
+    /// (a start starved of CPU on a loaded machine) is killed and started
+    /// once more; a second silence fails the test.
     fn open(chromium: &Path, url: &str, wait: Duration, size: (u32, u32)) -> Page {
-        let deadline = Instant::now() + wait + GRACE;
+        let mut attempt = 1;
+        let (mut page, target) = loop {
+            let mut page = Page::launch(chromium, size, Instant::now() + START_TIMEOUT);
+            match page.try_call("Target.createTarget", json!({"url": "about:blank"})) {
+                Ok(target) => break (page, target),
+                Err(why) if attempt == 1 => {
+                    eprintln!("headless chromium: {why}; starting it once more");
+                    page.kill();
+                    attempt += 1;
+                }
+                Err(why) => page.fail(&why),
+            }
+        };
+        page.deadline = Instant::now() + wait + GRACE;
+        let target = target["targetId"].clone();
+        let attached = page.call(
+            "Target.attachToTarget",
+            json!({"targetId": target, "flatten": true}),
+        );
+        page.session = attached["sessionId"].as_str().map(str::to_owned);
+        page.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": size.0, "height": size.1, "deviceScaleFactor": 1, "mobile": false}),
+        );
+        let navigated = page.call("Page.navigate", json!({"url": url}));
+        if let Some(error) = navigated["errorText"].as_str() {
+            page.fail(&format!("could not load {url}: {error}"));
+        }
+        std::thread::sleep(wait);
+        page
+    }
+
+    /// Starts chromium on a fresh profile, talking DevTools over two pipes.
+    fn launch(chromium: &Path, size: (u32, u32), deadline: Instant) -> Page {
         let profile = tempfile::tempdir().expect("a temporary chromium profile");
         let stderr = profile.path().join("chromium.stderr");
         // Chromium reads commands from fd 3 and writes answers to fd 4.
@@ -155,7 +193,7 @@ impl Page {
             }
         });
 
-        let mut page = Page {
+        Page {
             child,
             commands: command_writer,
             responses,
@@ -164,29 +202,19 @@ impl Page {
             deadline,
             stderr,
             _profile: profile,
-        };
-        let target = page.call("Target.createTarget", json!({"url": "about:blank"}));
-        let target = target["targetId"].clone();
-        let attached = page.call(
-            "Target.attachToTarget",
-            json!({"targetId": target, "flatten": true}),
-        );
-        page.session = attached["sessionId"].as_str().map(str::to_owned);
-        page.call(
-            "Emulation.setDeviceMetricsOverride",
-            json!({"width": size.0, "height": size.1, "deviceScaleFactor": 1, "mobile": false}),
-        );
-        let navigated = page.call("Page.navigate", json!({"url": url}));
-        if let Some(error) = navigated["errorText"].as_str() {
-            page.fail(&format!("could not load {url}: {error}"));
         }
-        std::thread::sleep(wait);
-        page
     }
 
     /// Sends one DevTools command (to the page once attached) and returns its
     /// result; panics on an error answer, a dead browser or the deadline.
     fn call(&mut self, method: &str, params: Value) -> Value {
+        match self.try_call(method, params) {
+            Ok(result) => result,
+            Err(why) => self.fail(&why),
+        }
+    }
+
+    fn try_call(&mut self, method: &str, params: Value) -> Result<Value, String> {
         self.next_id += 1;
         let id = self.next_id;
         let mut message = json!({"id": id, "method": method, "params": params});
@@ -196,7 +224,7 @@ impl Page {
         let mut bytes = serde_json::to_vec(&message).expect("json");
         bytes.push(0);
         if let Err(e) = self.commands.write_all(&bytes) {
-            self.fail(&format!("sending {method}: {e}"));
+            return Err(format!("sending {method}: {e}"));
         }
         loop {
             let left = self.deadline.saturating_duration_since(Instant::now());
@@ -204,14 +232,14 @@ impl Page {
                 // Events (no id) and answers to other commands are not ours.
                 Ok(answer) if answer["id"].as_u64() != Some(id) => continue,
                 Ok(answer) if answer.get("error").is_some() => {
-                    self.fail(&format!("{method} failed: {}", answer["error"]))
+                    return Err(format!("{method} failed: {}", answer["error"]));
                 }
-                Ok(mut answer) => return answer["result"].take(),
+                Ok(mut answer) => return Ok(answer["result"].take()),
                 Err(RecvTimeoutError::Timeout) => {
-                    self.fail(&format!("no answer to {method} in time; killed"))
+                    return Err(format!("no answer to {method} in time; killed"));
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.fail(&format!("chromium exited during {method}"))
+                    return Err(format!("chromium exited during {method}"));
                 }
             }
         }
