@@ -43,8 +43,8 @@ use serde_json::{Value, json};
 
 use common::{Baton, BatonOptions, Broker};
 use support::{
-    COMMIT_INTERVAL, PARTITIONS, PassthroughStats, cpu_seconds_of, mixed_records, peak_rss_mib_of,
-    raw_passthrough,
+    COMMIT_INTERVAL, FETCH_WAIT_MS, PARTITIONS, PassthroughStats, cpu_seconds_of, mixed_records,
+    peak_rss_mib_of, raw_passthrough,
 };
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -441,7 +441,14 @@ fn run_baton(broker: &Broker, settings: &Settings, rss_contexts: usize) -> Value
             900,
         ),
     );
-    let baton = Baton::start(broker, BatonOptions::new("bench-0"));
+    let baton = Baton::start(broker, {
+        let mut options = BatonOptions::new("bench-0");
+        options.extra_args = vec![
+            "--kafka-prop".into(),
+            format!("consumer.fetch.wait.max.ms={FETCH_WAIT_MS}"),
+        ];
+        options
+    });
     let pid = baton.pid().to_string();
     let committed = |baton: &Baton| metric(baton, "baton_transaction_records_sum") as usize;
     // Timed by records committed, from the pod's own metrics, so no reader

@@ -17,12 +17,13 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use baton::event::SourceCoordinates;
 use baton::kafka::KafkaSettings;
+use baton::memory::{Memory, RawJson, ToolOutput};
 use baton::state::restore::{RestoreRequest, restore};
 use baton::state::{PartitionStore, changelog_headers};
 use baton::workflow::WorkflowState;
 use common::Broker;
 
-const CHANGELOG: &str = "bench-workflow-changelog";
+const CHANGELOG: &str = "bench-context-changelog";
 const CONTEXTS: usize = 100_000;
 
 fn main() {
@@ -52,6 +53,23 @@ fn main() {
             "recent_event_ids": [format!("{context}-vision"), format!("{context}-research")],
         })
         .to_string();
+        // A context record as the pods write it: the state and a memory
+        // holding the vision step's tool output.
+        let workflow = WorkflowState::decode(state.as_bytes()).expect("a valid state");
+        let mut memory = Memory::new(&context);
+        memory.record_tool_output(ToolOutput {
+            event_id: format!("{context}-vision"),
+            tool: "vision_analyze".into(),
+            output: RawJson::from_value(
+                &serde_json::json!({"labels": ["bicycle", "red"], "text": "x".repeat(400)}),
+            ),
+            at: 1_764_000_000_000,
+            since: 0,
+        });
+        memory.freeze(1_764_000_000_000);
+        let state = String::from_utf8(baton::state::record::encode(Some(&workflow), &memory))
+            .expect("JSON is UTF-8");
+        let version = baton::state::record::version(Some(&workflow), &memory);
         value_bytes += state.len();
         let record_headers = changelog_headers(
             &SourceCoordinates {
@@ -111,7 +129,11 @@ fn main() {
     drop(consumer);
 
     let dir = tempfile::tempdir().expect("dir");
-    let store = PartitionStore::open(dir.path()).expect("store");
+    let store = PartitionStore::open(
+        dir.path(),
+        &baton::state::StoreMemory::new(baton::state::DEFAULT_STATE_MEMORY_BYTES),
+    )
+    .expect("store");
     let committed: HashMap<(String, i32), i64> =
         [(("mcp.events.all".to_string(), 0), count as i64)].into();
     let settings = KafkaSettings {

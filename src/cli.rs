@@ -166,6 +166,11 @@ pub struct RunArgs {
     /// tool outputs go first, then the input is dead-lettered as `memory_overflow`.
     #[arg(long, env = "BATON_MAX_MEMORY_BYTES")]
     pub max_memory_bytes: Option<usize>,
+    /// Memory all of the pod's RocksDB stores share (default 134217728):
+    /// one block cache, which their memtables are charged to as well, so a
+    /// pod's state memory does not grow with its partitions or contexts.
+    #[arg(long, env = "BATON_STATE_MEMORY_BYTES")]
+    pub state_memory_bytes: Option<usize>,
     /// Longest accepted `context_id` in bytes (default 1024); longer ones,
     /// and ones with control characters, are dead-lettered as `invalid_context_id`.
     #[arg(long, env = "BATON_MAX_CONTEXT_ID_BYTES")]

@@ -38,6 +38,7 @@ pub struct FileConfig {
     pub max_held_bytes: Option<usize>,
     pub max_memory_bytes: Option<usize>,
     pub max_context_id_bytes: Option<usize>,
+    pub state_memory_bytes: Option<usize>,
     pub transaction_call_timeout_ms: Option<u64>,
     pub startup_timeout_ms: Option<u64>,
     /// Per input topic: `avro`, `json` or `auto` (the default).
@@ -82,6 +83,8 @@ pub struct RunConfig {
     pub limits: DecodeLimits,
     /// Bounds on one context: held records, memory, its id.
     pub context_limits: ContextLimits,
+    /// What the pod's RocksDB stores share: block cache and memtables.
+    pub state_memory_bytes: usize,
     /// How long one transactional call may block before it counts as failed.
     pub transaction_call_timeout: Duration,
     /// How long start-up keeps trying to reach the brokers before giving up.
@@ -363,6 +366,12 @@ impl RunConfig {
             ),
         };
 
+        let state_memory_bytes = bounded(
+            "state_memory_bytes",
+            args.state_memory_bytes.or(file.state_memory_bytes),
+            crate::state::DEFAULT_STATE_MEMORY_BYTES,
+            16 * 1024 * 1024..=64 * 1024 * 1024 * 1024,
+        );
         let transaction_call_timeout_ms = args
             .transaction_call_timeout_ms
             .or(file.transaction_call_timeout_ms)
@@ -559,6 +568,7 @@ impl RunConfig {
             dlq_topic,
             limits: DecodeLimits { max_record_bytes },
             context_limits,
+            state_memory_bytes,
             transaction_call_timeout: Duration::from_millis(transaction_call_timeout_ms),
             startup_timeout: Duration::from_millis(startup_timeout_ms),
             input_formats,

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::workflow::estimate_tokens;
@@ -208,12 +209,46 @@ pub struct MemoryEntry {
     pub since: u64,
 }
 
+/// A JSON value kept as its text. A tool output is serialized once, when it
+/// is recorded, and copied verbatim into every record after: the memory of
+/// a context is re-encoded on every input, its tool outputs are not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<RawValue>);
+
+impl RawJson {
+    pub fn from_value(value: &Value) -> RawJson {
+        // A `Value` always serializes (its keys are strings); `null` is
+        // only a formality for the type.
+        RawJson(
+            serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned()),
+        )
+    }
+
+    /// The value, parsed (for a render or a handover built from memory).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    }
+
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &RawJson) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl Eq for RawJson {}
+
 /// The output of one tool call, as the next agent should see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ToolOutput {
     pub event_id: String,
     pub tool: String,
-    pub output: Value,
+    pub output: RawJson,
     /// Milliseconds since the epoch of the event's record.
     pub at: i64,
     /// As [`MemoryEntry::since`].
@@ -429,8 +464,10 @@ impl Memory {
     }
 
     /// The newest recorded tool output, if any.
-    pub fn last_tool_output(&self) -> Option<&serde_json::Value> {
-        self.tool_outputs.back().map(|output| &output.output)
+    pub fn last_tool_output(&self) -> Option<Value> {
+        self.tool_outputs
+            .back()
+            .map(|output| output.output.to_value())
     }
 
     /// Keeps the output, dropping the oldest beyond [`MAX_TOOL_OUTPUTS`]. An
@@ -726,11 +763,12 @@ pub fn render_prompt(snapshot: &Snapshot, max_tokens: u64) -> Value {
     let mut tool_outputs = Vec::new();
     let mut omitted_tool_outputs = 0u64;
     for output in snapshot.tool_outputs.iter().rev() {
-        match budget.take(|| estimate_tokens(&output.output)) {
+        let value = output.output.to_value();
+        match budget.take(|| estimate_tokens(&value)) {
             Some(tokens) => tool_outputs.push(json!({
                 "tool": output.tool,
                 "event_id": output.event_id,
-                "output": output.output,
+                "output": value,
                 "tokens": tokens,
                 "at": rfc3339_from_millis(output.at),
             })),
@@ -811,7 +849,7 @@ mod tests {
         ToolOutput {
             event_id: event_id.into(),
             tool: "vision_analyze".into(),
-            output: json!({"labels": ["bicycle"], "event": event_id}),
+            output: RawJson::from_value(&json!({"labels": ["bicycle"], "event": event_id})),
             at,
             since: 0,
         }
@@ -1152,7 +1190,7 @@ mod tests {
         assert_eq!(memory.entries[0].kind, MemoryKind::Preference);
         assert_eq!(memory.entries[1].key, None);
         assert_eq!(
-            memory.tool_outputs[0].output,
+            memory.tool_outputs[0].output.to_value(),
             json!({"labels": ["bicycle"]})
         );
         // Version 1 kept snapshot copies in another store: they are gone.
@@ -1382,8 +1420,11 @@ mod tests {
 
         let newest = &prompt["tool_outputs"][0];
         assert_eq!(newest["tool"], "vision_analyze");
-        assert_eq!(newest["output"], output("e-2", 0).output);
-        assert_eq!(newest["tokens"], estimate_tokens(&output("e-2", 0).output));
+        assert_eq!(newest["output"], output("e-2", 0).output.to_value());
+        assert_eq!(
+            newest["tokens"],
+            estimate_tokens(&output("e-2", 0).output.to_value())
+        );
         assert_eq!(newest["at"], "1970-01-01T00:00:02Z");
 
         let total: u64 = prompt["memories"]

@@ -36,7 +36,9 @@ def main():
         commit_interval=0.1,
         state_dir=state_dir,
         loglevel="WARNING",
-        consumer_extra_config={"session.timeout.ms": 6000},
+        # As for every peer (benches/support/mod.rs FETCH_WAIT_MS): the test
+        # broker holds a fetch for its whole wait.
+        consumer_extra_config={"session.timeout.ms": 6000, "fetch.wait.max.ms": 10},
     )
     # Explicit retention: this broker's DescribeConfigs returns only the keys
     # that were set (BROKER.md, gap 6).

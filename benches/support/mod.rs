@@ -15,6 +15,13 @@ use serde_json::json;
 
 use baton::sample::SampleRecord;
 
+/// Every peer's consumers wait at most this long in a fetch. The test
+/// broker does not answer a waiting fetch when data arrives (it holds it for
+/// the whole `fetch.wait.max.ms`; librdkafka's default of 500 ms gives a
+/// 200 ms median on an idle partition, 10 ms gives 3 ms), so with the
+/// default every hop would add its wait to the latency. Real Kafka answers
+/// at once; the same setting is given to L1, Lk, Quix and baton.
+pub const FETCH_WAIT_MS: &str = "10";
 pub const PARTITIONS: i32 = 6;
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -125,6 +132,7 @@ pub fn raw_passthrough(
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
+        .set("fetch.wait.max.ms", FETCH_WAIT_MS)
         .create()
         .expect("consumer");
     let producer: BaseProducer = base

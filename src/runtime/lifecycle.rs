@@ -285,7 +285,8 @@ pub(super) fn open_and_restore(
         CONTEXT_STORE,
         partition,
     );
-    let opened = PartitionStore::open(&path).map_err(|err| err.to_string())?;
+    let opened =
+        PartitionStore::open(&path, &pipeline.store_memory).map_err(|err| err.to_string())?;
     let report = restore::restore(
         opened.db(),
         &RestoreRequest {

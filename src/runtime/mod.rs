@@ -83,6 +83,8 @@ pub struct Pipeline {
     pub policy: crate::workflow::Policy,
     /// Set when handovers carry signed memory snapshot URLs.
     pub snapshots: Option<SnapshotSettings>,
+    /// The RocksDB memory budget every partition store shares.
+    pub store_memory: state::StoreMemory,
     /// Open store partitions, readable by the HTTP surface.
     pub stores: Arc<state::OpenStores>,
 }
@@ -255,6 +257,7 @@ pub async fn run(
         max_message_bytes,
         policy,
         snapshots: signer.clone().map(|signer| SnapshotSettings { signer }),
+        store_memory: state::StoreMemory::new(config.state_memory_bytes),
         stores: Arc::clone(&http.stores),
     });
 

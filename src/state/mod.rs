@@ -179,6 +179,41 @@ pub fn get_offline(
     Ok(None)
 }
 
+/// The default of `--state-memory-bytes`.
+pub const DEFAULT_STATE_MEMORY_BYTES: usize = 128 * 1024 * 1024;
+
+/// Memory every partition store of a pod shares, as Kafka Streams'
+/// `BoundedMemoryRocksDBConfig` does: one LRU block cache, and a write
+/// buffer manager that charges every memtable to that same cache (half of it
+/// at most), so RocksDB's memory is one budget however many partitions and
+/// contexts the pod holds. Past it, memtables are flushed early and cold
+/// blocks are evicted; nothing is refused.
+#[derive(Clone)]
+pub struct StoreMemory {
+    cache: rocksdb::Cache,
+    write_buffers: rocksdb::WriteBufferManager,
+}
+
+impl StoreMemory {
+    pub fn new(bytes: usize) -> StoreMemory {
+        let cache = rocksdb::Cache::new_lru_cache(bytes);
+        let write_buffers = rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(
+            bytes / 2,
+            false,
+            cache.clone(),
+        );
+        StoreMemory {
+            cache,
+            write_buffers,
+        }
+    }
+
+    /// Bytes the cache holds now, memtables included.
+    pub fn usage(&self) -> usize {
+        self.cache.get_usage()
+    }
+}
+
 /// One store partition: RocksDB plus the uncommitted overlay.
 pub struct PartitionStore {
     db: Arc<DB>,
@@ -196,7 +231,7 @@ pub struct ChangelogWrite {
 
 impl PartitionStore {
     /// Opens (or creates) the store. Blocking: call from a blocking thread.
-    pub fn open(path: &Path) -> Result<PartitionStore, StateError> {
+    pub fn open(path: &Path, memory: &StoreMemory) -> Result<PartitionStore, StateError> {
         std::fs::create_dir_all(path).map_err(|source| StateError::CreateDir {
             path: path.to_path_buf(),
             source,
@@ -207,9 +242,21 @@ impl PartitionStore {
         options.set_compression_type(rocksdb::DBCompressionType::Lz4);
         // Data and checkpoint families persist together (see the module docs).
         options.set_atomic_flush(true);
+        options.set_write_buffer_manager(&memory.write_buffers);
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&memory.cache);
+        let mut data = Options::default();
+        data.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        data.set_block_based_table_factory(&table);
+        // Smaller memtables than the default 64 MiB: many partitions share
+        // the budget, and each flush stays short.
+        data.set_write_buffer_size(8 * 1024 * 1024);
+        let mut meta = Options::default();
+        meta.set_block_based_table_factory(&table);
+        meta.set_write_buffer_size(1024 * 1024);
         let families = vec![
-            ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, Options::default()),
-            ColumnFamilyDescriptor::new(META_FAMILY, Options::default()),
+            ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, data),
+            ColumnFamilyDescriptor::new(META_FAMILY, meta),
         ];
         let db = DB::open_cf_descriptors(&options, path, families).map_err(|source| {
             StateError::Open {
@@ -389,7 +436,8 @@ mod tests {
     #[tokio::test]
     async fn reads_see_uncommitted_writes_and_abort_forgets_them() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut store = PartitionStore::open(dir.path()).expect("open");
+        let memory = StoreMemory::new(DEFAULT_STATE_MEMORY_BYTES);
+        let mut store = PartitionStore::open(dir.path(), &memory).expect("open");
         store.put("c-1", b"one".to_vec(), 1, &source(0));
         assert_eq!(store.get("c-1").expect("get"), Some(b"one".to_vec()));
         store.abort();
@@ -401,7 +449,7 @@ mod tests {
         assert_eq!(store.checkpoint().expect("checkpoint"), Some(42));
         drop(store);
 
-        let reopened = PartitionStore::open(dir.path()).expect("reopen");
+        let reopened = PartitionStore::open(dir.path(), &memory).expect("reopen");
         assert_eq!(reopened.get("c-1").expect("get"), Some(b"two".to_vec()));
         assert_eq!(reopened.checkpoint().expect("checkpoint"), Some(42));
     }

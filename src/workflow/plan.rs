@@ -19,7 +19,7 @@ use crate::control::ControlCommand;
 use crate::dlq::{ErrorClass, headers};
 use crate::event::{SourceCoordinates, ToolEvent};
 use crate::handover::Handover;
-use crate::memory::{Memory, MemoryUpsert, ToolOutput};
+use crate::memory::{Memory, MemoryUpsert, RawJson, ToolOutput};
 use crate::topology::Topology;
 
 /// The bounds and settings the plan obeys; each is a flag of `baton run`.
@@ -356,7 +356,7 @@ pub fn apply_command(
                 freeze(&mut memory, policy, now_ms, &mut pruned)
             };
             let snapshot = frozen;
-            let last_output = memory.last_tool_output().cloned().unwrap_or(Value::Null);
+            let last_output = memory.last_tool_output().unwrap_or(Value::Null);
             let handovers = drafts
                 .iter()
                 .map(|draft| PlannedHandover {
@@ -439,7 +439,7 @@ fn record_output(
     memory.record_tool_output(ToolOutput {
         event_id: event.event_id.clone(),
         tool: event.tool_name().unwrap_or_default().to_string(),
-        output: event.result.clone(),
+        output: RawJson::from_value(&event.result),
         at: now_ms,
         since: 0,
     });

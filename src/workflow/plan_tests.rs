@@ -269,7 +269,7 @@ fn a_command_releases_held_records_and_hands_over_with_the_last_output() {
     memory.record_tool_output(crate::memory::ToolOutput {
         event_id: "j1".into(),
         tool: "browser_take_screenshot".into(),
-        output: json!({"shot": 1}),
+        output: crate::memory::RawJson::from_value(&json!({"shot": 1})),
         at: 30,
         since: 0,
     });

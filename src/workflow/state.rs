@@ -5,7 +5,6 @@
 use std::collections::{BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use thiserror::Error;
 
 use crate::topology::WorkflowDefinition;
@@ -200,15 +199,15 @@ impl WorkflowState {
 
     /// Reads bytes any released version of baton wrote.
     pub fn decode(bytes: &[u8]) -> Result<WorkflowState, StateDecodeError> {
-        let value: Value = serde_json::from_slice(bytes)?;
-        let version = value
-            .get("v")
-            .ok_or(StateDecodeError::MissingVersion)?
-            .as_u64()
-            .ok_or(StateDecodeError::MissingVersion)?;
-        match version {
+        // The tag first, without building the rest; then one typed pass.
+        #[derive(Deserialize)]
+        struct Tag {
+            v: Option<u64>,
+        }
+        let tag: Tag = serde_json::from_slice(bytes)?;
+        match tag.v.ok_or(StateDecodeError::MissingVersion)? {
             // Version 1 is today's layout; the tag itself is ignored as an unknown field.
-            1 => Ok(serde_json::from_value(value)?),
+            1 => Ok(serde_json::from_slice(bytes)?),
             found => Err(StateDecodeError::UnsupportedVersion { found }),
         }
     }
