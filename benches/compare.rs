@@ -248,9 +248,11 @@ fn load_point(
         })
     };
 
+    // librdkafka's own default linger: one-record batches at thousands a
+    // second cost the test broker more than the peers it measures.
     let producer: ThreadedProducer<DefaultProducerContext> = broker
         .client_config()
-        .set("linger.ms", "1")
+        .set("linger.ms", "5")
         .set("partitioner", "murmur2_random")
         .create()
         .expect("paced producer");

@@ -222,6 +222,10 @@ pub struct SurfaceArgs {
     /// when listening on all interfaces.
     #[arg(long, env = "BATON_ADVERTISED_URL")]
     pub advertised_url: Option<String>,
+    /// `disabled` writes no status records: no live feed (`/events`
+    /// answers 404) and one record less per input.
+    #[arg(long, env = "BATON_LIVE_FEED", value_enum)]
+    pub live_feed: Option<crate::config::LiveFeedMode>,
     /// `disabled` runs without memory snapshot URLs (and without a secret).
     #[arg(long, env = "BATON_SNAPSHOTS", value_enum)]
     pub snapshots: Option<crate::config::SnapshotMode>,

@@ -59,6 +59,7 @@ pub struct FileConfig {
     pub public_url: Option<String>,
     pub advertised_url: Option<String>,
     pub snapshots: Option<SnapshotMode>,
+    pub live_feed: Option<LiveFeedMode>,
     pub snapshot_expiry_secs: Option<u64>,
     pub snapshot_retention_secs: Option<u64>,
     pub max_snapshots_per_context: Option<usize>,
@@ -94,6 +95,8 @@ pub struct RunConfig {
     /// Set: Avro input is decodable and handovers are written as Avro.
     pub schema_registry: Option<RegistryConfig>,
     pub status_topic: String,
+    /// Off: no status records are written, and `/events` answers 404.
+    pub live_feed: bool,
     pub memory_topic: String,
     /// The healer's commands, co-partitioned with the input topics.
     pub control_topic: String,
@@ -127,6 +130,16 @@ impl Default for ContextLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotMode {
+    #[default]
+    Enabled,
+    Disabled,
+}
+
+/// Whether every state change is written to the status topic for the live
+/// feed (`/events`, the dashboard). Off, an input costs one record less.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LiveFeedMode {
     #[default]
     Enabled,
     Disabled,
@@ -578,6 +591,8 @@ impl RunConfig {
             control_topic,
             advertised_url,
             snapshots,
+            live_feed: surface.live_feed.or(file.live_feed).unwrap_or_default()
+                == LiveFeedMode::Enabled,
             sse_heartbeat: Duration::from_millis(sse_heartbeat_ms),
         })
     }

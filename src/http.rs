@@ -86,7 +86,8 @@ pub struct Surface {
     /// murmur2(context_id) modulo this.
     pub partitions: i32,
     pub kafka: KafkaSettings,
-    pub status_topic: String,
+    /// None when the live feed is off.
+    pub status_topic: Option<String>,
     pub dlq_topic: String,
     pub parked_topic: String,
     pub signer: Option<UrlSigner>,
@@ -487,6 +488,13 @@ async fn events(state: &HttpState, request: &Request<Incoming>) -> HttpResponse 
         Ok(surface) => surface,
         Err(unavailable) => return unavailable.into_response(),
     };
+    let Some(topic) = surface.status_topic.clone() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "live_feed_disabled",
+            "this pod runs with --live-feed disabled",
+        );
+    };
     let last_event_id = request
         .headers()
         .get("last-event-id")
@@ -503,7 +511,6 @@ async fn events(state: &HttpState, request: &Request<Incoming>) -> HttpResponse 
     };
     let opened = {
         let kafka = surface.kafka.clone();
-        let topic = surface.status_topic.clone();
         let feed_request = feed_request.clone();
         tokio::task::spawn_blocking(move || feed::open_reader(&kafka, &topic, &feed_request)).await
     };

@@ -260,3 +260,52 @@ fn e_bad_config_is_one_line_naming_the_key() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("linger"), "{stderr}");
 }
+
+/// What an input costs the broker: its handover, one record holding the
+/// context's workflow state and memory (with the snapshot the handover names),
+/// and its live-feed update; with the live feed off, two. Counted by the pod
+/// per processing attempt (`records_sent` / `records_consumed`), so a
+/// transaction retried after an abort keeps the ratio.
+#[test]
+fn a_first_step_writes_three_records_and_two_without_the_live_feed() {
+    let mut rng = fastrand::Rng::with_seed(7);
+    let inputs: Vec<SampleRecord> = (0..300)
+        .map(|i| sample::context_events(&format!("ctx-cost-{i}"), &mut rng).swap_remove(0))
+        .collect();
+    for (live_feed, per_input) in [(true, 3.0), (false, 2.0)] {
+        let broker = Broker::start();
+        broker.create_baton_topics(PARTITIONS);
+        broker.produce("mcp.events.all", &inputs);
+        let mut options = BatonOptions::new(if live_feed { "cost-a" } else { "cost-b" });
+        if !live_feed {
+            options.extra_args = vec!["--live-feed".into(), "disabled".into()];
+        }
+        let baton = Baton::start(&broker, options);
+        let mut reader = common::outputs_reader(&broker);
+        reader.wait_until("every handover", Duration::from_secs(120), |records| {
+            common::handover_records(records).len() >= inputs.len()
+        });
+        reader.poll_to_end();
+        assert_matches_reference(&broker, &reader, &inputs);
+        common::wait_for("every input committed", Duration::from_secs(60), || {
+            baton.metric("baton_transaction_records_sum") >= inputs.len() as f64
+        });
+        let consumed = baton.metric("baton_records_consumed_total{topic=\"mcp.events.all\"}");
+        let sent = baton.metric("baton_records_sent_total");
+        assert!(consumed >= inputs.len() as f64, "consumed {consumed}");
+        assert_eq!(
+            sent,
+            per_input * consumed,
+            "records per input (feed {live_feed})"
+        );
+        let status = broker.read_all("mcp.orchestration.status");
+        if live_feed {
+            assert!(status.len() >= inputs.len(), "one update per input");
+        } else {
+            assert!(status.is_empty(), "no status records with the feed off");
+            let (code, body) = baton.http_get("/events").expect("an answer");
+            assert_eq!(code, 404, "{body}");
+            assert!(body.contains("live_feed_disabled"), "{body}");
+        }
+    }
+}

@@ -70,7 +70,8 @@ pub struct Pipeline {
     pub changelog: String,
     pub decoder: InputDecoder,
     pub output: OutputEncoder,
-    pub status_topic: String,
+    /// None when the live feed is off: status updates are planned, not sent.
+    pub status_topic: Option<String>,
     pub memory_topic: String,
     pub control_topic: String,
     /// `{app}-events-repartition`: input not keyed by its `context_id` is
@@ -250,7 +251,7 @@ pub async fn run(
         changelog,
         decoder,
         output,
-        status_topic: config.status_topic.clone(),
+        status_topic: config.live_feed.then(|| config.status_topic.clone()),
         memory_topic: config.memory_topic.clone(),
         control_topic: config.control_topic.clone(),
         repartition_topic: repartition_topic.clone(),
@@ -280,7 +281,7 @@ pub async fn run(
         membership,
         partitions,
         kafka: config.kafka.clone(),
-        status_topic: config.status_topic.clone(),
+        status_topic: config.live_feed.then(|| config.status_topic.clone()),
         dlq_topic: config.dlq_topic.clone(),
         parked_topic: crate::dlq::parked_topic(&config.dlq_topic),
         signer,
@@ -494,7 +495,7 @@ fn check_topics(
     if !existing.contains_key(config.control_topic.as_str()) {
         missing.push(format!("control topic `{}`", config.control_topic));
     }
-    if !existing.contains_key(config.status_topic.as_str()) {
+    if config.live_feed && !existing.contains_key(config.status_topic.as_str()) {
         missing.push(format!("status topic `{}`", config.status_topic));
     }
     if !existing.contains_key(config.dlq_topic.as_str()) {

@@ -546,15 +546,15 @@ impl PartitionProcessor {
                 records.push(OutRecord::to(&planned.topic, context_id, payload));
             }
         }
-        for update in &effects.status_updates {
+        let live_feed = self.pipeline.status_topic.as_ref();
+        for (topic, update) in live_feed
+            .into_iter()
+            .flat_map(|topic| effects.status_updates.iter().map(move |u| (topic, u)))
+        {
             let payload = output
                 .encode_status(update)
                 .map_err(|err| unencodable("status update", err))?;
-            records.push(OutRecord::to(
-                &self.pipeline.status_topic,
-                context_id,
-                payload,
-            ));
+            records.push(OutRecord::to(topic, context_id, payload));
         }
         let mut staged = None;
         if effects.state.is_some() || effects.memory.is_some() {

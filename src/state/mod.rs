@@ -353,7 +353,12 @@ fn write_batch(
     overlay: HashMap<String, Option<Vec<u8>>>,
     checkpoint: Option<i64>,
 ) -> Result<(), StateError> {
-    let mut batch = WriteBatch::default();
+    // Sized up front: a batch that grows by doubling copies every value again.
+    let bytes: usize = overlay
+        .iter()
+        .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len) + 24)
+        .sum();
+    let mut batch = WriteBatch::with_capacity_bytes(bytes + 64);
     for (key, value) in overlay {
         match value {
             Some(value) => batch.put(key.as_bytes(), value),
