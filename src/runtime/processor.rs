@@ -103,6 +103,8 @@ pub struct PartitionProcessor {
     partition: i32,
     store: PartitionStore,
     consumed: HashMap<String, IntCounter>,
+    /// `baton_handovers_produced_total` per agent, resolved once.
+    handovers: HashMap<String, IntCounter>,
     stages: StageTimers,
 }
 
@@ -173,6 +175,7 @@ impl PartitionProcessor {
             partition,
             store,
             consumed: HashMap::new(),
+            handovers: HashMap::new(),
             stages: StageTimers::new(),
         })
     }
@@ -593,7 +596,7 @@ impl PartitionProcessor {
     }
 
     /// Metrics for a planned input, once its outputs are queued.
-    fn count(&self, effects: &Effects) {
+    fn count(&mut self, effects: &Effects) {
         match &effects.outcome {
             Outcome::Duplicate => METRICS.events_duplicate.inc(),
             Outcome::Unrouted => METRICS.events_unrouted.inc(),
@@ -602,10 +605,15 @@ impl PartitionProcessor {
             _ => {}
         }
         for planned in &effects.handovers {
-            METRICS
-                .handovers_produced
-                .with_label_values(&[&planned.handover.agent])
-                .inc();
+            let agent = planned.handover.agent.as_str();
+            match self.handovers.get(agent) {
+                Some(counter) => counter.inc(),
+                None => {
+                    let counter = METRICS.handovers_produced.with_label_values(&[agent]);
+                    counter.inc();
+                    self.handovers.insert(agent.to_owned(), counter);
+                }
+            }
         }
         if let Some(write) = &effects.memory {
             if write.frozen.is_some() {

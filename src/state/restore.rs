@@ -102,12 +102,17 @@ pub fn restore(db: &DB, request: &RestoreRequest<'_>) -> Result<RestoreReport, R
         next_offset: checkpoint,
         ..RestoreReport::default()
     };
+    // A store that starts empty (a new pod, a wiped disk) holds only what
+    // this restore writes: its stale check needs no RocksDB reads.
+    let starts_empty = db.iterator(rocksdb::IteratorMode::Start).next().is_none();
     let mut restorer = Restorer {
         db,
         request,
         batch: WriteBatch::default(),
         batched: 0,
         versions: HashMap::new(),
+        versions_complete: starts_empty,
+        counters: RestoreCounters::new(),
     };
     loop {
         if request.cancel.load(Ordering::Relaxed) {
@@ -146,9 +151,38 @@ struct Restorer<'a> {
     batch: WriteBatch,
     batched: usize,
     /// The version of every key this restore has written, so the stale
-    /// check only reads RocksDB for keys it has not met yet.
+    /// check only reads RocksDB for keys it has not met yet. At most
+    /// [`MAX_TRACKED_VERSIONS`] after a flush: past it, it is cleared, and
+    /// older keys are read back from RocksDB.
     versions: HashMap<Vec<u8>, u64>,
+    /// `versions` knows every key the store holds (it started empty and was
+    /// never cleared): a key it lacks is not stored.
+    versions_complete: bool,
+    counters: RestoreCounters,
 }
+
+/// `baton_restore_records_total` by outcome, resolved once per restore
+/// rather than per record.
+struct RestoreCounters {
+    applied: prometheus::IntCounter,
+    stale: prometheus::IntCounter,
+    uncommitted: prometheus::IntCounter,
+}
+
+impl RestoreCounters {
+    fn new() -> RestoreCounters {
+        let outcome = |label: &str| METRICS.restore_records.with_label_values(&[label]);
+        RestoreCounters {
+            applied: outcome("applied"),
+            stale: outcome("skipped_stale"),
+            uncommitted: outcome("skipped_uncommitted"),
+        }
+    }
+}
+
+/// Keys whose restored version is remembered between batches; bounds the
+/// restore's memory whatever the store's size.
+const MAX_TRACKED_VERSIONS: usize = 200_000;
 
 impl Restorer<'_> {
     fn apply(
@@ -174,15 +208,13 @@ impl Restorer<'_> {
         let counts = matches!((&meta, committed), (Some(m), Some(next)) if m.source_offset < *next);
         if !counts {
             report.skipped_uncommitted += 1;
-            METRICS
-                .restore_records
-                .with_label_values(&["skipped_uncommitted"])
-                .inc();
+            self.counters.uncommitted.inc();
             return Ok(());
         }
         let version = meta.map_or(0, |m| m.version);
         let current = match self.versions.get(key) {
             Some(v) => Some(*v),
+            None if self.versions_complete => None,
             None => self
                 .db
                 .get(key)
@@ -191,10 +223,7 @@ impl Restorer<'_> {
         };
         if current.is_some_and(|current| version < current) {
             report.skipped_stale += 1;
-            METRICS
-                .restore_records
-                .with_label_values(&["skipped_stale"])
-                .inc();
+            self.counters.stale.inc();
             return Ok(());
         }
         match message.payload() {
@@ -204,10 +233,7 @@ impl Restorer<'_> {
         self.versions.insert(key.to_vec(), version);
         self.batched += 1;
         report.applied += 1;
-        METRICS
-            .restore_records
-            .with_label_values(&["applied"])
-            .inc();
+        self.counters.applied.inc();
         Ok(())
     }
 
@@ -229,7 +255,11 @@ impl Restorer<'_> {
             .write_opt(batch, &options)
             .map_err(StateError::from)?;
         // `versions` is kept: a key restored once never needs its stored value
-        // read and decoded again. It holds one entry per key in the tail read.
+        // read and decoded again, until it holds too many.
+        if self.versions.len() > MAX_TRACKED_VERSIONS {
+            self.versions.clear();
+            self.versions_complete = false;
+        }
         self.batched = 0;
         Ok(())
     }
