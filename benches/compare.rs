@@ -41,6 +41,10 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Value, json};
 
+use baton::codec::avro::schemas;
+use baton::sample::SampleRecord;
+use common::avro_events::{Version, avro_bytes};
+use common::registry::SchemaRegistry;
 use common::{Baton, BatonOptions, Broker};
 use support::{
     COMMIT_INTERVAL, FETCH_WAIT_MS, PARTITIONS, PassthroughStats, cpu_seconds_of, mixed_records,
@@ -157,6 +161,10 @@ fn count_records(broker: &Broker, topics: &[String]) -> usize {
 }
 
 /// One offered load: what was offered, what came out, and the latency.
+/// How a peer's inputs are written: as they are (JSON), or re-encoded
+/// (Avro for baton).
+type Encode<'a> = &'a dyn Fn(SampleRecord) -> SampleRecord;
+
 fn load_point(
     broker: &Broker,
     input: &str,
@@ -164,9 +172,13 @@ fn load_point(
     prefix: &str,
     rate: f64,
     secs: f64,
+    encode: Encode<'_>,
 ) -> Value {
     let count = ((rate * secs) as usize).max(10);
-    let inputs = mixed_records(prefix, count, 0, 0, 900);
+    let inputs: Vec<SampleRecord> = mixed_records(prefix, count, 0, 0, 900)
+        .into_iter()
+        .map(encode)
+        .collect();
     let epoch = Instant::now();
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..count).map(|_| AtomicU64::new(0)).collect());
     let stop = Arc::new(AtomicBool::new(false));
@@ -324,6 +336,7 @@ fn loads_for(
     input: &str,
     outputs: &[&str],
     peak: f64,
+    encode: Encode<'_>,
 ) -> Vec<Value> {
     settings
         .loads
@@ -339,6 +352,7 @@ fn loads_for(
                 &format!("{peer}-lat{n}"),
                 rate,
                 settings.load_secs,
+                encode,
             );
             point["fraction"] = json!(fraction);
             eprintln!("{peer}: {point}");
@@ -390,7 +404,7 @@ fn run_passthrough(broker: &Broker, settings: &Settings, peer: &str, fanout: usi
     let done = stats["done"].as_f64().unwrap_or(0.0);
     let rate = done / elapsed;
     eprintln!("{peer}: {rate:.0} events/s ({stats})");
-    let loads = loads_for(broker, settings, peer, &input, &[&output], rate);
+    let loads = loads_for(broker, settings, peer, &input, &[&output], rate, &|r| r);
     json!({
         "events_per_s": rate, "records_per_input": fanout as f64,
         "cpu_us_per_event": stats["cpu_s"].as_f64().unwrap_or(f64::NAN) / done * 1e6,
@@ -430,24 +444,53 @@ fn metric(baton: &Baton, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A JSON sample event as a ToolCompleted v2 Avro record; anything that is
+/// not a tool event (the poison) stays as it is.
+fn as_avro(record: SampleRecord, schema_id: u32) -> SampleRecord {
+    let source = baton::event::SourceCoordinates {
+        topic: "mcp.events.all".into(),
+        partition: 0,
+        offset: 0,
+    };
+    match baton::codec::decode_event(Some(&record.value), &source, &Default::default()) {
+        Ok(mut event) => {
+            // Avro carries time as epoch millis.
+            event.occurred_at = Some("2026-12-01T10:00:00Z".into());
+            SampleRecord {
+                key: record.key,
+                value: avro_bytes(&event, Version::V2, schema_id),
+            }
+        }
+        Err(_) => record,
+    }
+}
+
 fn run_baton(broker: &Broker, settings: &Settings, rss_contexts: usize) -> Value {
     broker.create_baton_topics(PARTITIONS);
     let count = settings.records;
-    broker.produce(
-        "mcp.events.all",
-        &mixed_records(
-            "baton",
-            count,
-            settings.poison_every,
-            settings.failure_every,
-            900,
-        ),
-    );
+    // Avro through the registry double, as producers on the platform write.
+    let registry = SchemaRegistry::start();
+    let schema_id = registry.register("mcp.events.all-value", schemas::TOOL_COMPLETED_V2);
+    let encode = move |record: SampleRecord| as_avro(record, schema_id);
+    let inputs: Vec<SampleRecord> = mixed_records(
+        "baton",
+        count,
+        settings.poison_every,
+        settings.failure_every,
+        900,
+    )
+    .into_iter()
+    .map(encode)
+    .collect();
+    broker.produce("mcp.events.all", &inputs);
     let baton = Baton::start(broker, {
         let mut options = BatonOptions::new("bench-0");
         options.extra_args = vec![
             "--kafka-prop".into(),
             format!("consumer.fetch.wait.max.ms={FETCH_WAIT_MS}"),
+            "--schema-registry-url".into(),
+            registry.url(),
+            "--auto-register-schemas".into(),
         ];
         options
     });
@@ -480,6 +523,7 @@ fn run_baton(broker: &Broker, settings: &Settings, rss_contexts: usize) -> Value
         "mcp.events.all",
         &["mcp.handover.researcher"],
         rate,
+        &encode,
     );
     let mut result = json!({
         "events_per_s": rate, "records_per_input": records_per_input,
@@ -562,7 +606,7 @@ fn run_quix(broker: &Broker, settings: &Settings, python: &str) -> Value {
         .collect();
     let records = count_records(broker, &written);
     eprintln!("quix: {rate:.0} events/s, {records} records in {written:?}, {rss:.0} MiB ({stats})");
-    let loads = loads_for(broker, settings, "quix", input, &[output], rate);
+    let loads = loads_for(broker, settings, "quix", input, &[output], rate, &|r| r);
     json!({
         "events_per_s": rate, "records_per_input": records as f64 / count as f64,
         "cpu_us_per_event": cpu / count as f64 * 1e6, "rss_mib": rss, "loads": loads,

@@ -21,6 +21,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+pub mod avro_events;
 pub mod browser;
 pub mod proxy;
 pub mod registry;
