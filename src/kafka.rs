@@ -74,7 +74,13 @@ impl KafkaSettings {
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            // Prefetch is bounded per partition (librdkafka's default is
+            // 64 MiB each, which a lagging pod with many partitions holds in
+            // memory), as Kafka Streams bounds its buffered records per
+            // partition. 8 MiB is still many commit intervals of input.
+            .set("queued.max.messages.kbytes", "8192")
+            .set("queued.min.messages", "10000");
         overlay(config, self.client_config(ClientRole::Consumer))
     }
 

@@ -97,6 +97,7 @@ pub fn restore(db: &DB, request: &RestoreRequest<'_>) -> Result<RestoreReport, R
         .map_err(kafka_error)?;
     consumer.assign(&assignment).map_err(kafka_error)?;
 
+    let _bulk_load = BulkLoad::start(db);
     let mut report = RestoreReport {
         start_offset: checkpoint,
         next_offset: checkpoint,
@@ -143,6 +144,29 @@ pub fn restore(db: &DB, request: &RestoreRequest<'_>) -> Result<RestoreReport, R
         .restore_seconds
         .observe(report.elapsed.as_secs_f64());
     Ok(report)
+}
+
+/// While a restore writes, RocksDB does not compact (Kafka Streams' bulk-load
+/// mode): the many versions of a key in the changelog are compacted once,
+/// after, rather than rewritten level by level while they arrive. Compactions
+/// come back on however the restore ends.
+struct BulkLoad<'a>(&'a DB);
+
+impl<'a> BulkLoad<'a> {
+    fn start(db: &'a DB) -> BulkLoad<'a> {
+        if let Err(err) = db.set_options(&[("disable_auto_compactions", "true")]) {
+            tracing::debug!(cause = %err, "restore: compactions stay on");
+        }
+        BulkLoad(db)
+    }
+}
+
+impl Drop for BulkLoad<'_> {
+    fn drop(&mut self) {
+        if let Err(err) = self.0.set_options(&[("disable_auto_compactions", "false")]) {
+            tracing::warn!(cause = %err, "restore: cannot turn compactions back on");
+        }
+    }
 }
 
 struct Restorer<'a> {
