@@ -453,22 +453,17 @@ fn local_snapshot(
         });
         return json_response(StatusCode::OK, &memory::render_prompt(&snapshot, budget));
     }
-    let live = Some(memory);
-    match live.map(|memory| memory.snapshot_state(version)) {
-        Some(SnapshotState::Pruned) => error(
+    match memory.snapshot_state(version) {
+        SnapshotState::Pruned => error(
             StatusCode::GONE,
             "snapshot_pruned",
             &format!("snapshot {version} of `{id}` is older than the retention and was pruned"),
         ),
-        Some(_) => error(
+        // A live one was answered above.
+        SnapshotState::Live | SnapshotState::Unknown => error(
             StatusCode::NOT_FOUND,
             "unknown_snapshot",
             &format!("context `{id}` has no snapshot {version}"),
-        ),
-        None => error(
-            StatusCode::NOT_FOUND,
-            "unknown_context",
-            &format!("no memory for context `{id}`"),
         ),
     }
 }
