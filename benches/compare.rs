@@ -433,17 +433,6 @@ impl Drop for KillOnDrop<'_> {
     }
 }
 
-fn metric(baton: &Baton, series: &str) -> f64 {
-    baton
-        .http_get("/metrics")
-        .and_then(|(_, body)| {
-            body.lines()
-                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-}
-
 /// A JSON sample event as a ToolCompleted v2 Avro record; anything that is
 /// not a tool event (the poison) stays as it is.
 fn as_avro(record: SampleRecord, schema_id: u32) -> SampleRecord {
@@ -495,7 +484,7 @@ fn run_baton(broker: &Broker, settings: &Settings, rss_contexts: usize) -> Value
         options
     });
     let pid = baton.pid().to_string();
-    let committed = |baton: &Baton| metric(baton, "baton_transaction_records_sum") as usize;
+    let committed = |baton: &Baton| baton.metric("baton_transaction_records_sum") as usize;
     // Timed by records committed, from the pod's own metrics, so no reader
     // competes for the cores while it runs; CPU over the same span.
     let mut first_seen = 0;
@@ -512,7 +501,7 @@ fn run_baton(broker: &Broker, settings: &Settings, rss_contexts: usize) -> Value
     let cpu = cpu_seconds_of(&pid).unwrap_or(f64::NAN) - cpu_before;
     let events = (count - first_seen) as f64;
     let rate = events / elapsed;
-    let sent = metric(&baton, "baton_records_sent_total");
+    let sent = baton.metric("baton_records_sent_total");
     let rss = peak_rss_mib_of(&pid).unwrap_or(f64::NAN);
     let records_per_input = sent / count as f64;
     eprintln!("baton: {rate:.0} events/s, {records_per_input:.2} records/input, {rss:.0} MiB");

@@ -44,16 +44,7 @@ fn main() {
         options.extra_args = extra.split_whitespace().map(String::from).collect();
     }
     let baton = Baton::start(&broker, options);
-    let metric = |baton: &Baton, series: &str| -> usize {
-        baton
-            .http_get("/metrics")
-            .and_then(|(_, body)| {
-                body.lines()
-                    .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-            })
-            .unwrap_or(0.0) as usize
-    };
+    let metric = |baton: &Baton, series: &str| baton.metric(series) as usize;
     let committed = |baton: &Baton| metric(baton, "baton_transaction_records_sum");
     let mut first_seen = 0;
     common::wait_for("the first commit", Duration::from_secs(60), || {

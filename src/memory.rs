@@ -539,33 +539,16 @@ impl Memory {
     /// A live snapshot's contents, as they were when it was frozen.
     pub fn snapshot(&self, version: u64) -> Option<Snapshot> {
         let frozen = self.snapshots.iter().find(|f| f.version == version)?;
-        let held = |since: u64| since <= frozen.as_of;
-        let held_then = |since: u64, until: u64| since <= frozen.as_of && frozen.as_of < until;
-        let mut entries: Vec<MemoryEntry> = self
-            .entries
-            .iter()
-            .filter(|entry| held(entry.since))
-            .chain(
-                self.retired_entries
-                    .iter()
-                    .filter(|r| held_then(r.item.since, r.until))
-                    .map(|r| &r.item),
-            )
-            .cloned()
-            .collect();
+        let mut entries = as_of(frozen.as_of, &self.entries, &self.retired_entries, |e| {
+            e.since
+        });
         entries.sort_by_key(|entry| entry.seq);
-        let mut tool_outputs: Vec<ToolOutput> = self
-            .tool_outputs
-            .iter()
-            .filter(|output| held(output.since))
-            .chain(
-                self.retired_outputs
-                    .iter()
-                    .filter(|r| held_then(r.item.since, r.until))
-                    .map(|r| &r.item),
-            )
-            .cloned()
-            .collect();
+        let mut tool_outputs = as_of(
+            frozen.as_of,
+            &self.tool_outputs,
+            &self.retired_outputs,
+            |o| o.since,
+        );
         tool_outputs.sort_by_key(|output| output.since);
         for entry in &mut entries {
             entry.since = 0;
@@ -697,6 +680,26 @@ impl Memory {
             )),
         }
     }
+}
+
+/// The items live at memory version `at`: live ones that were already
+/// there, and retired ones that had not yet left.
+fn as_of<'a, T: Clone + 'a>(
+    at: u64,
+    live: impl IntoIterator<Item = &'a T>,
+    retired: &'a [Retired<T>],
+    since: impl Fn(&T) -> u64,
+) -> Vec<T> {
+    live.into_iter()
+        .filter(|item| since(item) <= at)
+        .chain(
+            retired
+                .iter()
+                .filter(|r| since(&r.item) <= at && at < r.until)
+                .map(|r| &r.item),
+        )
+        .cloned()
+        .collect()
 }
 
 impl Snapshot {
