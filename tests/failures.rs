@@ -16,6 +16,32 @@ use common::{
 
 const PARTITIONS: i32 = 3;
 
+/// Waits for every handover, then requires the handovers, the states and an
+/// empty DLQ to equal the reference; duplicates are allowed only where this
+/// broker shows aborted records (BROKER.md gap 1), and reported.
+fn assert_exact(
+    broker: &Broker,
+    reader: &mut common::Reader,
+    pod: &Baton,
+    expected: &common::Reference,
+    inputs: &[sample::SampleRecord],
+) {
+    let total = expected.handovers.len();
+    reader.wait_until("every handover", Duration::from_secs(240), |r| {
+        common::unique_handover_count(r) >= total
+    });
+    reader.poll_to_end();
+    let (unique, duplicates) = dedup_handovers(&reader.handovers());
+    assert_eq!(unique, expected.handovers, "handovers equal the reference");
+    if broker.hides_aborted {
+        assert_eq!(duplicates, 0, "duplicate handovers");
+    } else {
+        eprintln!("duplicates (aborted records this broker shows): {duplicates}");
+    }
+    assert!(reader.topic("mcp.events.dlq").is_empty(), "no dead letters");
+    assert_states_match(&[pod], &expected_states(inputs));
+}
+
 #[test]
 fn state_writes_failing_mid_run_reopen_the_partition_and_stay_exact() {
     let broker = Broker::start();
@@ -56,20 +82,7 @@ fn state_writes_failing_mid_run_reopen_the_partition_and_stay_exact() {
     std::fs::remove_file(&switch).expect("fault switch off");
     broker.produce("mcp.events.all", third);
 
-    reader.wait_until("every handover", Duration::from_secs(240), |r| {
-        common::unique_handover_count(r) >= total
-    });
-    reader.poll_to_end();
-    let handovers = reader.handovers();
-    let (unique, duplicates) = dedup_handovers(&handovers);
-    assert_eq!(unique, expected.handovers, "handovers equal the reference");
-    if broker.hides_aborted {
-        assert_eq!(duplicates, 0);
-    } else {
-        eprintln!("duplicates (aborted records this broker shows): {duplicates}");
-    }
-    assert!(reader.topic("mcp.events.dlq").is_empty(), "no dead letters");
-    assert_states_match(&[&pod], &expected_states(&inputs));
+    assert_exact(&broker, &mut reader, &pod, &expected, &inputs);
 
     let log = pod.log();
     assert!(
@@ -117,19 +130,7 @@ fn losing_the_reply_of_commits_mid_run_duplicates_nothing_and_stays_exact() {
     );
     broker.produce("mcp.events.all", third);
 
-    reader.wait_until("every handover", Duration::from_secs(240), |r| {
-        common::unique_handover_count(r) >= total
-    });
-    reader.poll_to_end();
-    let (unique, duplicates) = dedup_handovers(&reader.handovers());
-    assert_eq!(unique, expected.handovers, "handovers equal the reference");
-    if broker.hides_aborted {
-        assert_eq!(duplicates, 0, "duplicate handovers");
-    } else {
-        eprintln!("duplicates (aborted records this broker shows): {duplicates}");
-    }
-    assert!(reader.topic("mcp.events.dlq").is_empty(), "no dead letters");
-    assert_states_match(&[&pod], &expected_states(&inputs));
+    assert_exact(&broker, &mut reader, &pod, &expected, &inputs);
     eprintln!(
         "lost commit replies: {}; EndTxn requests during the run: {}; transactions committed {}, aborted {}, outcome unknown {}; reopens after an unknown outcome {}",
         proxy.fired(),
@@ -191,17 +192,5 @@ fn a_commit_whose_outcome_is_unknown_reopens_from_the_broker_and_stays_exact() {
     );
     broker.produce("mcp.events.all", third);
 
-    reader.wait_until("every handover", Duration::from_secs(240), |r| {
-        common::unique_handover_count(r) >= total
-    });
-    reader.poll_to_end();
-    let (unique, duplicates) = dedup_handovers(&reader.handovers());
-    assert_eq!(unique, expected.handovers, "handovers equal the reference");
-    if broker.hides_aborted {
-        assert_eq!(duplicates, 0, "duplicate handovers");
-    } else {
-        eprintln!("duplicates (aborted records this broker shows): {duplicates}");
-    }
-    assert!(reader.topic("mcp.events.dlq").is_empty(), "no dead letters");
-    assert_states_match(&[&pod], &expected_states(&inputs));
+    assert_exact(&broker, &mut reader, &pod, &expected, &inputs);
 }
