@@ -602,6 +602,142 @@ fn run_quix(broker: &Broker, settings: &Settings, python: &str) -> Value {
     })
 }
 
+/// The whole vision-research workflow, closed-loop: every context starts
+/// with its vision event, and a driver answers each handover as its agent
+/// would, with that agent's tool event (researcher → research, valuation →
+/// valuation, playwright → screenshot) until the reporter's handover ends
+/// the workflow. Runs on its own broker. Rate: workflow events from the
+/// first vision event sent to the last reporter handover seen.
+fn run_workflow_loop(settings: &Settings) -> Value {
+    let broker = Broker::start();
+    broker.create_baton_topics(PARTITIONS);
+    let registry = SchemaRegistry::start();
+    let schema_id = registry.register("mcp.events.all-value", schemas::TOOL_COMPLETED_V2);
+    let contexts = (settings.records / 4).max(1);
+    let mut rng = fastrand::Rng::with_seed(5);
+    let answer_of = |record: &SampleRecord| -> Option<&'static str> {
+        let value: Value = serde_json::from_slice(&record.value).ok()?;
+        match value["event"].as_str()? {
+            "tool.vision_analyze.completed" => Some("start"),
+            "tool.research_enrich.completed" => Some("researcher"),
+            "tool.valuation_estimate.completed" => Some("valuation"),
+            "tool.browser_take_screenshot.completed" => Some("playwright"),
+            _ => None,
+        }
+    };
+    // Per context, the event each agent answers with, encoded once.
+    let answers: Vec<BTreeMap<&'static str, SampleRecord>> = (0..contexts)
+        .map(|i| {
+            baton::sample::context_events(&format!("loop-{i}"), &mut rng)
+                .into_iter()
+                .filter_map(|record| Some((answer_of(&record)?, as_avro(record, schema_id))))
+                .collect()
+        })
+        .collect();
+    let baton = Baton::start(&broker, {
+        let mut options = BatonOptions::new("bench-loop");
+        options.extra_args = vec![
+            "--kafka-prop".into(),
+            format!("consumer.fetch.wait.max.ms={FETCH_WAIT_MS}"),
+            "--schema-registry-url".into(),
+            registry.url(),
+            "--auto-register-schemas".into(),
+        ];
+        options
+    });
+    let pid = baton.pid().to_string();
+    let agents = ["researcher", "valuation", "playwright", "reporter"];
+    let reader: BaseConsumer = broker
+        .client_config()
+        .set("group.id", "bench-loop-agents")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .expect("agent reader");
+    let mut assignment = TopicPartitionList::new();
+    for agent in agents {
+        for partition in 0..PARTITIONS {
+            assignment
+                .add_partition_offset(
+                    &format!("mcp.handover.{agent}"),
+                    partition,
+                    Offset::Beginning,
+                )
+                .expect("assign");
+        }
+    }
+    reader.assign(&assignment).expect("assign");
+    let producer: ThreadedProducer<DefaultProducerContext> = broker
+        .client_config()
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("agent producer");
+    let send = |record: &SampleRecord| {
+        let mut base = BaseRecord::<[u8], [u8]>::to("mcp.events.all").payload(&record.value);
+        if let Some(key) = &record.key {
+            base = base.key(key);
+        }
+        let mut pending = base;
+        while let Err((_, returned)) = producer.send(pending) {
+            std::thread::sleep(Duration::from_millis(1));
+            pending = returned;
+        }
+    };
+    let cpu_before = cpu_seconds_of(&pid).unwrap_or(f64::NAN);
+    let started = Instant::now();
+    for context in &answers {
+        if let Some(vision) = context.get("start") {
+            send(vision);
+        }
+    }
+    // A handover may be seen twice on a broker that shows aborted records.
+    let mut answered: std::collections::HashSet<(usize, &str)> = Default::default();
+    let mut finished = 0;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while finished < contexts && Instant::now() < deadline {
+        let Some(Ok(message)) = reader.poll(Duration::from_millis(50)) else {
+            continue;
+        };
+        let agent = message.topic().trim_start_matches("mcp.handover.");
+        let Some(index) = message
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .and_then(|k| k.strip_prefix("loop-"))
+            .and_then(|i| i.parse::<usize>().ok())
+            .filter(|i| *i < contexts)
+        else {
+            continue;
+        };
+        let Some(agent) = agents.iter().copied().find(|a| *a == agent) else {
+            continue;
+        };
+        if !answered.insert((index, agent)) {
+            continue;
+        }
+        if agent == "reporter" {
+            finished += 1;
+        } else if let Some(answer) = answers[index].get(agent) {
+            send(answer);
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds_of(&pid).unwrap_or(f64::NAN) - cpu_before;
+    let consumed = baton.metric("baton_records_consumed_total{topic=\"mcp.events.all\"}");
+    let sent = baton.metric("baton_records_sent_total");
+    let events = answers.iter().map(BTreeMap::len).sum::<usize>() as f64;
+    let result = json!({
+        "contexts": contexts, "finished": finished, "events": events,
+        "events_per_s": events / elapsed, "workflows_per_s": finished as f64 / elapsed,
+        "records_per_input": sent / consumed.max(1.0),
+        "cpu_us_per_event": cpu / events * 1e6,
+        "rss_mib": peak_rss_mib_of(&pid),
+    });
+    eprintln!("loop: {result}");
+    result
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("passthrough") {
@@ -635,6 +771,7 @@ fn main() {
                 run_passthrough(&broker, &settings, "lk", fanout)
             }
             "baton" => run_baton(&broker, &settings, rss_contexts),
+            "loop" => run_workflow_loop(&settings),
             "quix" => match std::env::var("BATON_BENCH_QUIX_PYTHON") {
                 Ok(python) => run_quix(&broker, &settings, &python),
                 Err(_) => {
@@ -642,7 +779,7 @@ fn main() {
                     continue;
                 }
             },
-            other => panic!("unknown peer {other:?} (l1, lk, baton, quix)"),
+            other => panic!("unknown peer {other:?} (l1, lk, baton, loop, quix)"),
         };
         println!("{peer}: {result}");
         results.insert(peer.to_string(), result);
