@@ -16,7 +16,7 @@
 //!
 //! Driven by scripts/bench.sh; settings from the environment:
 //! BATON_BENCH_RECORDS (100000), BATON_BENCH_LOADS ("0.25,0.5,0.75"),
-//! BATON_BENCH_LOAD_SECS (10), BATON_BENCH_PEERS ("l1,baton,lk,quix"),
+//! BATON_BENCH_LOAD_SECS (10), BATON_BENCH_PEERS ("l1,baton,lk,quix,loop"),
 //! BATON_BENCH_POISON_EVERY (100), BATON_BENCH_FAILURE_EVERY (50),
 //! BATON_BENCH_RSS_CONTEXTS (0: skip), BATON_BENCH_JSON (where to write the
 //! results), BATON_BENCH_QUIX_PYTHON.
@@ -301,13 +301,7 @@ fn load_point(
     }
     let (mut latencies, last_seen) = reader.join().expect("reader");
     latencies.sort_by(f64::total_cmp);
-    let quantile = |q: f64| -> Option<f64> {
-        if latencies.is_empty() {
-            return None;
-        }
-        let at = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
-        Some(latencies[at] * 1000.0)
-    };
+    let quantile = |q: f64| quantile_ms(&latencies, q);
     let achieved = if last_seen > start {
         latencies.len() as f64 / (last_seen - start)
     } else {
@@ -608,6 +602,15 @@ fn run_quix(broker: &Broker, settings: &Settings, python: &str) -> Value {
 /// valuation, playwright → screenshot) until the reporter's handover ends
 /// the workflow. Runs on its own broker. Rate: workflow events from the
 /// first vision event sent to the last reporter handover seen.
+/// The `q` quantile of sorted latencies in seconds, in milliseconds.
+fn quantile_ms(sorted_secs: &[f64], q: f64) -> Option<f64> {
+    if sorted_secs.is_empty() {
+        return None;
+    }
+    let at = ((sorted_secs.len() as f64 * q).ceil() as usize).clamp(1, sorted_secs.len()) - 1;
+    Some(sorted_secs[at] * 1000.0)
+}
+
 fn run_workflow_loop(settings: &Settings) -> Value {
     let broker = Broker::start();
     broker.create_baton_topics(PARTITIONS);
@@ -625,15 +628,44 @@ fn run_workflow_loop(settings: &Settings) -> Value {
             _ => None,
         }
     };
+    // As in the other phases: every `poison_every`-th context also gets a
+    // record that is not an event at all (dead-lettered as poison), and every
+    // `failure_every`-th context's screenshot fails (`status: error`, dead-
+    // lettered as `tool_failed`; with no healer here, that context stops at
+    // its playwright step and is not expected to finish).
+    let poisoned = |i: usize| settings.poison_every > 0 && i % settings.poison_every == settings.poison_every - 1;
+    let failing = |i: usize| settings.failure_every > 0 && i % settings.failure_every == settings.failure_every / 2;
+    let fail_tool = |record: SampleRecord| -> SampleRecord {
+        let Ok(mut value) = serde_json::from_slice::<Value>(&record.value) else {
+            return record;
+        };
+        value["status"] = json!("error");
+        value["error"] = json!("browser crashed");
+        SampleRecord { key: record.key, value: value.to_string().into_bytes() }
+    };
     // Per context, the event each agent answers with, encoded once.
     let answers: Vec<BTreeMap<&'static str, SampleRecord>> = (0..contexts)
         .map(|i| {
-            baton::sample::context_events(&format!("loop-{i}"), &mut rng)
-                .into_iter()
-                .filter_map(|record| Some((answer_of(&record)?, as_avro(record, schema_id))))
-                .collect()
+            let mut answers: BTreeMap<&'static str, SampleRecord> =
+                baton::sample::context_events(&format!("loop-{i}"), &mut rng)
+                    .into_iter()
+                    .filter_map(|record| {
+                        let agent = answer_of(&record)?;
+                        let record = if agent == "playwright" && failing(i) { fail_tool(record) } else { record };
+                        Some((agent, as_avro(record, schema_id)))
+                    })
+                    .collect();
+            if poisoned(i) {
+                let poison = SampleRecord {
+                    key: Some(format!("loop-{i}").into_bytes()),
+                    value: format!("\u{1}not an event {i}").into_bytes(),
+                };
+                answers.insert("poison", poison);
+            }
+            answers
         })
         .collect();
+    let expected_finishers = (0..contexts).filter(|i| !failing(*i)).count();
     let baton = Baton::start(&broker, {
         let mut options = BatonOptions::new("bench-loop");
         options.extra_args = vec![
@@ -643,6 +675,10 @@ fn run_workflow_loop(settings: &Settings) -> Value {
             registry.url(),
             "--auto-register-schemas".into(),
         ];
+        // For experiments: more flags for the engine, split on whitespace.
+        if let Ok(extra) = std::env::var("BATON_BENCH_LOOP_ARGS") {
+            options.extra_args.extend(extra.split_whitespace().map(String::from));
+        }
         options
     });
     let pid = baton.pid().to_string();
@@ -691,12 +727,20 @@ fn run_workflow_loop(settings: &Settings) -> Value {
         if let Some(vision) = context.get("start") {
             send(vision);
         }
+        if let Some(poison) = context.get("poison") {
+            send(poison);
+        }
     }
     // A handover may be seen twice on a broker that shows aborted records.
     let mut answered: std::collections::HashSet<(usize, &str)> = Default::default();
     let mut finished = 0;
+    // Per hop: from an agent's answer sent to the next handover seen (the
+    // first hop, from the burst of vision events, measures the backlog, not
+    // the engine, so it is left out).
+    let mut answered_at: Vec<Option<Instant>> = vec![None; contexts];
+    let mut hop_secs: Vec<f64> = Vec::with_capacity(contexts * 3);
     let deadline = Instant::now() + Duration::from_secs(1800);
-    while finished < contexts && Instant::now() < deadline {
+    while finished < expected_finishers && Instant::now() < deadline {
         let Some(Ok(message)) = reader.poll(Duration::from_millis(50)) else {
             continue;
         };
@@ -716,24 +760,37 @@ fn run_workflow_loop(settings: &Settings) -> Value {
         if !answered.insert((index, agent)) {
             continue;
         }
+        if let Some(at) = answered_at[index] {
+            hop_secs.push(at.elapsed().as_secs_f64());
+        }
         if agent == "reporter" {
             finished += 1;
         } else if let Some(answer) = answers[index].get(agent) {
             send(answer);
+            answered_at[index] = Some(Instant::now());
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    hop_secs.sort_by(f64::total_cmp);
     let cpu = cpu_seconds_of(&pid).unwrap_or(f64::NAN) - cpu_before;
     let consumed = baton.metric("baton_records_consumed_total{topic=\"mcp.events.all\"}");
     let sent = baton.metric("baton_records_sent_total");
     let events = answers.iter().map(BTreeMap::len).sum::<usize>() as f64;
     let result = json!({
-        "contexts": contexts, "finished": finished, "events": events,
+        "contexts": contexts, "finished": finished, "expected_finishers": expected_finishers,
+        "events": events,
         "events_per_s": events / elapsed, "workflows_per_s": finished as f64 / elapsed,
         "records_per_input": sent / consumed.max(1.0),
         "cpu_us_per_event": cpu / events * 1e6,
         "rss_mib": peak_rss_mib_of(&pid),
+        "hop_p50_ms": quantile_ms(&hop_secs, 0.50), "hop_p99_ms": quantile_ms(&hop_secs, 0.99),
     });
+    if let Ok(path) = std::env::var("BATON_BENCH_METRICS_DUMP") {
+        // For looking into a run: the engine's own stage and commit timings.
+        if let Some((_, body)) = baton.http_get("/metrics") {
+            let _ = std::fs::write(path, body);
+        }
+    }
     eprintln!("loop: {result}");
     result
 }
@@ -755,7 +812,7 @@ fn main() {
         poison_every: env_or("BATON_BENCH_POISON_EVERY", 100),
         failure_every: env_or("BATON_BENCH_FAILURE_EVERY", 50),
     };
-    let peers = std::env::var("BATON_BENCH_PEERS").unwrap_or_else(|_| "l1,baton,lk,quix".into());
+    let peers = std::env::var("BATON_BENCH_PEERS").unwrap_or_else(|_| "l1,baton,lk,quix,loop".into());
     let rss_contexts: usize = env_or("BATON_BENCH_RSS_CONTEXTS", 0);
     let broker = Broker::start();
     let mut results = BTreeMap::new();

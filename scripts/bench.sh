@@ -12,7 +12,9 @@
 #
 # Peers (benches/compare.rs): L1, the raw rdkafka transactional passthrough;
 # Lk, the same writing as many records per input as baton; Quix Streams 3.28
-# running the first workflow step (benches/peers/quix_first_step.py); baton.
+# running the first workflow step (benches/peers/quix_first_step.py); baton on
+# the same first step; loop, baton on the whole vision-research workflow with a
+# closed-loop driver answering every handover as its agent would.
 # Then the restore rate (benches/restore.rs). Prints the table, ratios and
 # targets (benches/peers/report.py) and draws docs/benchmarks-throughput.png.
 #
@@ -21,7 +23,7 @@
 #   BATON_BENCH_VENV     venv for Quix Streams and matplotlib
 #                        (default ~/.cache/baton/bench-venv)
 #   BATON_BENCH_OUT      where results go (default $CARGO_TARGET_DIR/bench-results)
-#   BATON_BENCH_PEERS    which peers (default l1,baton,lk,quix)
+#   BATON_BENCH_PEERS    which peers (default l1,baton,lk,quix,loop)
 #   BATON_BENCH_RECORDS, BATON_BENCH_LOADS, BATON_BENCH_LOAD_SECS,
 #   BATON_BENCH_RSS_CONTEXTS, BATON_BENCH_RESTORE_RECORDS override the mode
 set -euo pipefail
@@ -56,7 +58,7 @@ else
     : "${BATON_BENCH_RSS_CONTEXTS:=1000000}" "${BATON_BENCH_RESTORE_RECORDS:=1000000}"
 fi
 export BATON_BENCH_RECORDS BATON_BENCH_LOADS BATON_BENCH_LOAD_SECS BATON_BENCH_RSS_CONTEXTS
-: "${BATON_BENCH_PEERS:=l1,baton,lk,quix}"
+: "${BATON_BENCH_PEERS:=l1,baton,lk,quix,loop}"
 export BATON_BENCH_PEERS
 
 # Processes this script starts; each child of the benchmarks dies with it

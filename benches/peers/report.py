@@ -81,6 +81,20 @@ def main():
             f"{fmt(h.get('p50_ms'), 1)} | {fmt(h.get('p99_ms'), 1)} |"
         )
     out("")
+    loop = peers.get("loop")
+    if loop:
+        out(
+            f"Closed loop (`loop`): baton on the whole vision-research workflow, a driver answering "
+            f"every handover as its agent would (Avro, {share(results.get('poison_every'))} poison contexts, "
+            f"{share(results.get('failure_every'))} failing screenshots): {fmt(loop.get('contexts'))} contexts, "
+            f"{fmt(loop.get('finished'))} of {fmt(loop.get('expected_finishers'))} expected finished, "
+            f"{fmt(loop.get('events_per_s'))} events/s ({fmt(loop.get('workflows_per_s'))} workflows/s), "
+            f"{fmt(loop.get('records_per_input'), 2)} records written / input, "
+            f"{fmt(loop.get('cpu_us_per_event'), 1)} CPU µs / event, peak RSS {fmt(loop.get('rss_mib'))} MiB, "
+            f"hop latency (answer sent to next handover seen) p50 {fmt(loop.get('hop_p50_ms'), 1)} ms, "
+            f"p99 {fmt(loop.get('hop_p99_ms'), 1)} ms."
+        )
+        out("")
     if restore is not None:
         out(f"Restore (`cargo bench --bench restore`, {restore_records:,} changelog records): {restore_line}")
         out("")
