@@ -633,15 +633,22 @@ fn run_workflow_loop(settings: &Settings) -> Value {
     // `failure_every`-th context's screenshot fails (`status: error`, dead-
     // lettered as `tool_failed`; with no healer here, that context stops at
     // its playwright step and is not expected to finish).
-    let poisoned = |i: usize| settings.poison_every > 0 && i % settings.poison_every == settings.poison_every - 1;
-    let failing = |i: usize| settings.failure_every > 0 && i % settings.failure_every == settings.failure_every / 2;
+    let poisoned = |i: usize| {
+        settings.poison_every > 0 && i % settings.poison_every == settings.poison_every - 1
+    };
+    let failing = |i: usize| {
+        settings.failure_every > 0 && i % settings.failure_every == settings.failure_every / 2
+    };
     let fail_tool = |record: SampleRecord| -> SampleRecord {
         let Ok(mut value) = serde_json::from_slice::<Value>(&record.value) else {
             return record;
         };
         value["status"] = json!("error");
         value["error"] = json!("browser crashed");
-        SampleRecord { key: record.key, value: value.to_string().into_bytes() }
+        SampleRecord {
+            key: record.key,
+            value: value.to_string().into_bytes(),
+        }
     };
     // Per context, the event each agent answers with, encoded once.
     let answers: Vec<BTreeMap<&'static str, SampleRecord>> = (0..contexts)
@@ -651,7 +658,11 @@ fn run_workflow_loop(settings: &Settings) -> Value {
                     .into_iter()
                     .filter_map(|record| {
                         let agent = answer_of(&record)?;
-                        let record = if agent == "playwright" && failing(i) { fail_tool(record) } else { record };
+                        let record = if agent == "playwright" && failing(i) {
+                            fail_tool(record)
+                        } else {
+                            record
+                        };
                         Some((agent, as_avro(record, schema_id)))
                     })
                     .collect();
@@ -677,7 +688,9 @@ fn run_workflow_loop(settings: &Settings) -> Value {
         ];
         // For experiments: more flags for the engine, split on whitespace.
         if let Ok(extra) = std::env::var("BATON_BENCH_LOOP_ARGS") {
-            options.extra_args.extend(extra.split_whitespace().map(String::from));
+            options
+                .extra_args
+                .extend(extra.split_whitespace().map(String::from));
         }
         options
     });
@@ -812,7 +825,8 @@ fn main() {
         poison_every: env_or("BATON_BENCH_POISON_EVERY", 100),
         failure_every: env_or("BATON_BENCH_FAILURE_EVERY", 50),
     };
-    let peers = std::env::var("BATON_BENCH_PEERS").unwrap_or_else(|_| "l1,baton,lk,quix,loop".into());
+    let peers =
+        std::env::var("BATON_BENCH_PEERS").unwrap_or_else(|_| "l1,baton,lk,quix,loop".into());
     let rss_contexts: usize = env_or("BATON_BENCH_RSS_CONTEXTS", 0);
     let broker = Broker::start();
     let mut results = BTreeMap::new();
