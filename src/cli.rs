@@ -1,6 +1,7 @@
 //! The command line. Every flag of `baton run` also reads a `BATON_*`
 //! variable, so pods are configured from their environment.
 
+mod context;
 mod dlq;
 mod schemas;
 
@@ -64,6 +65,9 @@ pub enum Command {
     /// Inspect the dead-letter queue, or replay dead letters exactly once.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Cancel a context, or list contexts by state and the stalled ones.
+    #[command(subcommand)]
+    Context(context::ContextCommand),
 }
 
 #[derive(Debug, Args)]
@@ -171,6 +175,10 @@ pub struct RunArgs {
     /// pod's state memory does not grow with its partitions or contexts.
     #[arg(long, env = "BATON_STATE_MEMORY_BYTES")]
     pub state_memory_bytes: Option<usize>,
+    /// Due timers a partition fires per round (default 1000, at most 100000);
+    /// the rest fire in the next round, at least once per commit interval.
+    #[arg(long, env = "BATON_MAX_TIMERS_PER_ROUND")]
+    pub max_timers_per_round: Option<usize>,
     /// Longest accepted `context_id` in bytes (default 1024); longer ones,
     /// and ones with control characters, are dead-lettered as `invalid_context_id`.
     #[arg(long, env = "BATON_MAX_CONTEXT_ID_BYTES")]
@@ -401,6 +409,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Schemas(command) => schemas::execute(command).await,
         Command::Heal(args) => heal(args).await,
         Command::Dlq(command) => dlq::execute(command).await,
+        Command::Context(command) => context::execute(command).await,
     }
 }
 
@@ -564,17 +573,22 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn settings(bootstrap_servers: &str, props: &[String]) -> anyhow::Result<KafkaSettings> {
-    let mut properties = Vec::new();
-    for pair in props {
-        let (key, value) = pair
-            .split_once('=')
-            .with_context(|| format!("kafka_prop: `{pair}` is not KEY=VALUE"))?;
-        properties.push((key.to_string(), value.to_string()));
-    }
     Ok(KafkaSettings {
         bootstrap_servers: bootstrap_servers.to_string(),
-        properties,
+        properties: parse_kafka_props(props)?,
     })
+}
+
+/// `--kafka-prop KEY=VALUE` pairs.
+fn parse_kafka_props(props: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    props
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .with_context(|| format!("kafka_prop: `{pair}` is not KEY=VALUE"))
+        })
+        .collect()
 }
 
 async fn create_topics(args: TopicsCreateArgs) -> anyhow::Result<ExitCode> {

@@ -19,6 +19,9 @@ pub const DEFAULT_INPUT_TOPIC: &str = "mcp.events.all";
 pub const DEFAULT_APPLICATION_ID: &str = "baton";
 pub const DEFAULT_STATUS_TOPIC: &str = "mcp.orchestration.status";
 pub const DEFAULT_MEMORY_TOPIC: &str = "mcp.memory";
+/// Timers a task fires in one round: a burst of due timers (after an outage,
+/// say) is spread over rounds instead of filling one transaction.
+pub const DEFAULT_MAX_TIMERS_PER_ROUND: usize = 1_000;
 
 /// The optional TOML file. Unknown keys are an error, not a silent typo.
 #[derive(Debug, Default, Deserialize)]
@@ -39,6 +42,7 @@ pub struct FileConfig {
     pub max_memory_bytes: Option<usize>,
     pub max_context_id_bytes: Option<usize>,
     pub state_memory_bytes: Option<usize>,
+    pub max_timers_per_round: Option<usize>,
     pub transaction_call_timeout_ms: Option<u64>,
     pub startup_timeout_ms: Option<u64>,
     /// Per input topic: `avro`, `json` or `auto` (the default).
@@ -86,6 +90,8 @@ pub struct RunConfig {
     pub context_limits: ContextLimits,
     /// What the pod's RocksDB stores share: block cache and memtables.
     pub state_memory_bytes: usize,
+    /// Timers a task fires per round; the rest wait for the next round.
+    pub max_timers_per_round: usize,
     /// How long one transactional call may block before it counts as failed.
     pub transaction_call_timeout: Duration,
     /// How long start-up keeps trying to reach the brokers before giving up.
@@ -379,6 +385,12 @@ impl RunConfig {
             ),
         };
 
+        let max_timers_per_round = bounded(
+            "max_timers_per_round",
+            args.max_timers_per_round.or(file.max_timers_per_round),
+            DEFAULT_MAX_TIMERS_PER_ROUND,
+            1..=100_000,
+        );
         let state_memory_bytes = bounded(
             "state_memory_bytes",
             args.state_memory_bytes.or(file.state_memory_bytes),
@@ -582,6 +594,7 @@ impl RunConfig {
             limits: DecodeLimits { max_record_bytes },
             context_limits,
             state_memory_bytes,
+            max_timers_per_round,
             transaction_call_timeout: Duration::from_millis(transaction_call_timeout_ms),
             startup_timeout: Duration::from_millis(startup_timeout_ms),
             input_formats,

@@ -22,6 +22,9 @@ pub enum ControlAction {
     PlanB,
     /// Give up: move the workflow to its failed state.
     Fail,
+    /// An operator's `baton context cancel`: stop the workflow whatever it
+    /// waits for.
+    Cancel,
 }
 
 impl ControlAction {
@@ -31,6 +34,7 @@ impl ControlAction {
             ControlAction::Alternate => "alternate",
             ControlAction::PlanB => "plan_b",
             ControlAction::Fail => "fail",
+            ControlAction::Cancel => "cancel",
         }
     }
 }
@@ -54,9 +58,29 @@ pub struct ControlCommand {
     /// the healer holds it in the retry topic until then.
     #[serde(default)]
     pub not_before: Option<i64>,
+    /// Why an operator cancelled (a `cancel` command only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl ControlCommand {
+    /// An operator's cancellation of `context_id`; `command_id` makes it
+    /// idempotent (the CLI derives it from the context and the time).
+    pub fn cancel(context_id: &str, command_id: String, reason: Option<String>) -> ControlCommand {
+        ControlCommand {
+            command_id,
+            context_id: context_id.to_owned(),
+            action: ControlAction::Cancel,
+            step: String::new(),
+            attempt: 0,
+            dlq_topic: String::new(),
+            dlq_partition: -1,
+            dlq_offset: -1,
+            not_before: None,
+            reason,
+        }
+    }
+
     /// The id for the command answering the DLQ record at these coordinates.
     pub fn id_for(dlq_topic: &str, partition: i32, offset: i64) -> String {
         format!("{dlq_topic}/{partition}/{offset}")
@@ -88,6 +112,7 @@ mod tests {
             dlq_partition: 2,
             dlq_offset: 17,
             not_before: Some(1_700_000_000_000),
+            reason: None,
         };
         let bytes = command.encode();
         assert!(String::from_utf8_lossy(&bytes).contains(r#""action":"plan_b""#));

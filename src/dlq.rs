@@ -73,6 +73,10 @@ pub enum ErrorClass {
     InvalidTransition,
     /// The tool call itself failed; the healer may retry it.
     ToolFailed,
+    /// The agent holding a step did not answer in time (its `timeout`, or
+    /// its `heartbeat_timeout`); healed like `tool_failed`. The record is
+    /// the timer's description, not an input.
+    StepTimedOut,
     /// An output the input causes (a handover, a state or memory record)
     /// cannot fit the producer's `message.max.bytes`; the state is unchanged.
     OutputTooLarge,
@@ -92,10 +96,13 @@ pub enum ErrorClass {
     /// The context's stored state cannot be decoded (e.g. written by a newer
     /// baton); the input is set aside rather than applied to a guess.
     UnreadableState,
+    /// The record was held by a context (waiting on the healer) that an
+    /// operator cancelled; it is parked, never retried.
+    ContextCancelled,
 }
 
 impl ErrorClass {
-    pub const ALL: [ErrorClass; 16] = [
+    pub const ALL: [ErrorClass; 18] = [
         ErrorClass::MalformedJson,
         ErrorClass::UnrecognizedFormat,
         ErrorClass::MissingContextId,
@@ -105,6 +112,7 @@ impl ErrorClass {
         ErrorClass::IncompatibleSchema,
         ErrorClass::InvalidTransition,
         ErrorClass::ToolFailed,
+        ErrorClass::StepTimedOut,
         ErrorClass::OutputTooLarge,
         ErrorClass::OutputRejected,
         ErrorClass::OutputUnencodable,
@@ -112,6 +120,7 @@ impl ErrorClass {
         ErrorClass::InvalidContextId,
         ErrorClass::MemoryOverflow,
         ErrorClass::UnreadableState,
+        ErrorClass::ContextCancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -125,6 +134,7 @@ impl ErrorClass {
             ErrorClass::IncompatibleSchema => "incompatible_schema",
             ErrorClass::InvalidTransition => "invalid_transition",
             ErrorClass::ToolFailed => "tool_failed",
+            ErrorClass::StepTimedOut => "step_timed_out",
             ErrorClass::OutputTooLarge => "output_too_large",
             ErrorClass::OutputRejected => "output_rejected",
             ErrorClass::OutputUnencodable => "output_unencodable",
@@ -132,6 +142,7 @@ impl ErrorClass {
             ErrorClass::InvalidContextId => "invalid_context_id",
             ErrorClass::MemoryOverflow => "memory_overflow",
             ErrorClass::UnreadableState => "unreadable_state",
+            ErrorClass::ContextCancelled => "context_cancelled",
         }
     }
 

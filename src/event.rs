@@ -66,6 +66,12 @@ pub struct ToolEvent {
     pub workflow: Option<String>,
     pub status: ToolStatus,
     pub error: Option<String>,
+    /// The agent that sent an `agent.heartbeat`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// A heartbeat's progress text, for the live feed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
 }
 
 impl ToolEvent {
@@ -100,6 +106,8 @@ mod tests {
             workflow: None,
             status: ToolStatus::Ok,
             error: None,
+            agent: None,
+            progress: None,
         };
         assert_eq!(event.tool_name(), Some("vision_analyze"));
     }

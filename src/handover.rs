@@ -23,6 +23,8 @@ pub enum HandoverStatus {
     BudgetExhausted,
     /// The workflow reached a terminal failure.
     Failed,
+    /// An operator cancelled the workflow: stop working on it.
+    Cancelled,
 }
 
 impl HandoverStatus {
@@ -34,6 +36,7 @@ impl HandoverStatus {
             HandoverStatus::PlanB => "plan_b",
             HandoverStatus::BudgetExhausted => "budget_exhausted",
             HandoverStatus::Failed => "failed",
+            HandoverStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -67,6 +70,14 @@ pub struct Handover {
     /// The `event_id` of the input that caused this handover.
     pub causation_id: String,
     pub produced_at: String,
+    /// Which dispatch of the step this is: 1 for the first call, more for
+    /// the healer's retries, so an agent can tell a retry from a first call.
+    #[serde(default)]
+    pub attempt: u32,
+    /// When the agent's time is up (RFC 3339): its step's timeout or the
+    /// workflow's deadline, whichever is sooner; `None` when neither is set.
+    #[serde(default)]
+    pub deadline_at: Option<String>,
 }
 
 impl Handover {
@@ -95,6 +106,8 @@ impl Handover {
             correlation_id: event.correlation_id.clone(),
             causation_id: event.event_id.clone(),
             produced_at,
+            attempt: 0,
+            deadline_at: None,
         }
     }
 }
@@ -130,6 +143,8 @@ impl Handover {
             correlation_id: None,
             causation_id: causation_id.to_owned(),
             produced_at,
+            attempt: 0,
+            deadline_at: None,
         }
     }
 }

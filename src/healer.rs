@@ -116,6 +116,7 @@ impl Decision {
                 ControlAction::Alternate => "alternate",
                 ControlAction::PlanB => "plan_b",
                 ControlAction::Fail => "park",
+                ControlAction::Cancel => "cancel",
             },
             Decision::Park { .. } => "park",
         }
@@ -128,7 +129,11 @@ impl Decision {
 pub fn decide(topology: &Topology, letter: &DeadLetterView) -> Decision {
     let park = |reason: String| Decision::Park { reason, fail: None };
     let class = letter.class.as_deref().unwrap_or("unknown");
-    if ErrorClass::parse(class) != Some(ErrorClass::ToolFailed) {
+    // A call that timed out is healed as one that failed.
+    if !matches!(
+        ErrorClass::parse(class),
+        Some(ErrorClass::ToolFailed | ErrorClass::StepTimedOut)
+    ) {
         let why = letter.reason.as_deref().unwrap_or("no reason given");
         return park(format!(
             "`{class}` cannot be healed by retrying; a person must look at it: {why}"
@@ -141,10 +146,9 @@ pub fn decide(topology: &Topology, letter: &DeadLetterView) -> Decision {
         letter.attempts,
         &letter.failed_event,
     ) else {
-        return park(
-            "a tool_failed record without its context, workflow, step, attempts or failed event"
-                .into(),
-        );
+        return park(format!(
+            "a `{class}` record without its context, workflow, step, attempts or failed event"
+        ));
     };
     let Some(definition) = topology.workflow(workflow) else {
         return park(format!("workflow `{workflow}` is not in the topology"));
@@ -465,6 +469,7 @@ impl Healer<'_> {
             dlq_partition: message.partition(),
             dlq_offset: message.offset(),
             not_before,
+            reason: None,
         };
         let key = letter.context_id.as_deref().map(str::as_bytes);
         match decision {

@@ -8,7 +8,12 @@
 //! `Retry-After`. Errors are JSON with a code and a message, so agents and
 //! operators can act on them without scraping text.
 
+mod contexts;
 mod dlq_tally;
+
+pub use contexts::{
+    ContextSummary, ListQuery as ContextQuery, MAX_LIMIT as MAX_CONTEXTS_PAGE, Page as ContextPage,
+};
 mod feed;
 
 use std::convert::Infallible;
@@ -182,6 +187,7 @@ async fn route(state: &HttpState, request: Request<Incoming>) -> HttpResponse {
         ),
         "/readyz" => ("readyz", readyz(state)),
         "/api/overview" => ("overview", overview(state).await),
+        "/api/contexts" => ("contexts", list_contexts(state, &request).await),
         "/events" => ("events", events(state, &request).await),
         _ => match path
             .strip_prefix("/contexts/")
@@ -561,6 +567,91 @@ async fn overview(state: &HttpState) -> HttpResponse {
             "dlq": dlq,
             "ready": state.readiness.is_ready(),
         }),
+    )
+}
+
+/// Contexts by state and workflow, and the stalled ones, paged: this pod's
+/// partitions, merged with every other pod's (see [`contexts`]).
+async fn list_contexts(state: &HttpState, request: &Request<Incoming>) -> HttpResponse {
+    let query = match contexts::ListQuery::parse(&feed::form_pairs(request.uri().query())) {
+        Ok(query) => query,
+        Err(message) => return error(StatusCode::BAD_REQUEST, "bad_query", &message),
+    };
+    let now_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    // Up to SCAN_BUDGET RocksDB reads and decodes: off the async workers.
+    let stores = Arc::clone(&state.stores);
+    let local_query = query.clone();
+    let local = match tokio::task::spawn_blocking(move || {
+        contexts::local_page(&stores, &local_query, now_ms)
+    })
+    .await
+    {
+        Ok(Ok(page)) => page,
+        Ok(Err(err)) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "state_store",
+                &err.to_string(),
+            );
+        }
+        Err(err) => return error(StatusCode::INTERNAL_SERVER_ERROR, "scan", &err.to_string()),
+    };
+    if request.headers().contains_key(FORWARDED) {
+        return served_here(state, json_response(StatusCode::OK, &json!(local)));
+    }
+    let surface = match surface(state) {
+        Ok(surface) => surface,
+        Err(unavailable) => return unavailable.into_response(),
+    };
+    let members = surface.membership.members();
+    let served: std::collections::BTreeSet<i32> = members
+        .iter()
+        .flat_map(|member| member.ready.iter().copied())
+        .collect();
+    if (served.len() as i32) < surface.partitions {
+        return retry_later(
+            "partition_moving",
+            &format!(
+                "{} of {} partitions are served right now; a list would miss the rest",
+                served.len(),
+                surface.partitions
+            ),
+        );
+    }
+    let query_string = query.to_query_string();
+    let peers = members
+        .iter()
+        .filter(|member| member.instance_id != surface.membership.instance_id)
+        .filter(|member| !member.ready.is_empty())
+        .map(|member| {
+            let url = format!("{}/api/contexts?{query_string}", member.url);
+            async move {
+                let answer = get_with_headers(&url, &[(FORWARDED, "1")]).await;
+                (url, answer)
+            }
+        });
+    let mut pages = vec![local];
+    for (url, answer) in futures::future::join_all(peers).await {
+        let page = match answer {
+            Ok((200, _, body)) => serde_json::from_str::<contexts::Page>(&body)
+                .map_err(|err| format!("{url}: not a page of contexts: {err}")),
+            Ok((status, _, _)) => Err(format!("{url} answered {status}")),
+            Err(err) => Err(format!("{url}: {err}")),
+        };
+        match page {
+            Ok(page) => pages.push(page),
+            Err(message) => {
+                METRICS
+                    .forwarded_requests
+                    .with_label_values(&["failed"])
+                    .inc();
+                return retry_later("pod_unreachable", &message);
+            }
+        }
+    }
+    served_here(
+        state,
+        json_response(StatusCode::OK, &json!(contexts::merge(pages, query.limit))),
     )
 }
 

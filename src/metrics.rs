@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The registry `/metrics` serves.
@@ -102,6 +102,20 @@ pub struct Metrics {
     pub retries_pending: IntGauge,
     /// `baton heal`: how long the oldest pending retry has waited, in seconds.
     pub oldest_retry_seconds: Gauge,
+    /// Completions for a step the context has left (late answers, a second
+    /// attempt's, anything after a terminal state): counted and skipped.
+    pub events_stale: IntCounter,
+    /// `agent.heartbeat` records, by outcome (accepted, ignored).
+    pub heartbeats: IntCounterVec,
+    /// Timers in this pod's partitions' timer indexes (RocksDB's estimate).
+    pub timers_pending: IntGauge,
+    /// Timers fired, by kind (step, heartbeat, deadline, approval).
+    pub timers_fired: IntCounterVec,
+    /// How late a timer fired: the firing's wall clock minus its due time.
+    pub timer_lateness_seconds: Histogram,
+    /// Timers due more than a commit interval ago and not fired yet, by
+    /// partition: contexts nobody is acting on.
+    pub contexts_overdue: IntGaugeVec,
 }
 
 impl Metrics {
@@ -337,8 +351,56 @@ impl Metrics {
                 "How long the oldest pending retry has waited",
             )
             .expect("valid metric"),
+            events_stale: IntCounter::new(
+                "baton_events_stale_total",
+                "Completions for a step the context has left (counted and skipped, never dead-lettered)",
+            )
+            .expect("valid metric"),
+            heartbeats: IntCounterVec::new(
+                Opts::new(
+                    "baton_heartbeats_total",
+                    "agent.heartbeat records, by outcome (accepted, ignored)",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+            timers_pending: IntGauge::new(
+                "baton_timers_pending",
+                "Timers in this pod's timer indexes (RocksDB's estimate)",
+            )
+            .expect("valid metric"),
+            timers_fired: IntCounterVec::new(
+                Opts::new(
+                    "baton_timers_fired_total",
+                    "Timers fired, by kind (step, heartbeat, deadline, approval)",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+            timer_lateness_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "baton_timer_lateness_seconds",
+                    "Wall clock of a timer's firing minus its due time",
+                )
+                .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            )
+            .expect("valid metric"),
+            contexts_overdue: IntGaugeVec::new(
+                Opts::new(
+                    "baton_contexts_overdue",
+                    "Timers due more than a commit interval ago and not fired, by partition",
+                ),
+                &["partition"],
+            )
+            .expect("valid metric"),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 38] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 44] = [
+            Box::new(metrics.events_stale.clone()),
+            Box::new(metrics.heartbeats.clone()),
+            Box::new(metrics.timers_pending.clone()),
+            Box::new(metrics.timers_fired.clone()),
+            Box::new(metrics.timer_lateness_seconds.clone()),
+            Box::new(metrics.contexts_overdue.clone()),
             Box::new(metrics.records_consumed.clone()),
             Box::new(metrics.partition_reopens.clone()),
             Box::new(metrics.records_isolated.clone()),

@@ -85,12 +85,13 @@ fn handover_json(value: &[u8]) -> serde_json::Value {
             other => other,
         };
         let json = match (name.as_str(), value) {
-            ("produced_at", _) => continue,
+            ("produced_at", _) | ("deadline_at", _) => continue,
             ("last_tool_output", Value::String(text)) => {
                 serde_json::from_str(&text).expect("last_tool_output is JSON")
             }
             (_, Value::String(text)) | (_, Value::Enum(_, text)) => serde_json::json!(text),
             (_, Value::Long(n)) => serde_json::json!(n),
+            (_, Value::Int(n)) => serde_json::json!(n),
             (_, Value::Null) => serde_json::Value::Null,
             (field, other) => panic!("unexpected {field}: {other:?}"),
         };

@@ -327,7 +327,7 @@ fn with_no_route_left_the_record_is_parked_and_the_workflow_fails() {
     let topology = common::topology_variant(&[
         ("initial_backoff_ms = 1000", "initial_backoff_ms = 100"),
         (
-            "[[retry.alternates]]\ntool = \"browser_take_screenshot\"\nagent = \"fetcher\"\nintent = \"fetch_page\"\ntopic = \"mcp.handover.fetcher\"\ncompletion_event = \"tool.fetch_page.completed\"\n",
+            "[[retry.alternates]]\ntool = \"browser_take_screenshot\"\nagent = \"fetcher\"\nintent = \"fetch_page\"\ntopic = \"mcp.handover.fetcher\"\ncompletion_event = \"tool.fetch_page.completed\"\ntimeout = \"1m\"\n",
             "",
         ),
         (

@@ -44,9 +44,48 @@ fn text_of_vision_research() {
     assert_golden("vision-research.txt", &describe::text(&shipped()));
 }
 
+fn with_approval() -> Topology {
+    Topology::load(&repo_path("topology/research-with-approval.toml"))
+        .expect("the shipped approval workflow is valid")
+}
+
 #[test]
-fn the_topology_directory_describes_the_same() {
+fn mermaid_of_research_with_approval() {
+    assert_golden(
+        "research-with-approval.mmd",
+        &describe::mermaid(&with_approval()),
+    );
+}
+
+#[test]
+fn text_of_research_with_approval() {
+    assert_golden(
+        "research-with-approval.txt",
+        &describe::text(&with_approval()),
+    );
+}
+
+#[test]
+fn the_topology_directory_describes_both_workflows() {
     let directory = Topology::load(&repo_path("topology")).expect("topology/ is valid");
-    assert_eq!(describe::mermaid(&directory), describe::mermaid(&shipped()));
-    assert_eq!(describe::text(&directory), describe::text(&shipped()));
+    let text = describe::text(&directory);
+    assert_eq!(
+        text,
+        format!(
+            "{}\n{}",
+            describe::text(&with_approval()),
+            describe::text(&shipped())
+        )
+    );
+    let mermaid = describe::mermaid(&directory);
+    for one in [
+        describe::mermaid(&with_approval()),
+        describe::mermaid(&shipped()),
+    ] {
+        let body = one.trim_start_matches("stateDiagram-v2\n");
+        assert!(
+            mermaid.contains(body),
+            "the directory's diagram holds each workflow's"
+        );
+    }
 }

@@ -370,7 +370,9 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, DlqToolError> {
         let mut truncated = Vec::new();
         let mut already = 0u64;
         let collected = collect(&prepared, |record| {
-            if record.source_topic().is_none() {
+            // A timeout's letter describes a timer, not a record that
+            // arrived: there is nothing to republish (the healer answers it).
+            if record.source_topic().is_none() || is_timer_firing(record) {
                 no_source.push(record.coordinates());
                 false
             } else if is_truncated(record) {
@@ -391,7 +393,7 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, DlqToolError> {
     out(&render::table(&records, now));
     for coordinates in &no_source {
         out(&format!(
-            "skipped {coordinates}: no {} header, so where it came from is unknown\n",
+            "skipped {coordinates}: no {} header naming an input it came from (a step_timed_out letter describes a timer, not an input)\n",
             headers::SOURCE_TOPIC
         ));
     }
@@ -443,6 +445,11 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, DlqToolError> {
         describe_targets(&targets)
     ));
     Ok(ExitCode::SUCCESS)
+}
+
+/// A `step_timed_out` letter: written by a timer's firing, not an input.
+fn is_timer_firing(record: &DeadLetterRecord) -> bool {
+    record.header(headers::ERROR_CLASS) == Some(crate::dlq::ErrorClass::StepTimedOut.as_str())
 }
 
 /// A letter whose value was cut to fit (see [`crate::dlq::fit_record`]):

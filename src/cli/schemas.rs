@@ -286,6 +286,17 @@ fn load_contracts(args: &SchemasArgs, strategy: SubjectStrategy) -> Result<Vec<C
             "ControlCommand" => vec![args.control_topic.clone()],
             _ => Vec::new(),
         };
+        // Heartbeats share the input topics with ToolCompleted: under the
+        // topic strategy a topic's subject holds one record type, so they
+        // are registered by record name only (their producers use that
+        // strategy; baton decodes whatever id a record carries).
+        if name.ends_with(".AgentHeartbeat") && strategy == SubjectStrategy::Topic {
+            eprintln!(
+                "{}: skipped under the topic strategy (heartbeats share the input topics; register it with --subject-name-strategy record)",
+                display_name(&path)
+            );
+            continue;
+        }
         let subjects: Vec<String> = match strategy {
             SubjectStrategy::Record => vec![name.clone()],
             SubjectStrategy::Topic if topics.is_empty() => {

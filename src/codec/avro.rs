@@ -33,6 +33,7 @@ pub mod schemas {
     pub const HANDOVER_EVENT: &str = include_str!("../../schemas/HandoverEvent.avsc");
     pub const STATUS_UPDATE: &str = include_str!("../../schemas/StatusUpdate.avsc");
     pub const CONTROL_COMMAND: &str = include_str!("../../schemas/ControlCommand.avsc");
+    pub const AGENT_HEARTBEAT: &str = include_str!("../../schemas/AgentHeartbeat.avsc");
 }
 
 fn compiled(text: &str) -> Avsc {
@@ -87,7 +88,13 @@ pub fn frame(schema_id: u32, datum_len: usize) -> Vec<u8> {
 pub struct WriterDecoder<'s> {
     schema_id: u32,
     reader: GenericDatumReader<'s>,
+    /// The writer schema is `dev.baton.AgentHeartbeat`, read as it is
+    /// rather than resolved into `ToolCompleted`.
+    heartbeat: bool,
 }
+
+/// The full name of the heartbeat record (`schemas/AgentHeartbeat.avsc`).
+const HEARTBEAT_RECORD: &str = "dev.baton.AgentHeartbeat";
 
 static READER_NAMES: LazyLock<Result<ResolvedSchema<'static>, String>> = LazyLock::new(|| {
     ResolvedSchema::try_from(&TOOL_COMPLETED.parsed).map_err(|err| err.to_string())
@@ -101,7 +108,12 @@ impl<'s> WriterDecoder<'s> {
                 format!("writer schema {schema_id} cannot be used: {err}"),
             )
         })?;
-        Ok(WriterDecoder { schema_id, reader })
+        let heartbeat = matches!(writer, Schema::Record(record) if record.name.fullname(None) == HEARTBEAT_RECORD);
+        Ok(WriterDecoder {
+            schema_id,
+            reader,
+            heartbeat,
+        })
     }
 
     pub fn decode(
@@ -126,6 +138,9 @@ impl<'s> WriterDecoder<'s> {
                     datum.len() - consumed
                 ),
             ));
+        }
+        if self.heartbeat {
+            return heartbeat_event(written, source);
         }
         let names = READER_NAMES
             .as_ref()
@@ -161,6 +176,55 @@ pub fn decode_tool_completed(
     WriterDecoder::new(schema_id, writer)?.decode(datum, source)
 }
 
+/// An `AgentHeartbeat` datum as the event every format decodes into.
+fn heartbeat_event(written: Value, source: &SourceCoordinates) -> Result<ToolEvent, DecodeError> {
+    let Value::Record(fields) = written else {
+        return Err(DecodeError::poison(
+            ErrorClass::MalformedAvro,
+            "an AgentHeartbeat datum that is not a record",
+        ));
+    };
+    let mut event = ToolEvent {
+        event_id: String::new(),
+        context_id: String::new(),
+        event: crate::topology::HEARTBEAT_EVENT.to_owned(),
+        server_id: None,
+        tool: None,
+        arguments: Json::Null,
+        result: Json::Null,
+        usage: None,
+        token_budget: None,
+        occurred_at: None,
+        correlation_id: None,
+        workflow: None,
+        status: ToolStatus::Ok,
+        error: None,
+        agent: None,
+        progress: None,
+    };
+    for (name, value) in fields {
+        let value = unwrap_union(value);
+        match name.as_str() {
+            "context_id" => event.context_id = string(value).unwrap_or_default(),
+            "agent" => event.agent = string(value),
+            "progress" => event.progress = string(value),
+            "event_id" => event.event_id = string(value).unwrap_or_default(),
+            "occurred_at" => event.occurred_at = long(&value).and_then(rfc3339_from_millis),
+            _ => {}
+        }
+    }
+    if event.context_id.is_empty() {
+        return Err(DecodeError::poison(
+            ErrorClass::MissingContextId,
+            "the heartbeat has an empty `context_id`",
+        ));
+    }
+    if event.event_id.is_empty() {
+        event.event_id = source.derived_event_id();
+    }
+    Ok(event)
+}
+
 /// Reads the resolved fields by name; resolution guarantees every reader
 /// field is present, with its default where the writer had none.
 fn tool_event(
@@ -182,6 +246,8 @@ fn tool_event(
         workflow: None,
         status: ToolStatus::Ok,
         error: None,
+        agent: None,
+        progress: None,
     };
     for (name, value) in fields {
         let value = unwrap_union(value);
@@ -346,6 +412,19 @@ pub fn encode_handover(schema_id: u32, handover: &Handover) -> Result<Vec<u8>, S
             "produced_at".into(),
             Value::TimestampMillis(millis_from_rfc3339(&handover.produced_at)),
         ),
+        (
+            "attempt".into(),
+            Value::Int(i32::try_from(handover.attempt).unwrap_or(i32::MAX)),
+        ),
+        (
+            "deadline_at".into(),
+            match &handover.deadline_at {
+                Some(at) => {
+                    Value::Union(1, Box::new(Value::TimestampMillis(millis_from_rfc3339(at))))
+                }
+                None => Value::Union(0, Box::new(Value::Null)),
+            },
+        ),
     ]);
     let last_tool_output_len = match &record {
         Value::Record(fields) => match &fields[6].1 {
@@ -382,7 +461,7 @@ static STATUS_WRITER: LazyLock<Result<GenericDatumWriter<'static>, apache_avro::
     });
 
 /// The symbols of `ContextStatus` in `StatusUpdate.avsc`, in order.
-const CONTEXT_STATUS_SYMBOLS: [&str; 7] = [
+const CONTEXT_STATUS_SYMBOLS: [&str; 8] = [
     "queued",
     "waiting",
     "completed",
@@ -390,6 +469,7 @@ const CONTEXT_STATUS_SYMBOLS: [&str; 7] = [
     "budget_exhausted",
     "failed",
     "retrying",
+    "cancelled",
 ];
 
 /// Encodes a live-feed update as a `StatusUpdate` in the wire format.
@@ -463,13 +543,14 @@ pub fn decode_status_json(datum: &[u8]) -> Option<Json> {
 }
 
 /// The symbols of `HandoverStatus` in `HandoverEvent.avsc`, in order.
-const HANDOVER_STATUS_SYMBOLS: [&str; 6] = [
+const HANDOVER_STATUS_SYMBOLS: [&str; 7] = [
     "queued",
     "retrying",
     "fallback",
     "plan_b",
     "budget_exhausted",
     "failed",
+    "cancelled",
 ];
 
 #[cfg(test)]
@@ -524,6 +605,7 @@ mod tests {
             schemas::HANDOVER_EVENT,
             schemas::STATUS_UPDATE,
             schemas::CONTROL_COMMAND,
+            schemas::AGENT_HEARTBEAT,
         ] {
             compiled(text);
         }
@@ -532,6 +614,42 @@ mod tests {
             &TOOL_COMPLETED.parsed,
         )
         .expect("v2 reads v1");
+    }
+
+    #[test]
+    fn a_heartbeat_is_read_with_its_own_schema() {
+        let schema = compiled(schemas::AGENT_HEARTBEAT);
+        let datum = write(
+            &schema.parsed,
+            vec![
+                ("context_id", Value::String("ctx-1".into())),
+                ("agent", Value::String("researcher".into())),
+                (
+                    "progress",
+                    Value::Union(1, Box::new(Value::String("3 of 10 sources".into()))),
+                ),
+                ("event_id", Value::Union(0, Box::new(Value::Null))),
+                ("occurred_at", Value::Union(0, Box::new(Value::Null))),
+            ],
+        );
+        let event = decode_tool_completed(9, &schema.parsed, &datum, &source()).expect("decodes");
+        assert_eq!(event.event, crate::topology::HEARTBEAT_EVENT);
+        assert_eq!(event.context_id, "ctx-1");
+        assert_eq!(event.agent.as_deref(), Some("researcher"));
+        assert_eq!(event.progress.as_deref(), Some("3 of 10 sources"));
+        assert_eq!(event.event_id, source().derived_event_id());
+        assert_eq!(event.usage, None);
+        let empty = write(
+            &schema.parsed,
+            vec![
+                ("context_id", Value::String(String::new())),
+                ("agent", Value::String("researcher".into())),
+                ("progress", Value::Union(0, Box::new(Value::Null))),
+                ("event_id", Value::Union(0, Box::new(Value::Null))),
+                ("occurred_at", Value::Union(0, Box::new(Value::Null))),
+            ],
+        );
+        assert!(decode_tool_completed(9, &schema.parsed, &empty, &source()).is_err());
     }
 
     #[test]
@@ -671,6 +789,8 @@ mod tests {
             correlation_id: Some("corr".into()),
             causation_id: "e-1".into(),
             produced_at: "2026-11-24T10:00:00Z".into(),
+            attempt: 2,
+            deadline_at: Some("2026-11-24T10:02:00Z".into()),
         };
         let bytes = encode_handover(7, &handover).expect("encodes");
         let (id, datum) = split_frame(&bytes).expect("framed");

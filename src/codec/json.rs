@@ -41,6 +41,17 @@ struct WireEvent {
     status: Option<ToolStatus>,
     #[serde(default)]
     error: Option<String>,
+    /// `agent.heartbeat`: who sends it, and how far it got.
+    #[serde(default)]
+    agent: Option<String>,
+    #[serde(default)]
+    progress: Option<String>,
+    /// `approval.granted` / `approval.denied`: who answered, and why. They
+    /// become the event's result, so memory and the handover carry them.
+    #[serde(default)]
+    approver: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
     /// Legacy events nest the call under `payload`.
     #[serde(default)]
     payload: Option<LegacyPayload>,
@@ -90,7 +101,11 @@ pub fn decode(bytes: &[u8], source: &SourceCoordinates) -> Result<ToolEvent, Dec
         Some(p) => (p.tool, p.arguments, p.result),
         None => (None, None, None),
     };
-    let result = wire.result.or(payload_result).unwrap_or(Value::Null);
+    let result = match (wire.result.or(payload_result), wire.approver, wire.reason) {
+        (Some(result), _, _) => result,
+        (None, None, None) => Value::Null,
+        (None, approver, reason) => serde_json::json!({"approver": approver, "reason": reason}),
+    };
     // MCP reports a failed call as a result with `isError: true`.
     let mcp_error = result
         .get("isError")
@@ -119,6 +134,8 @@ pub fn decode(bytes: &[u8], source: &SourceCoordinates) -> Result<ToolEvent, Dec
         workflow: wire.workflow,
         status,
         error: wire.error,
+        agent: wire.agent,
+        progress: wire.progress,
     })
 }
 

@@ -271,14 +271,23 @@ pub(super) fn committed_offsets(
 }
 
 /// Opens and restores the context store of one partition. Blocking.
+/// Returns the store and the partition's committed timer sequence.
 pub(super) fn open_and_restore(
     pipeline: &Pipeline,
     partition: i32,
     inputs: &[TopicPartition],
     consumer: &StreamConsumer<RebalanceHook>,
     cancel: &std::sync::atomic::AtomicBool,
-) -> Result<PartitionStore, String> {
-    let committed = committed_offsets(consumer, inputs)?;
+) -> Result<(PartitionStore, i64), String> {
+    // Timer firings are judged like inputs: by the offset their
+    // transaction committed on the timers topic.
+    let mut judged = inputs.to_vec();
+    judged.push(TopicPartition::new(&pipeline.timers_topic, partition));
+    let committed = committed_offsets(consumer, &judged)?;
+    let timer_sequence = committed
+        .get(&(pipeline.timers_topic.clone(), partition))
+        .copied()
+        .unwrap_or(0);
     let path = state::store_path(
         &pipeline.state_dir,
         &pipeline.application_id,
@@ -295,6 +304,7 @@ pub(super) fn open_and_restore(
             partition,
             committed: &committed,
             version_of: state::record::version_of,
+            timers_of: state::record::timers_of,
             cancel,
         },
     )
@@ -309,5 +319,5 @@ pub(super) fn open_and_restore(
         elapsed_ms = report.elapsed.as_millis() as u64,
         "store restored"
     );
-    Ok(opened)
+    Ok((opened, timer_sequence))
 }

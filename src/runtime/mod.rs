@@ -77,6 +77,18 @@ pub struct Pipeline {
     /// `{app}-events-repartition`: input not keyed by its `context_id` is
     /// forwarded here, keyed by it, before any state is touched.
     pub repartition_topic: String,
+    /// `{app}-timers`: never written. Each transaction that fires timers
+    /// commits an offset on partition N of it, the partition's timer
+    /// sequence, so a restore can tell a committed firing's changelog
+    /// records from an aborted one's, as it does for inputs.
+    pub timers_topic: String,
+    /// Where a cancelled context's held records are parked.
+    pub parked_topic: String,
+    /// Timers fired per task per round (`--max-timers-per-round`); the
+    /// rest fire in the next round.
+    pub max_timers_per_round: usize,
+    /// How often a task looks for due timers, whether or not input arrives.
+    pub timer_interval: std::time::Duration,
     /// The transactional producer's effective `message.max.bytes`: every
     /// record is sized against it before it is sent.
     pub max_message_bytes: usize,
@@ -177,7 +189,12 @@ pub async fn run(
         }
         Some(_) => {}
     }
-    for (topic, count) in [(&changelog, partitions), (&members_topic, 1)] {
+    let timers_topic = timers_topic(&config.application_id);
+    for (topic, count) in [
+        (&changelog, partitions),
+        (&members_topic, 1),
+        (&timers_topic, partitions),
+    ] {
         if !metadata.topics().iter().any(|t| t.name() == topic.as_str()) {
             create_compacted_topic(&config.kafka, topic, count).await?;
         }
@@ -255,6 +272,12 @@ pub async fn run(
         memory_topic: config.memory_topic.clone(),
         control_topic: config.control_topic.clone(),
         repartition_topic: repartition_topic.clone(),
+        timers_topic,
+        parked_topic: crate::dlq::parked_topic(&config.dlq_topic),
+        max_timers_per_round: config.max_timers_per_round,
+        timer_interval: config
+            .commit_interval
+            .min(std::time::Duration::from_secs(1)),
         max_message_bytes,
         policy,
         snapshots: signer.clone().map(|signer| SnapshotSettings { signer }),
@@ -468,6 +491,11 @@ fn coordinate(
 /// (Kafka Streams' `{application.id}-...-repartition`).
 pub fn repartition_topic(application_id: &str) -> String {
     format!("{application_id}-events-repartition")
+}
+
+/// The topic whose committed offsets are the partitions' timer sequences.
+pub fn timers_topic(application_id: &str) -> String {
+    format!("{application_id}-timers")
 }
 
 /// Checks that every topic baton reads or writes exists, and that the

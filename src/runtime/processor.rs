@@ -32,7 +32,8 @@ use crate::event::SourceCoordinates;
 use crate::memory::{self, Memory};
 use crate::metrics::METRICS;
 use crate::state::{self, PartitionStore, StateError, record as context_record};
-use crate::workflow::{self, Context, Effects, Input, Outcome, WorkflowState};
+use crate::workflow::timers::Timer;
+use crate::workflow::{self, Context, Effects, HeldRecord, Input, Outcome, WorkflowState};
 
 /// The context store's name: one record per context holding its workflow
 /// state and its memory with its snapshots ([`context_record`]); its
@@ -79,6 +80,9 @@ enum Origin {
     Repartition,
     /// Released from its context's held records by a healer command.
     Released,
+    /// A due timer's firing: its coordinates are the partition's timer
+    /// sequence, its bytes the timer's description.
+    Timer,
 }
 
 impl InputRecord<'_> {
@@ -106,6 +110,7 @@ pub struct PartitionProcessor {
     /// `baton_handovers_produced_total` per agent, resolved once.
     handovers: HashMap<String, IntCounter>,
     stages: StageTimers,
+    timer_sequence: i64,
 }
 
 /// Per-stage latency histograms, resolved once per task.
@@ -124,6 +129,17 @@ impl StageTimers {
             encode: stage("encode"),
         }
     }
+}
+
+/// What a round of timer firing did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FireReport {
+    /// Timers whose firing went into the transaction.
+    pub fired: usize,
+    /// Index entries whose context no longer holds the timer, removed.
+    pub stale: usize,
+    /// A held record's writer schema to fetch before a timer can fire.
+    pub needs_schema: Option<u32>,
 }
 
 /// Why a stored value could not be loaded.
@@ -164,8 +180,8 @@ impl PartitionProcessor {
         };
         let result = restoring.await;
         METRICS.partitions_restoring.dec();
-        let store = match result {
-            Ok(Ok(store)) => store,
+        let (store, timer_sequence) = match result {
+            Ok(Ok(opened)) => opened,
             Ok(Err(err)) => return Err(err),
             Err(err) => return Err(format!("the restore task failed: {err}")),
         };
@@ -177,7 +193,20 @@ impl PartitionProcessor {
             consumed: HashMap::new(),
             handovers: HashMap::new(),
             stages: StageTimers::new(),
+            timer_sequence,
         })
+    }
+
+    /// The offset the next firing transaction uses on the timers topic: the
+    /// partition's committed timer sequence.
+    pub fn timer_sequence(&self) -> i64 {
+        self.timer_sequence
+    }
+
+    /// Timers due at or before `cutoff_ms` and not fired (at most `limit`
+    /// are counted).
+    pub fn overdue_timers(&self, cutoff_ms: i64, limit: usize) -> Result<usize, StateError> {
+        Ok(self.store.due_timers(cutoff_ms, limit)?.len())
     }
 
     /// Turns one input record into output records, or says why it must wait
@@ -303,19 +332,8 @@ impl PartitionProcessor {
         };
         // Released Avro records need their writer schemas: fetch them before
         // anything is applied, so the command is processed whole.
-        for held in state.iter().flat_map(|state| &state.held) {
-            let coordinates = SourceCoordinates {
-                topic: held.topic.clone(),
-                partition: held.partition,
-                offset: held.offset,
-            };
-            if let Err(DecodeError::MissingSchema { id }) = self
-                .pipeline
-                .decoder
-                .decode(held.value.as_deref(), &coordinates)
-            {
-                return Processed::NeedsSchema(id);
-            }
+        if let Some(id) = self.missing_schema_of_held(state.as_ref()) {
+            return Processed::NeedsSchema(id);
         }
         self.count_consumed(&record.consumed.topic);
         let effects = workflow::apply_command(
@@ -347,15 +365,27 @@ impl PartitionProcessor {
         let Some(applied) = self.apply(record, &command.context_id, loaded, effects, out) else {
             return Processed::Done;
         };
-        // The released records belong to this context: they are stepped
-        // over the state the command left, without reading the store again.
+        self.release_held(record, &command.context_id, (state, memory), applied, out);
+        Processed::Done
+    }
+
+    /// Steps the records `applied` released, in their arrival order, over
+    /// the state it left (the store is not read again). `record` is what
+    /// released them: a restore judges their state by its offset.
+    fn release_held(
+        &mut self,
+        record: &InputRecord<'_>,
+        context_id: &str,
+        loaded: (Option<WorkflowState>, Memory),
+        applied: Effects,
+        out: &mut Vec<OutRecord>,
+    ) {
+        let (state, memory) = loaded;
         let mut state = applied.state.or(state);
         let mut memory = applied.memory.map_or(memory, |write| write.live);
         for held in applied.release {
             METRICS.events_released.inc();
             let released = InputRecord {
-                // The command's transaction writes the released records'
-                // state: a restore must judge it by the command's offset.
                 consumed: record.consumed.clone(),
                 identity: SourceCoordinates {
                     topic: held.topic.clone(),
@@ -377,18 +407,19 @@ impl PartitionProcessor {
                     self.reject(&released, class, reason, out);
                     continue;
                 }
-                // Fetched above, and the cache never forgets an id.
+                // Fetched before the release was planned, and the cache
+                // never forgets an id.
                 Err(DecodeError::MissingSchema { id }) => {
                     let reason = format!("writer schema {id} was fetched, yet is not cached");
                     self.reject(&released, ErrorClass::UnknownSchema, reason, out);
                     continue;
                 }
             };
-            if event.context_id != command.context_id {
+            if event.context_id != context_id {
                 // Held by another context's state: it cannot have been held here.
                 let reason = format!(
-                    "held by context `{}`, but the record is for `{}`",
-                    command.context_id, event.context_id
+                    "held by context `{context_id}`, but the record is for `{}`",
+                    event.context_id
                 );
                 self.reject(&released, ErrorClass::InvalidTransition, reason, out);
                 continue;
@@ -410,7 +441,115 @@ impl PartitionProcessor {
                 memory = applied.memory.map_or(memory, |write| write.live);
             }
         }
-        Processed::Done
+    }
+
+    /// The writer schema a context's held records need and the cache lacks,
+    /// if any: a command or timer that would release them waits for it.
+    fn missing_schema_of_held(&self, state: Option<&WorkflowState>) -> Option<u32> {
+        state.iter().flat_map(|state| &state.held).find_map(|held| {
+            let coordinates = SourceCoordinates {
+                topic: held.topic.clone(),
+                partition: held.partition,
+                offset: held.offset,
+            };
+            match self
+                .pipeline
+                .decoder
+                .decode(held.value.as_deref(), &coordinates)
+            {
+                Err(DecodeError::MissingSchema { id }) => Some(id),
+                _ => None,
+            }
+        })
+    }
+
+    /// Fires the timers due at or before `cutoff_ms` (at most `limit`) into
+    /// `out`, as inputs at the partition's timer sequence: each one's state,
+    /// handovers and dead letter go into the open transaction. `now_ms` is
+    /// the wall clock, for lateness.
+    pub fn fire_due(
+        &mut self,
+        cutoff_ms: i64,
+        now_ms: i64,
+        limit: usize,
+        out: &mut Vec<OutRecord>,
+    ) -> Result<FireReport, StateError> {
+        let sequence = self.timer_sequence;
+        let mut report = FireReport::default();
+        for due in self.store.due_timers(cutoff_ms, limit)? {
+            let (state, memory) = match self.load_context(&due.context_id) {
+                Ok(context) => context,
+                Err(LoadError::Store(err)) => return Err(err),
+                // A record that does not decode keeps its timer until the
+                // record is fixed or replaced: it is not fired blind.
+                Err(LoadError::Unreadable(reason)) => {
+                    tracing::warn!(context_id = %due.context_id, %reason, "a due timer's context does not decode; the timer waits");
+                    continue;
+                }
+            };
+            let timer: Option<Timer> = state.as_ref().and_then(|state| {
+                state
+                    .timers
+                    .iter()
+                    .find(|timer| timer.key() == due.timer_key && timer.due_at == due.due_at)
+                    .cloned()
+            });
+            let Some(timer) = timer else {
+                // The context moved on (or the timer moved): the entry goes.
+                self.store.drop_timer_entry(&due);
+                report.stale += 1;
+                continue;
+            };
+            if let Some(id) = self.missing_schema_of_held(state.as_ref()) {
+                report.needs_schema = Some(id);
+                continue;
+            }
+            let description = serde_json::json!({
+                "event": "baton.timer.fired",
+                "context_id": due.context_id,
+                "timer": timer,
+            })
+            .to_string()
+            .into_bytes();
+            let coordinates = SourceCoordinates {
+                topic: self.pipeline.timers_topic.clone(),
+                partition: self.partition,
+                offset: sequence,
+            };
+            let record = InputRecord {
+                consumed: coordinates.clone(),
+                identity: coordinates,
+                timestamp_ms: now_ms,
+                key: Some(due.context_id.as_bytes()),
+                payload: Some(&description),
+                origin: Origin::Timer,
+            };
+            let effects = workflow::fire(
+                Context {
+                    state: state.as_ref(),
+                    memory: &memory,
+                },
+                &timer,
+                &self.pipeline.topology,
+                &self.pipeline.policy,
+            );
+            if effects.outcome == Outcome::TimerStale {
+                report.stale += 1;
+            } else {
+                report.fired += 1;
+                METRICS
+                    .timer_lateness_seconds
+                    .observe((now_ms.saturating_sub(timer.due_at)).max(0) as f64 / 1000.0);
+            }
+            let loaded = (state.as_ref(), &memory);
+            if let Some(applied) = self.apply(&record, &due.context_id, loaded, effects, out) {
+                self.release_held(&record, &due.context_id, (state, memory), applied, out);
+            }
+        }
+        METRICS
+            .timers_pending
+            .set(self.pipeline.stores.pending_timers() as i64);
+        Ok(report)
     }
 
     /// A `memory.upserted` record: the entry joins the context's memory.
@@ -510,9 +649,49 @@ impl PartitionProcessor {
         if let Some(value) = staged {
             self.store.stage(context_id, Some(value));
         }
+        self.store
+            .stage_timers(context_id, &effects.timers.set, &effects.timers.deleted);
+        for held in &effects.park {
+            self.park_held(context_id, held, out);
+        }
         self.count(&effects);
         out.append(&mut records);
         Some(effects)
+    }
+
+    /// A record a cancelled context held goes to the parked topic, as it
+    /// arrived, with the reason: nothing is lost, and nobody retries it.
+    fn park_held(&self, context_id: &str, held: &HeldRecord, out: &mut Vec<OutRecord>) {
+        let letter = DeadLetter {
+            class: ErrorClass::ContextCancelled,
+            reason: format!(
+                "held by context `{}` while it waited on the healer; an operator cancelled the context",
+                dlq::cut_text(context_id, 120)
+            ),
+            source: SourceCoordinates {
+                topic: held.topic.clone(),
+                partition: held.partition,
+                offset: held.offset,
+            },
+            key: held.key.clone(),
+            value: held.value.clone(),
+            failed_at: now_rfc3339(),
+            extra_headers: Vec::new(),
+        };
+        METRICS
+            .dlq_records
+            .with_label_values(&[ErrorClass::ContextCancelled.as_str()])
+            .inc();
+        let fitted = letter.fitted(self.pipeline.max_message_bytes);
+        out.push(OutRecord {
+            topic: self.pipeline.parked_topic.clone(),
+            partition: None,
+            headers: Some(fitted.owned_headers()),
+            key: fitted.key,
+            payload: fitted.value,
+            timestamp: None,
+            changelog: false,
+        });
     }
 
     /// The records of `effects` other than its dead letter, each sized, and
@@ -572,9 +751,10 @@ impl PartitionProcessor {
                 partition: Some(self.partition),
                 key: Some(context_id.as_bytes().to_vec()),
                 payload: Some(value.clone()),
-                headers: Some(state::changelog_headers(
+                headers: Some(state::context_changelog_headers(
                     &record.consumed,
                     context_record::version(state, memory),
+                    state.map_or(&[], |state| state.timers.as_slice()),
                 )),
                 timestamp: None,
                 changelog: true,
@@ -602,6 +782,15 @@ impl PartitionProcessor {
             Outcome::Unrouted => METRICS.events_unrouted.inc(),
             Outcome::Held => METRICS.events_held.inc(),
             Outcome::Remembered => METRICS.memory_upserts.inc(),
+            Outcome::Stale => METRICS.events_stale.inc(),
+            Outcome::Heartbeat { accepted } => METRICS
+                .heartbeats
+                .with_label_values(&[if *accepted { "accepted" } else { "ignored" }])
+                .inc(),
+            Outcome::TimerFired(kind) => METRICS
+                .timers_fired
+                .with_label_values(&[kind.as_str()])
+                .inc(),
             _ => {}
         }
         for planned in &effects.handovers {
@@ -695,7 +884,12 @@ impl PartitionProcessor {
     pub async fn on_commit(
         &mut self,
         last_changelog: LastChangelog,
+        timers_fired: bool,
     ) -> Result<(), state::StateError> {
+        if timers_fired {
+            // The transaction committed `sequence + 1` on the timers topic.
+            self.timer_sequence += 1;
+        }
         let checkpoint = |delivery: Option<DeliveryFuture>| async move {
             match delivery {
                 Some(delivery) => match delivery.await {

@@ -179,6 +179,8 @@ pub(super) struct Uncommitted {
     /// The last changelog write of each store: its offset becomes that
     /// store's checkpoint.
     last_changelog: LastChangelog,
+    /// Timers fired in this transaction, at this offset of the timers topic.
+    timer_sequence: Option<i64>,
 }
 
 /// Everything a task needs to run.
@@ -211,10 +213,25 @@ pub(super) struct Work {
     pub reopen: Option<ReopenReason>,
     /// Partitions the last abort rewound.
     rewound: Vec<TopicPartition>,
+    /// How far the task's input has got, for firing timers.
+    pub clock: InputClock,
+}
+
+/// Where a task's input stands in time.
+#[derive(Default)]
+pub(super) struct InputClock {
+    /// The newest timestamp of an input record applied.
+    pub stream_time_ms: i64,
+    /// Input records taken since the last timer round (0: caught up).
+    pub records_since_round: u64,
 }
 
 impl Work {
-    fn progress(&mut self, partition: i32) -> TaskProgress {
+    fn progress(&mut self, partition: i32, timers_topic: &str) -> TaskProgress {
+        let timers = self
+            .pending
+            .timer_sequence
+            .map(|sequence| (TopicPartition::new(timers_topic, partition), sequence + 1));
         TaskProgress {
             partition,
             next_offsets: self
@@ -222,6 +239,7 @@ impl Work {
                 .positions
                 .iter()
                 .map(|(tp, (_, next))| (tp.clone(), *next))
+                .chain(timers)
                 .collect(),
             records: self.pending.records,
             failure: self.pending.failure.take(),
@@ -265,6 +283,9 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
     let mut lookup: Option<SchemaLookup> = None;
     // A record whose state read failed, retried after a backoff.
     let mut transient: Option<TransientHold> = None;
+    // Due timers fire by wall clock, whether or not input arrives.
+    let mut timer_rounds = tokio::time::interval(life.pipeline.timer_interval);
+    timer_rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let takes = work.pending.failure.is_none()
             && work.reopen.is_none()
@@ -324,6 +345,10 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
                         transient = state_read_failed(hold.message, Some(failures), dependency, &reason, &mut work, &life);
                     }
                 }
+                Next::Continue
+            }
+            _ = timer_rounds.tick(), if takes => {
+                fire_timers(&mut work, &mut processor, &life).await;
                 Next::Continue
             }
             message = records.next(), if takes => {
@@ -406,7 +431,7 @@ async fn on_control(
         Some(Control::Barrier { reply }) => {
             // A failed reply means the engine gave up waiting for this
             // task; its next word (a reopen) says what to do.
-            let _ = reply.send(work.progress(life.partition));
+            let _ = reply.send(work.progress(life.partition, &life.pipeline.timers_topic));
             let outcome = life.control.recv().await;
             settle(outcome, work, processor, life).await
         }
@@ -433,7 +458,8 @@ async fn settle(
         Some(Control::Committed { next, solo }) => {
             life.generation = next;
             let advanced: Vec<TopicPartition> = done.positions.keys().cloned().collect();
-            if let Err(err) = processor.on_commit(done.last_changelog).await {
+            let timers_fired = done.timer_sequence.is_some();
+            if let Err(err) = processor.on_commit(done.last_changelog, timers_fired).await {
                 tracing::error!(partition = life.partition, cause = %err, "cannot write committed state locally; reopening the stores");
                 return Next::Reopen(ReopenReason::StateWrite);
             }
@@ -525,6 +551,10 @@ async fn handle<M: Message>(
     work.outputs.clear();
     match processor.process(message, &mut work.outputs) {
         Processed::Done => {
+            if let Some(at) = message.timestamp().to_millis() {
+                work.clock.stream_time_ms = work.clock.stream_time_ms.max(at);
+            }
+            work.clock.records_since_round += 1;
             record_outputs(
                 &life.transactor,
                 life.generation,
@@ -538,6 +568,82 @@ async fn handle<M: Message>(
         Processed::NeedsSchema(id) => Handled::NeedsSchema(id),
         Processed::Transient { dependency, reason } => Handled::Transient(dependency, reason),
     }
+}
+
+/// Fires the partition's due timers into the open transaction: each
+/// firing's outputs are sent like an input's, and the transaction commits
+/// the partition's timer sequence with its offsets.
+///
+/// Due means due by the wall clock, but while the task works through a
+/// backlog only up to the newest input it has applied (stream time): a
+/// record still queued, timestamped before a timer's due time, may be the
+/// answer that cancels it (a completion, a heartbeat).
+async fn fire_timers(work: &mut Work, processor: &mut PartitionProcessor, life: &Lifecycle) {
+    let now_ms = wall_clock_ms();
+    let cutoff_ms = if work.clock.records_since_round == 0 {
+        now_ms
+    } else {
+        now_ms.min(work.clock.stream_time_ms)
+    };
+    work.clock.records_since_round = 0;
+    let pipeline = &life.pipeline;
+    work.outputs.clear();
+    let report = match processor.fire_due(
+        cutoff_ms,
+        now_ms,
+        pipeline.max_timers_per_round,
+        &mut work.outputs,
+    ) {
+        Ok(report) => report,
+        Err(err) => {
+            // Nothing was staged for a timer that could not be read; it is
+            // due again next round.
+            tracing::warn!(partition = life.partition, cause = %err, "cannot read due timers; trying again next round");
+            return;
+        }
+    };
+    if let Some(id) = report.needs_schema {
+        // A timer whose firing releases held Avro records waits for their
+        // writer schema; fetching it needs no record of this task.
+        let lookup = fetch_schema(pipeline, id, Duration::ZERO);
+        tokio::spawn(async move {
+            if let Err(err) = lookup.await {
+                tracing::debug!(schema_id = id, cause = %err, "writer schema for a timer's held records not fetched yet");
+            }
+        });
+    }
+    if report.fired > 0 {
+        if let Err(failure) = enqueue(
+            &life.transactor,
+            life.generation,
+            &work.outputs,
+            &mut work.pending.last_changelog,
+        )
+        .await
+        {
+            tracing::error!(cause = %failure, "cannot send a timer's output; the transaction will abort");
+            work.pending.failure = Some(failure);
+        }
+        work.pending.timer_sequence = Some(processor.timer_sequence());
+    }
+    let grace = i64::try_from(pipeline.timer_interval.as_millis() * 2).unwrap_or(i64::MAX);
+    let overdue = processor
+        .overdue_timers(now_ms.saturating_sub(grace), OVERDUE_COUNT_LIMIT)
+        .unwrap_or(0);
+    METRICS
+        .contexts_overdue
+        .with_label_values(&[&life.partition.to_string()])
+        .set(overdue as i64);
+}
+
+/// The most overdue timers one round counts (the gauge saturates there).
+const OVERDUE_COUNT_LIMIT: usize = 10_000;
+
+fn wall_clock_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// In a solo transaction, the record just sent is the only one.

@@ -16,8 +16,9 @@
 
 pub mod record;
 pub mod restore;
+pub mod timer_index;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -26,6 +27,8 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch};
 use thiserror::Error;
 
 use crate::event::SourceCoordinates;
+use crate::workflow::timers::Timer;
+use timer_index::{DueTimer, TIMERS_FAMILY};
 
 /// Header names on changelog records.
 pub mod headers {
@@ -102,6 +105,15 @@ pub fn store_path(state_dir: &Path, application_id: &str, store: &str, partition
         .join(format!("{store}-{partition}"))
 }
 
+/// What [`OpenStores::scan`] read: records in key order, and, when a
+/// partition stopped at its share of the budget, the smallest key where one
+/// did (records past it may be missing; a next page starts there).
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub records: Vec<(i32, String, Vec<u8>)>,
+    pub scanned_to: Option<String>,
+}
+
 /// The store partitions open in this pod, so the HTTP surface can read
 /// committed state without going through a task.
 #[derive(Default)]
@@ -122,6 +134,66 @@ impl OpenStores {
         self.stores
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Timers in every open partition's index (RocksDB's estimates).
+    pub fn pending_timers(&self) -> u64 {
+        let stores = match self.stores.read() {
+            Ok(stores) => stores,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        stores
+            .values()
+            .filter_map(|db| {
+                let family = db.cf_handle(TIMERS_FAMILY)?;
+                db.property_int_value_cf(&family, "rocksdb.estimate-num-keys")
+                    .ok()
+                    .flatten()
+            })
+            .sum()
+    }
+
+    /// Committed records after `after` (exclusive), in key order, across
+    /// every open partition, reading at most `budget` records in all.
+    pub fn scan(&self, after: Option<&str>, budget: usize) -> Result<Scan, StateError> {
+        let stores: Vec<(i32, Arc<DB>)> = {
+            let stores = match self.stores.read() {
+                Ok(stores) => stores,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            stores.iter().map(|(p, db)| (*p, Arc::clone(db))).collect()
+        };
+        let per_partition = (budget / stores.len().max(1)).max(1);
+        let mut scan = Scan::default();
+        for (partition, db) in stores {
+            let start = after.map(str::as_bytes).unwrap_or_default();
+            let mode = rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward);
+            let mut taken = 0;
+            let mut last: Option<String> = None;
+            let mut exhausted = true;
+            for item in db.iterator(mode) {
+                let (key, value) = item?;
+                if after.is_some_and(|after| key.as_ref() == after.as_bytes()) {
+                    continue;
+                }
+                if taken == per_partition {
+                    exhausted = false;
+                    break;
+                }
+                let key = String::from_utf8_lossy(&key).into_owned();
+                last = Some(key.clone());
+                scan.records.push((partition, key, value.to_vec()));
+                taken += 1;
+            }
+            if !exhausted && let Some(last) = last {
+                scan.scanned_to = Some(match scan.scanned_to.take() {
+                    Some(earlier) if earlier < last => earlier,
+                    _ => last,
+                });
+            }
+        }
+        scan.records.sort_by(|a, b| a.1.cmp(&b.1));
+        Ok(scan)
     }
 
     /// The committed value of `key` in whichever open partition holds it.
@@ -219,6 +291,9 @@ pub struct PartitionStore {
     db: Arc<DB>,
     /// Writes of the open transaction: `None` is a delete.
     overlay: HashMap<String, Option<Vec<u8>>>,
+    /// Timer index changes of the open transaction: `true` adds the entry,
+    /// `false` removes it.
+    timer_overlay: BTreeMap<Vec<u8>, bool>,
 }
 
 /// A value written inside the open transaction, and the changelog record
@@ -254,9 +329,13 @@ impl PartitionStore {
         let mut meta = Options::default();
         meta.set_block_based_table_factory(&table);
         meta.set_write_buffer_size(1024 * 1024);
+        let mut timers = Options::default();
+        timers.set_block_based_table_factory(&table);
+        timers.set_write_buffer_size(2 * 1024 * 1024);
         let families = vec![
             ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, data),
             ColumnFamilyDescriptor::new(META_FAMILY, meta),
+            ColumnFamilyDescriptor::new(TIMERS_FAMILY, timers),
         ];
         let db = DB::open_cf_descriptors(&options, path, families).map_err(|source| {
             StateError::Open {
@@ -267,6 +346,7 @@ impl PartitionStore {
         Ok(PartitionStore {
             db: Arc::new(db),
             overlay: HashMap::new(),
+            timer_overlay: BTreeMap::new(),
         })
     }
 
@@ -317,24 +397,93 @@ impl PartitionStore {
         self.overlay.insert(key.to_string(), value);
     }
 
+    /// Records timer index changes of `context_id` in the open transaction.
+    pub fn stage_timers(&mut self, context_id: &str, set: &[Timer], deleted: &[Timer]) {
+        for timer in deleted {
+            self.timer_overlay
+                .insert(timer_index::key_of(context_id, timer), false);
+        }
+        for timer in set {
+            self.timer_overlay
+                .insert(timer_index::key_of(context_id, timer), true);
+        }
+    }
+
+    /// Removes an index entry whose context no longer holds its timer.
+    pub fn drop_timer_entry(&mut self, due: &DueTimer) {
+        self.timer_overlay.insert(
+            timer_index::index_key(due.due_at, &due.context_id, &due.timer_key),
+            false,
+        );
+    }
+
+    /// The timers due at or before `now_ms`, earliest first, at most
+    /// `limit`, seeing the open transaction's own changes.
+    pub fn due_timers(&self, now_ms: i64, limit: usize) -> Result<Vec<DueTimer>, StateError> {
+        let family = self
+            .db
+            .cf_handle(TIMERS_FAMILY)
+            .ok_or(StateError::MissingFamily(TIMERS_FAMILY))?;
+        let bound = timer_index::upper_bound(now_ms);
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for item in self.db.iterator_cf(&family, rocksdb::IteratorMode::Start) {
+            let (key, _) = item?;
+            if key.as_ref() >= bound.as_slice() || keys.len() >= limit {
+                break;
+            }
+            if self.timer_overlay.get(key.as_ref()) != Some(&false) {
+                keys.push(key.to_vec());
+            }
+        }
+        keys.extend(
+            self.timer_overlay
+                .range(..bound)
+                .filter(|(_, added)| **added)
+                .map(|(key, _)| key.clone()),
+        );
+        keys.sort_unstable();
+        keys.dedup();
+        keys.truncate(limit);
+        Ok(keys
+            .iter()
+            .filter_map(|key| timer_index::parse_key(key))
+            .collect())
+    }
+
+    /// How many timers the index holds (RocksDB's estimate; cheap).
+    pub fn pending_timers(&self) -> u64 {
+        self.db
+            .cf_handle(TIMERS_FAMILY)
+            .and_then(|family| {
+                self.db
+                    .property_int_value_cf(&family, "rocksdb.estimate-num-keys")
+                    .ok()
+                    .flatten()
+            })
+            .unwrap_or(0)
+    }
+
     /// Forgets the open transaction's writes.
     pub fn abort(&mut self) {
         self.overlay.clear();
+        self.timer_overlay.clear();
     }
 
     /// Makes the committed transaction's writes durable together with the
     /// new checkpoint, atomically. Runs on the blocking pool.
     pub async fn commit(&mut self, checkpoint: Option<i64>) -> Result<(), StateError> {
-        if self.overlay.is_empty() && checkpoint.is_none() {
+        if self.overlay.is_empty() && self.timer_overlay.is_empty() && checkpoint.is_none() {
             return Ok(());
         }
         if let Some(switch) = faults::failing_state_writes() {
             self.overlay.clear();
+            self.timer_overlay.clear();
             return Err(StateError::InjectedFault(switch));
         }
         let overlay = std::mem::take(&mut self.overlay);
+        let timers = std::mem::take(&mut self.timer_overlay);
         let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || write_batch(&db, overlay, checkpoint))
+        tokio::task::spawn_blocking(move || write_batch(&db, overlay, timers, checkpoint))
             .await
             .map_err(|err| StateError::Join(err.to_string()))?
     }
@@ -351,6 +500,7 @@ impl PartitionStore {
 fn write_batch(
     db: &DB,
     overlay: HashMap<String, Option<Vec<u8>>>,
+    timers: BTreeMap<Vec<u8>, bool>,
     checkpoint: Option<i64>,
 ) -> Result<(), StateError> {
     // Sized up front: a batch that grows by doubling copies every value again.
@@ -363,6 +513,18 @@ fn write_batch(
         match value {
             Some(value) => batch.put(key.as_bytes(), value),
             None => batch.delete(key.as_bytes()),
+        }
+    }
+    if !timers.is_empty() {
+        let family = db
+            .cf_handle(TIMERS_FAMILY)
+            .ok_or(StateError::MissingFamily(TIMERS_FAMILY))?;
+        for (key, added) in timers {
+            if added {
+                batch.put_cf(&family, key, []);
+            } else {
+                batch.delete_cf(&family, key);
+            }
         }
     }
     if let Some(offset) = checkpoint {
@@ -388,7 +550,10 @@ pub(crate) fn flush(db: &DB) -> Result<(), StateError> {
             .ok_or(StateError::MissingFamily(
                 rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
             ))?;
-    db.flush_cfs_opt(&[&data, &meta], &rocksdb::FlushOptions::default())?;
+    let timers = db
+        .cf_handle(TIMERS_FAMILY)
+        .ok_or(StateError::MissingFamily(TIMERS_FAMILY))?;
+    db.flush_cfs_opt(&[&data, &meta, &timers], &rocksdb::FlushOptions::default())?;
     Ok(())
 }
 
@@ -403,6 +568,23 @@ pub(crate) fn read_checkpoint(db: &DB) -> Result<Option<i64>, StateError> {
 }
 
 /// The provenance headers every changelog record carries.
+/// The changelog headers of a context record holding `timers`: the
+/// provenance and version headers, and the timers for the restore's index.
+pub fn context_changelog_headers(
+    source: &SourceCoordinates,
+    version: u64,
+    timers: &[Timer],
+) -> OwnedHeaders {
+    let headers = changelog_headers(source, version);
+    match timer_index::header_value(timers) {
+        Some(value) => headers.insert(Header {
+            key: timer_index::TIMERS_HEADER,
+            value: Some(value.as_str()),
+        }),
+        None => headers,
+    }
+}
+
 pub fn changelog_headers(source: &SourceCoordinates, version: u64) -> OwnedHeaders {
     let partition = source.partition.to_string();
     let offset = source.offset.to_string();

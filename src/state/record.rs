@@ -92,6 +92,23 @@ pub fn decode_workflow(bytes: &[u8]) -> Result<Option<WorkflowState>, String> {
 }
 
 /// The version of a stored record, for the restore's stale check.
+/// The `(due_at, key)` of the timers a stored record holds; none for a
+/// record that does not decode (its index entries are then left to a
+/// firing to find stale).
+pub fn timers_of(bytes: &[u8]) -> Vec<(i64, String)> {
+    decode_workflow(bytes)
+        .ok()
+        .flatten()
+        .map(|state| {
+            state
+                .timers
+                .iter()
+                .map(|timer| (timer.due_at, timer.key()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn version_of(bytes: &[u8]) -> Option<u64> {
     serde_json::from_slice::<Head>(bytes)
         .ok()
@@ -131,6 +148,7 @@ mod tests {
             recent_event_ids: Default::default(),
             failure: None,
             held: Vec::new(),
+            timers: Vec::new(),
         };
         let bytes = encode(Some(&state), &memory);
         assert_eq!(version_of(&bytes), Some(4 + memory.version));

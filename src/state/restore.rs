@@ -20,9 +20,13 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use rocksdb::{DB, WriteBatch};
 use thiserror::Error;
 
+use super::timer_index::{self, TIMERS_FAMILY, TIMERS_HEADER};
 use super::{CHECKPOINT_KEY, META_FAMILY, StateError, headers, read_checkpoint};
 use crate::kafka::{ClientRole, KafkaSettings};
 use crate::metrics::METRICS;
+
+/// The `(due_at, key)` of a record's timers, as its changelog header names them.
+type TimerEntries = Vec<(i64, String)>;
 
 /// Records applied per RocksDB write batch while restoring.
 const RESTORE_BATCH: usize = 10_000;
@@ -53,6 +57,9 @@ pub struct RestoreRequest<'a> {
     pub committed: &'a HashMap<(String, i32), i64>,
     /// Reads the version out of a stored value.
     pub version_of: fn(&[u8]) -> Option<u64>,
+    /// Reads the `(due_at, key)` of the timers a stored value holds, so the
+    /// timer index loses the entries of a value the restore overwrites.
+    pub timers_of: fn(&[u8]) -> Vec<(i64, String)>,
     pub cancel: &'a AtomicBool,
 }
 
@@ -174,11 +181,11 @@ struct Restorer<'a> {
     request: &'a RestoreRequest<'a>,
     batch: WriteBatch,
     batched: usize,
-    /// The version of every key this restore has written, so the stale
-    /// check only reads RocksDB for keys it has not met yet. At most
-    /// [`MAX_TRACKED_VERSIONS`] after a flush: past it, it is cleared, and
-    /// older keys are read back from RocksDB.
-    versions: HashMap<Vec<u8>, u64>,
+    /// The version and timers of every key this restore has written, so
+    /// the stale check and the timer index only read RocksDB for keys it
+    /// has not met yet. At most [`MAX_TRACKED_VERSIONS`] after a flush:
+    /// past it, it is cleared, and older keys are read back from RocksDB.
+    versions: HashMap<Vec<u8>, (u64, TimerEntries)>,
     /// `versions` knows every key the store holds (it started empty and was
     /// never cleared): a key it lacks is not stored.
     versions_complete: bool,
@@ -235,17 +242,21 @@ impl Restorer<'_> {
             self.counters.uncommitted.inc();
             return Ok(());
         }
-        let version = meta.map_or(0, |m| m.version);
+        let version = meta.as_ref().map_or(0, |m| m.version);
         let current = match self.versions.get(key) {
-            Some(v) => Some(*v),
+            Some((version, timers)) => Some((*version, timers.clone())),
             None if self.versions_complete => None,
-            None => self
-                .db
-                .get(key)
-                .map_err(StateError::from)?
-                .and_then(|bytes| (self.request.version_of)(&bytes)),
+            None => self.db.get(key).map_err(StateError::from)?.map(|bytes| {
+                (
+                    (self.request.version_of)(&bytes).unwrap_or(0),
+                    (self.request.timers_of)(&bytes),
+                )
+            }),
         };
-        if current.is_some_and(|current| version < current) {
+        if current
+            .as_ref()
+            .is_some_and(|(current, _)| version < *current)
+        {
             report.skipped_stale += 1;
             self.counters.stale.inc();
             return Ok(());
@@ -254,7 +265,34 @@ impl Restorer<'_> {
             Some(value) => self.batch.put(key, value),
             None => self.batch.delete(key),
         }
-        self.versions.insert(key.to_vec(), version);
+        // The timer index follows the record: the old value's entries go,
+        // the new one's (named in its header) come.
+        let timers = match message.payload() {
+            Some(_) => timer_index::parse_header(meta.as_ref().and_then(|m| m.timers)),
+            None => Vec::new(),
+        };
+        let old_timers = current.map(|(_, timers)| timers).unwrap_or_default();
+        if !(old_timers.is_empty() && timers.is_empty()) {
+            let family = self
+                .db
+                .cf_handle(TIMERS_FAMILY)
+                .ok_or(StateError::MissingFamily(TIMERS_FAMILY))?;
+            let context_id = String::from_utf8_lossy(key);
+            for (due_at, timer_key) in &old_timers {
+                self.batch.delete_cf(
+                    &family,
+                    timer_index::index_key(*due_at, &context_id, timer_key),
+                );
+            }
+            for (due_at, timer_key) in &timers {
+                self.batch.put_cf(
+                    &family,
+                    timer_index::index_key(*due_at, &context_id, timer_key),
+                    [],
+                );
+            }
+        }
+        self.versions.insert(key.to_vec(), (version, timers));
         self.batched += 1;
         report.applied += 1;
         self.counters.applied.inc();
@@ -295,6 +333,7 @@ struct ChangelogMeta<'a> {
     source_partition: i32,
     source_offset: i64,
     version: u64,
+    timers: Option<&'a [u8]>,
 }
 
 impl<'a> ChangelogMeta<'a> {
@@ -304,7 +343,12 @@ impl<'a> ChangelogMeta<'a> {
         let mut partition = None;
         let mut offset = None;
         let mut version = None;
+        let mut timers = None;
         for header in headers.iter() {
+            if header.key == TIMERS_HEADER {
+                timers = header.value;
+                continue;
+            }
             let value = header.value.and_then(|v| std::str::from_utf8(v).ok());
             match header.key {
                 headers::SOURCE_TOPIC => topic = value,
@@ -319,6 +363,7 @@ impl<'a> ChangelogMeta<'a> {
             source_partition: partition?,
             source_offset: offset?,
             version: version.unwrap_or(0),
+            timers,
         })
     }
 }

@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use super::{HandoverTarget, Topology, Transition, WorkflowDefinition};
+use super::{HandoverTarget, OnTimeout, Topology, Transition, WorkflowDefinition};
 
 /// A plain-text account of every workflow: states, transitions, handovers
 /// and the budget and retry policy.
@@ -27,6 +27,19 @@ fn workflow_text(definition: &WorkflowDefinition, out: &mut String) {
         let _ = writeln!(out, "  {description}");
     }
     let _ = writeln!(out, "  initial state: {}", definition.initial);
+    if let Some(deadline) = definition.deadline {
+        let _ = writeln!(
+            out,
+            "  deadline: {deadline} from the first event; past it -> {}",
+            definition
+                .retry
+                .plan_b
+                .as_ref()
+                .map_or(definition.retry.failed_state.as_str(), |plan_b| plan_b
+                    .state
+                    .as_str())
+        );
+    }
     let _ = writeln!(out, "  terminal states: {}", definition.terminal.join(", "));
     let _ = writeln!(
         out,
@@ -40,7 +53,11 @@ fn workflow_text(definition: &WorkflowDefinition, out: &mut String) {
     );
     let _ = writeln!(out, "  states:");
     for state in &definition.states {
-        let roles = state_roles(definition, state);
+        let mut roles: Vec<String> = state_roles(definition, state)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        roles.extend(timeout_roles(definition, state));
         if roles.is_empty() {
             let _ = writeln!(out, "    {state}");
         } else {
@@ -74,9 +91,13 @@ fn workflow_text(definition: &WorkflowDefinition, out: &mut String) {
     if !definition.retry.alternates.is_empty() {
         let _ = writeln!(out, "  alternates:");
         for alternate in &definition.retry.alternates {
+            let limit = alternate
+                .timeout
+                .map(|timeout| format!(" (timeout {timeout})"))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "    for {}: handover {}; {} stands in for {}",
+                "    for {}: handover {}; {} stands in for {}{limit}",
                 alternate.tool,
                 target_text(&alternate.target()),
                 alternate.completion_event,
@@ -116,6 +137,31 @@ fn state_roles(definition: &WorkflowDefinition, state: &str) -> Vec<&'static str
     }
     if definition.retry.failed_state == state {
         roles.push("failed");
+    }
+    roles
+}
+
+/// A state's timeouts and approval gate, as `describe` shows them.
+fn timeout_roles(definition: &WorkflowDefinition, state: &str) -> Vec<String> {
+    let Some(settings) = definition.settings(state) else {
+        return Vec::new();
+    };
+    let mut roles = Vec::new();
+    if definition.is_approval_gate(state) {
+        let answer = match settings.on_timeout {
+            Some(OnTimeout::Approve) => "approve",
+            Some(OnTimeout::PlanB) => "plan B",
+            _ => "deny",
+        };
+        roles.push("approval gate".to_owned());
+        if let Some(timeout) = settings.timeout {
+            roles.push(format!("{answer} after {timeout}"));
+        }
+    } else if let Some(timeout) = settings.timeout {
+        roles.push(format!("timeout {timeout}"));
+    }
+    if let Some(heartbeat) = settings.heartbeat_timeout {
+        roles.push(format!("heartbeat every {heartbeat}"));
     }
     roles
 }
@@ -166,10 +212,16 @@ fn workflow_mermaid(definition: &WorkflowDefinition, out: &mut String) {
     let id = |state: &str| format!("{workflow_id}__{}", mermaid_id(state));
     let _ = writeln!(out, "    state {workflow_id} {{");
     for state in &definition.states {
+        let roles = timeout_roles(definition, state);
+        let label = if roles.is_empty() {
+            state.clone()
+        } else {
+            format!("{state} ({})", roles.join(", "))
+        };
         let _ = writeln!(
             out,
             "        state \"{}\" as {}",
-            mermaid_text(state),
+            mermaid_text(&label),
             id(state)
         );
     }
@@ -207,6 +259,13 @@ fn workflow_mermaid(definition: &WorkflowDefinition, out: &mut String) {
             id(&plan_b.state),
             mermaid_text(&plan_b.handover.agent),
             mermaid_text(&plan_b.handover.intent)
+        );
+    }
+    if let Some(deadline) = definition.deadline {
+        let _ = writeln!(
+            out,
+            "        {} : workflow deadline {deadline}",
+            id(&definition.initial)
         );
     }
     let _ = writeln!(

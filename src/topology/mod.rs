@@ -37,10 +37,107 @@ pub struct WorkflowDefinition {
     pub budget: BudgetPolicy,
     pub retry: RetryPolicy,
     pub transitions: Vec<Transition>,
+    /// How long a context may take from its first event to a terminal
+    /// state; past it the context moves to PlanB, or else to the failed
+    /// state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Timeout>,
+    /// Per-state settings, `[state.NAME]` in TOML: timeouts and approvals.
+    #[serde(default, rename = "state", skip_serializing_if = "BTreeMap::is_empty")]
+    pub state_settings: BTreeMap<String, StateSettings>,
     /// The file it came from, so every problem can name it.
     #[serde(skip)]
     pub origin: Option<PathBuf>,
 }
+
+/// A duration written as operators write them: `"30s"`, `"2m"`, `"1h 30m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timeout(pub std::time::Duration);
+
+impl Timeout {
+    /// Whole milliseconds, saturating: timers count in epoch milliseconds.
+    pub fn as_millis(self) -> i64 {
+        i64::try_from(self.0.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+impl fmt::Display for Timeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Serialize for Timeout {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timeout {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Timeout, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let duration = humantime::parse_duration(&text).map_err(|err| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a duration ({err}); write e.g. \"30s\", \"2m\" or \"1h 30m\""
+            ))
+        })?;
+        if duration.is_zero() {
+            return Err(serde::de::Error::custom(format!(
+                "`{text}` is zero; a timeout must be longer than that"
+            )));
+        }
+        Ok(Timeout(duration))
+    }
+}
+
+/// What a state waits for besides its transitions' events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Await {
+    /// `approval.granted` or `approval.denied` from a person.
+    Approval,
+}
+
+/// What an approval that nobody gives turns into at its timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// As if `approval.denied` arrived.
+    Deny,
+    /// As if `approval.granted` arrived.
+    Approve,
+    /// The workflow moves to its PlanB route.
+    PlanB,
+}
+
+/// `[state.NAME]`: how long the agents working in a state may take, and
+/// whether it is an approval gate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    /// Start-to-close: how long an agent handed the context in this state
+    /// may take to complete, counted from the handover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Timeout>,
+    /// The agent must send `agent.heartbeat` at least this often.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout: Option<Timeout>,
+    /// `await = "approval"` makes the state an approval gate.
+    #[serde(default, rename = "await", skip_serializing_if = "Option::is_none")]
+    pub awaits: Option<Await>,
+    /// An approval gate's answer when `timeout` passes with none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<OnTimeout>,
+}
+
+/// The event an agent sends while it works, to show it is alive.
+pub const HEARTBEAT_EVENT: &str = "agent.heartbeat";
+/// The events that answer an approval gate.
+pub const APPROVAL_GRANTED: &str = "approval.granted";
+pub const APPROVAL_DENIED: &str = "approval.denied";
+/// The terminal state every workflow has for an operator's cancellation;
+/// a workflow may declare it, and must not use it otherwise.
+pub const CANCELLED_STATE: &str = "Cancelled";
 
 /// Token accounting for a context.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +215,12 @@ pub struct Alternate {
     pub topic: String,
     /// The event the alternate's work ends with, e.g. `tool.fetch_page.completed`.
     pub completion_event: String,
+    /// The alternate's own start-to-close and heartbeat timeouts; by default
+    /// those of the state it works in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Timeout>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout: Option<Timeout>,
 }
 
 impl Alternate {
@@ -194,7 +297,89 @@ pub struct TriggerMatch<'a> {
 
 impl WorkflowDefinition {
     pub fn is_terminal(&self, state: &str) -> bool {
-        self.terminal.iter().any(|terminal| terminal == state)
+        state == CANCELLED_STATE || self.terminal.iter().any(|terminal| terminal == state)
+    }
+
+    /// The settings of `state`; defaults (no timeouts) where none are set.
+    pub fn settings(&self, state: &str) -> Option<&StateSettings> {
+        self.state_settings.get(state)
+    }
+
+    /// Whether `state` is an approval gate.
+    pub fn is_approval_gate(&self, state: &str) -> bool {
+        self.settings(state)
+            .is_some_and(|settings| settings.awaits == Some(Await::Approval))
+    }
+
+    /// Whether a context in `current` can no longer be waiting for
+    /// `event`: the event belongs to a transition from a state the context
+    /// has left (the current state is reachable from it), or to a join
+    /// trigger of the current state that already arrived. Such a completion
+    /// is stale (a late answer, or a second attempt's), not invalid.
+    pub fn is_left_behind(&self, current: &str, event: &str, arrived: &BTreeSet<String>) -> bool {
+        if self.is_terminal(current) {
+            return self.mentions(event);
+        }
+        self.transitions.iter().any(|transition| {
+            transition
+                .on
+                .iter()
+                .any(|trigger| self.satisfies(event, trigger))
+                && transition.from.iter().any(|from| {
+                    if from == current {
+                        transition.on.iter().any(|trigger| {
+                            self.satisfies(event, trigger) && arrived.contains(trigger)
+                        })
+                    } else {
+                        self.reachable(from, current)
+                    }
+                })
+        })
+    }
+
+    /// Whether a context in `from` can get to `to`: through transitions,
+    /// or the routes that any non-terminal state has (PlanB, failing,
+    /// the budget running out, cancellation).
+    pub fn reachable(&self, from: &str, to: &str) -> bool {
+        if from == to {
+            return true;
+        }
+        if !self.is_terminal(from)
+            && (to == self.retry.failed_state
+                || to == self.budget.exhausted_state
+                || to == CANCELLED_STATE
+                || self
+                    .retry
+                    .plan_b
+                    .as_ref()
+                    .is_some_and(|plan_b| plan_b.state == to))
+        {
+            return true;
+        }
+        let mut seen: BTreeSet<&str> = BTreeSet::from([from]);
+        let mut frontier = vec![from];
+        while let Some(state) = frontier.pop() {
+            let mut next: Vec<&str> = self
+                .transitions
+                .iter()
+                .filter(|transition| transition.from.iter().any(|f| f == state))
+                .map(|transition| transition.to.as_str())
+                .collect();
+            if !self.is_terminal(state)
+                && let Some(plan_b) = &self.retry.plan_b
+            {
+                next.push(plan_b.state.as_str());
+            }
+            for candidate in next {
+                if candidate == to {
+                    return true;
+                }
+                if seen.insert(candidate) {
+                    frontier.push(candidate);
+                }
+            }
+        }
+        false
     }
 
     /// The transition from `state` that `event` belongs to. Validation makes

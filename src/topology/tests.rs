@@ -156,7 +156,7 @@ fn output_topics_cover_handovers_alternates_and_plan_b() {
 fn loads_a_directory_ignoring_other_files() {
     let topology = Topology::load(&repo_path("topology")).expect("topology/ is valid");
     let names: Vec<&str> = topology.workflows().map(|w| w.name.as_str()).collect();
-    assert_eq!(names, ["vision-research"]);
+    assert_eq!(names, ["research-with-approval", "vision-research"]);
 }
 
 #[test]

@@ -8,7 +8,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{HandoverTarget, Problem, WorkflowDefinition};
+use super::{
+    APPROVAL_DENIED, APPROVAL_GRANTED, Await, CANCELLED_STATE, HandoverTarget, OnTimeout, Problem,
+    WorkflowDefinition,
+};
 
 /// Every problem in `definitions`, each one alone and across them.
 pub(super) fn check(definitions: &[WorkflowDefinition]) -> Vec<Problem> {
@@ -98,6 +101,92 @@ fn check_definition(definition: &WorkflowDefinition, report: &mut Report<'_>) {
     check_triggers(definition, report);
     check_alternates(definition, report);
     check_reachability(definition, &states, report);
+    check_state_settings(definition, &states, report);
+}
+
+/// `[state.NAME]` tables: a declared, non-terminal state; an approval gate
+/// has a timeout, an answer for it, and transitions for both answers.
+fn check_state_settings(
+    definition: &WorkflowDefinition,
+    states: &BTreeSet<&str>,
+    report: &mut Report<'_>,
+) {
+    if states.contains(CANCELLED_STATE) && !definition.terminal.iter().any(|t| t == CANCELLED_STATE)
+    {
+        report.push(
+            "states",
+            format!("`{CANCELLED_STATE}` is the state an operator's cancellation moves to: if declared, it must be terminal"),
+        );
+    }
+    for (index, transition) in definition.transitions.iter().enumerate() {
+        if transition.to == CANCELLED_STATE {
+            report.push(
+                format!("transitions[{index}].to"),
+                format!("`{CANCELLED_STATE}` is entered only by `baton context cancel`"),
+            );
+        }
+    }
+    for (state, settings) in &definition.state_settings {
+        let key = format!("state.{state}");
+        if !states.contains(state.as_str()) {
+            report.push(
+                key,
+                format!("unknown state `{state}` (declare it in `states`)"),
+            );
+            continue;
+        }
+        if definition.is_terminal(state) {
+            report.push(
+                key,
+                format!("`{state}` is terminal: nothing is awaited there"),
+            );
+            continue;
+        }
+        if let (Some(timeout), Some(heartbeat)) = (settings.timeout, settings.heartbeat_timeout)
+            && heartbeat > timeout
+        {
+            report.push(
+                format!("{key}.heartbeat_timeout"),
+                format!("{heartbeat} is longer than the state's timeout ({timeout}): it could never fire"),
+            );
+        }
+        let gate = settings.awaits == Some(Await::Approval);
+        if !gate {
+            if settings.on_timeout.is_some() {
+                report.push(
+                    format!("{key}.on_timeout"),
+                    "only an approval gate (`await = \"approval\"`) answers its timeout",
+                );
+            }
+            continue;
+        }
+        if settings.timeout.is_none() {
+            report.push(
+                format!("{key}.timeout"),
+                "an approval gate needs a timeout: nobody may answer",
+            );
+        }
+        if settings.on_timeout.is_none() {
+            report.push(
+                format!("{key}.on_timeout"),
+                "an approval gate needs `on_timeout = \"deny\" | \"approve\" | \"plan_b\"`",
+            );
+        }
+        if settings.on_timeout == Some(OnTimeout::PlanB) && definition.retry.plan_b.is_none() {
+            report.push(
+                format!("{key}.on_timeout"),
+                "`plan_b` needs a `[retry.plan_b]` route",
+            );
+        }
+        for answer in [APPROVAL_GRANTED, APPROVAL_DENIED] {
+            if definition.match_trigger(state, answer).is_none() {
+                report.push(
+                    key.clone(),
+                    format!("an approval gate needs a transition from `{state}` on `{answer}`"),
+                );
+            }
+        }
+    }
 }
 
 fn declared_states<'a>(

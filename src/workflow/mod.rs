@@ -9,15 +9,19 @@
 pub mod plan;
 mod state;
 mod step;
+pub mod timers;
 mod tokens;
 
-pub use plan::{Context, Effects, Input, Outcome, Policy, apply_command, remember, step};
+pub use plan::{
+    Context, Effects, Input, Outcome, Policy, TimerChanges, apply_command, fire, remember, step,
+};
 pub use state::{
     HeldRecord, PendingFailure, RECENT_EVENT_IDS, STATE_ENCODING_VERSION, StateDecodeError,
     WorkflowState,
 };
 pub use step::{
-    CommandOutcome, ContextStatus, StatusUpdate, StepOutcome, answer_command, transition,
+    CommandOutcome, ContextStatus, HeartbeatOutcome, StatusUpdate, StepOutcome, TimerOutcome,
+    answer_command, fire_timer, heartbeat, transition,
 };
 pub use tokens::estimate_tokens;
 
@@ -27,3 +31,5 @@ mod plan_tests;
 mod proptests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod timer_tests;

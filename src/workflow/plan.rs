@@ -14,13 +14,17 @@
 use serde_json::Value;
 
 use super::state::{HeldRecord, WorkflowState};
-use super::step::{CommandOutcome, StatusUpdate, StepOutcome, answer_command, transition};
+use super::step::{
+    CommandOutcome, HeartbeatOutcome, StatusUpdate, StepOutcome, TimerOutcome, answer_command,
+    fire_timer, heartbeat, transition,
+};
+use super::timers::{self, Arrival, Timer, TimerKind};
 use crate::control::ControlCommand;
 use crate::dlq::{ErrorClass, headers};
 use crate::event::{SourceCoordinates, ToolEvent};
-use crate::handover::Handover;
+use crate::handover::{Handover, HandoverDraft};
 use crate::memory::{Memory, MemoryUpsert, RawJson, ToolOutput};
-use crate::topology::Topology;
+use crate::topology::{HEARTBEAT_EVENT, Topology};
 
 /// The bounds and settings the plan obeys; each is a flag of `baton run`.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +113,14 @@ pub enum Outcome {
     CommandApplied,
     /// A healer command that was applied already, or answers nothing pending.
     CommandIgnored { duplicate: bool, reason: String },
+    /// The event answers a step the context has left: counted, skipped.
+    Stale,
+    /// An `agent.heartbeat`, from the agent holding the context or not.
+    Heartbeat { accepted: bool },
+    /// A due timer fired.
+    TimerFired(TimerKind),
+    /// A timer the context no longer holds came due: its index entry goes.
+    TimerStale,
 }
 
 /// Everything one input causes. Empty fields mean "nothing of this kind".
@@ -125,6 +137,29 @@ pub struct Effects {
     /// Records the context held, to be stepped next, in this order, as if
     /// they arrived now.
     pub release: Vec<HeldRecord>,
+    /// Records the context held, to be parked (a cancelled context's).
+    pub park: Vec<HeldRecord>,
+    /// How the partition's timer index changes.
+    pub timers: TimerChanges,
+}
+
+/// Timers to add to the partition's index and timers to remove from it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TimerChanges {
+    pub set: Vec<Timer>,
+    pub deleted: Vec<Timer>,
+}
+
+impl TimerChanges {
+    fn between(before: Option<&WorkflowState>, after: Option<&WorkflowState>) -> TimerChanges {
+        let none: &[Timer] = &[];
+        let before = before.map_or(none, |state| state.timers.as_slice());
+        let Some(after) = after else {
+            return TimerChanges::default();
+        };
+        let (set, deleted) = timers::changes(before, &after.timers);
+        TimerChanges { set, deleted }
+    }
 }
 
 /// A context's memory after the input, with the snapshots it holds.
@@ -165,6 +200,8 @@ impl Effects {
             status_updates: Vec::new(),
             dead_letter: None,
             release: Vec::new(),
+            park: Vec::new(),
+            timers: TimerChanges::default(),
         }
     }
 
@@ -181,7 +218,7 @@ impl Effects {
     }
 }
 
-/// Applies a tool event to its context.
+/// Applies a tool event (or a heartbeat, or an approval) to its context.
 pub fn step(
     context: Context<'_>,
     event: &ToolEvent,
@@ -193,12 +230,31 @@ pub fn step(
     if let Err(reason) = check_context_id(&event.context_id, policy) {
         return Effects::dead_letter(ErrorClass::InvalidContextId, reason);
     }
-    match transition(context.state, event, topology, now_ms) {
+    if event.event == HEARTBEAT_EVENT {
+        return beat(context, event, topology, now_ms);
+    }
+    // A timed-out call's answer wins while its step is still current: the
+    // failure it left pending is moot, and the records held meanwhile go on.
+    let late = context
+        .state
+        .and_then(|current| late_answer(current, event, topology));
+    let base = late
+        .as_ref()
+        .map_or(context.state, |(cleared, _)| Some(cleared));
+    let mut effects = match transition(base, event, topology, now_ms) {
         StepOutcome::Applied {
-            state,
+            mut state,
             handovers: drafts,
             status_updates,
         } => {
+            reconcile_after(
+                topology,
+                base,
+                &mut state,
+                &drafts,
+                Some(&event.event),
+                now_ms,
+            );
             let mut memory = context.memory.clone();
             let mut pruned = match record_output(&mut memory, event, now_ms, policy) {
                 Ok(pruned) => pruned,
@@ -209,13 +265,15 @@ pub fn step(
             } else {
                 freeze(&mut memory, policy, now_ms, &mut pruned)
             };
-            let snapshot = frozen;
             let handovers = drafts
                 .iter()
                 .map(|draft| PlannedHandover {
                     topic: draft.topic.clone(),
-                    handover: Handover::from_draft(draft, event, None, String::new()),
-                    snapshot,
+                    handover: stamped(
+                        Handover::from_draft(draft, event, None, String::new()),
+                        &state,
+                    ),
+                    snapshot: frozen,
                 })
                 .collect();
             Effects {
@@ -227,33 +285,28 @@ pub fn step(
                 }),
                 handovers,
                 status_updates,
+                release: late.map(|(_, held)| held).unwrap_or_default(),
                 ..Effects::only(Outcome::Applied)
             }
         }
         StepOutcome::Duplicate => Effects::only(Outcome::Duplicate),
         StepOutcome::Unrouted => Effects::only(Outcome::Unrouted),
+        StepOutcome::Stale { .. } => Effects::only(Outcome::Stale),
         StepOutcome::Invalid { reason } => {
             Effects::dead_letter(ErrorClass::InvalidTransition, reason)
         }
         StepOutcome::ToolFailed {
-            state,
+            mut state,
             failure,
             status_updates,
         } => {
+            reconcile_after(topology, base, &mut state, &[], Some(&event.event), now_ms);
             let mut memory = context.memory.clone();
             let pruned = match record_output(&mut memory, event, now_ms, policy) {
                 Ok(pruned) => pruned,
                 Err(reason) => return Effects::dead_letter(ErrorClass::MemoryOverflow, reason),
             };
-            let mut headers = vec![
-                (headers::WORKFLOW, state.workflow.clone()),
-                (headers::STEP, failure.step.clone()),
-                (headers::ATTEMPTS, failure.attempt.to_string()),
-                (headers::FAILED_EVENT, failure.event.clone()),
-            ];
-            if let Some(agent) = &failure.locked_by {
-                headers.push((headers::LOCKED_BY, agent.clone()));
-            }
+            let headers = failure_headers(&state, &failure);
             let detail = event
                 .error
                 .as_deref()
@@ -283,6 +336,244 @@ pub fn step(
                 format!("context `{}` has no state to hold in", event.context_id),
             ),
         },
+    };
+    effects.timers = TimerChanges::between(context.state, effects.state.as_ref());
+    effects
+}
+
+/// The headers a failed (or timed-out) call's dead letter carries for the
+/// healer: workflow, step, attempts, the failed event and who held it.
+fn failure_headers(
+    state: &WorkflowState,
+    failure: &super::state::PendingFailure,
+) -> Vec<(&'static str, String)> {
+    let mut headers = vec![
+        (headers::WORKFLOW, state.workflow.clone()),
+        (headers::STEP, failure.step.clone()),
+        (headers::ATTEMPTS, failure.attempt.to_string()),
+        (headers::FAILED_EVENT, failure.event.clone()),
+    ];
+    if let Some(agent) = &failure.locked_by {
+        headers.push((headers::LOCKED_BY, agent.clone()));
+    }
+    headers
+}
+
+/// `current` without its timed-out failure, and the records it held, when
+/// `event` is the answer of the call that timed out and its step is still
+/// the current one.
+fn late_answer(
+    current: &WorkflowState,
+    event: &ToolEvent,
+    topology: &Topology,
+) -> Option<(WorkflowState, Vec<HeldRecord>)> {
+    let failure = current
+        .failure
+        .as_ref()
+        .filter(|failure| failure.timed_out)?;
+    let definition = topology.workflow(&current.workflow)?;
+    let matched = definition.match_trigger(&current.state, &event.event)?;
+    let answers = failure.step == current.state
+        && (failure.event.is_empty()
+            || failure.event == event.event
+            || failure.event == matched.trigger
+            || definition.satisfies(&event.event, &failure.event));
+    if !answers || current.has_seen(&event.event_id) {
+        return None;
+    }
+    let mut cleared = current.clone();
+    cleared.failure = None;
+    let held = std::mem::take(&mut cleared.held);
+    Some((cleared, held))
+}
+
+/// Sets and deletes the context's timers after a step (see [`timers`]).
+fn reconcile_after(
+    topology: &Topology,
+    before: Option<&WorkflowState>,
+    after: &mut WorkflowState,
+    drafts: &[HandoverDraft],
+    arrived: Option<&str>,
+    now_ms: i64,
+) {
+    let Some(definition) = topology.workflow(&after.workflow) else {
+        return;
+    };
+    let from = before.map_or(definition.initial.as_str(), |state| state.state.as_str());
+    let trigger = arrived.and_then(|event| {
+        definition
+            .match_trigger(from, event)
+            .map(|matched| matched.trigger.to_owned())
+    });
+    let arrival = arrived.map(|event| Arrival {
+        event,
+        trigger: trigger.as_deref().unwrap_or(event),
+    });
+    timers::reconcile(definition, before, after, drafts, arrival, now_ms);
+}
+
+/// A handover with what only the context's state after the step knows:
+/// which dispatch it is, and when the agent's time is up.
+fn stamped(mut handover: Handover, state: &WorkflowState) -> Handover {
+    handover.attempt = state.attempts;
+    handover.deadline_at = timers::deadline_for(state, &handover.agent).and_then(rfc3339_of_ms);
+    handover
+}
+
+/// Epoch milliseconds as RFC 3339 text (no clock is read).
+pub fn rfc3339_of_ms(ms: i64) -> Option<String> {
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()?;
+    at.format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
+/// An `agent.heartbeat`: the holder's heartbeat timer starts again and its
+/// progress reaches the live feed; anyone else's is counted and skipped.
+fn beat(context: Context<'_>, event: &ToolEvent, topology: &Topology, now_ms: i64) -> Effects {
+    match heartbeat(context.state, event, topology, now_ms) {
+        HeartbeatOutcome::Accepted {
+            state,
+            status_update,
+        } => {
+            let timers = TimerChanges::between(context.state, state.as_ref());
+            Effects {
+                state,
+                status_updates: vec![status_update],
+                timers,
+                ..Effects::only(Outcome::Heartbeat { accepted: true })
+            }
+        }
+        HeartbeatOutcome::Ignored { .. } => Effects::only(Outcome::Heartbeat { accepted: false }),
+    }
+}
+
+/// Fires a due `timer` on its context. Its time is the timer's due time,
+/// so repeating a firing (after an abort) plans the same outputs; the shell
+/// passes the firing's own coordinates as `input`.
+pub fn fire(context: Context<'_>, timer: &Timer, topology: &Topology, policy: &Policy) -> Effects {
+    let at = timer.due_at;
+    let mut effects = match fire_timer(context.state, timer, topology) {
+        TimerOutcome::Stale => Effects {
+            timers: TimerChanges {
+                set: Vec::new(),
+                deleted: vec![timer.clone()],
+            },
+            ..Effects::only(Outcome::TimerStale)
+        },
+        TimerOutcome::Postponed { state } => Effects {
+            state: Some(state),
+            ..Effects::only(Outcome::TimerFired(timer.kind))
+        },
+        TimerOutcome::TimedOut {
+            state,
+            failure,
+            status_updates,
+        } => {
+            let class = ErrorClass::StepTimedOut;
+            let what = if timer.kind == TimerKind::Heartbeat {
+                "sent no heartbeat within its heartbeat_timeout"
+            } else {
+                "did not complete within its timeout"
+            };
+            let reason = format!(
+                "`{}` {what} in `{}` (attempt {}), due at {}",
+                failure.locked_by.as_deref().unwrap_or("the agent"),
+                failure.step,
+                failure.attempt,
+                rfc3339_of_ms(at).unwrap_or_else(|| at.to_string())
+            );
+            let headers = failure_headers(&state, &failure);
+            Effects {
+                state: Some(state),
+                status_updates,
+                dead_letter: Some(DeadLetterPlan {
+                    class,
+                    reason,
+                    headers,
+                }),
+                ..Effects::only(Outcome::TimerFired(timer.kind))
+            }
+        }
+        TimerOutcome::Applied {
+            mut state,
+            handovers: drafts,
+            status_updates,
+            release,
+        } => {
+            state.timers.retain(|held| held != timer);
+            reconcile_after(topology, context.state, &mut state, &drafts, None, at);
+            let causation_id = timer.firing_id(&state.context_id);
+            let mut effects = dispatching(
+                context.memory,
+                state,
+                &drafts,
+                status_updates,
+                &causation_id,
+                policy,
+                at,
+                Outcome::TimerFired(timer.kind),
+            );
+            effects.release = release;
+            effects
+        }
+    };
+    if effects.state.is_some() {
+        effects.timers = TimerChanges::between(context.state, effects.state.as_ref());
+    }
+    effects
+}
+
+/// The effects of a step caused by something other than a tool event (a
+/// healer command, a timer): the handovers name `causation_id` and carry
+/// the context's newest tool output, with a snapshot frozen for them.
+#[allow(clippy::too_many_arguments)]
+fn dispatching(
+    memory: &Memory,
+    state: WorkflowState,
+    drafts: &[HandoverDraft],
+    status_updates: Vec<StatusUpdate>,
+    causation_id: &str,
+    policy: &Policy,
+    now_ms: i64,
+    outcome: Outcome,
+) -> Effects {
+    let mut memory = memory.clone();
+    let mut pruned = Vec::new();
+    let frozen = if drafts.is_empty() || policy.snapshots.is_none() {
+        None
+    } else {
+        freeze(&mut memory, policy, now_ms, &mut pruned)
+    };
+    let last_output = memory.last_tool_output().unwrap_or(Value::Null);
+    let handovers = drafts
+        .iter()
+        .map(|draft| PlannedHandover {
+            topic: draft.topic.clone(),
+            handover: stamped(
+                Handover::for_command(
+                    draft,
+                    &state.context_id,
+                    causation_id,
+                    last_output.clone(),
+                    None,
+                    String::new(),
+                ),
+                &state,
+            ),
+            snapshot: frozen,
+        })
+        .collect();
+    let memory = frozen.is_some().then_some(MemoryWrite {
+        live: memory,
+        frozen,
+        pruned,
+    });
+    Effects {
+        state: Some(state),
+        memory,
+        handovers,
+        status_updates,
+        ..Effects::only(outcome)
     }
 }
 
@@ -342,49 +633,28 @@ pub fn apply_command(
             Effects::only(Outcome::CommandIgnored { duplicate, reason })
         }
         CommandOutcome::Applied {
-            state,
+            mut state,
             handovers: drafts,
             status_updates,
             release,
+            park,
             causation_id,
         } => {
-            let mut memory = context.memory.clone();
-            let mut pruned = Vec::new();
-            let frozen = if drafts.is_empty() || policy.snapshots.is_none() {
-                None
-            } else {
-                freeze(&mut memory, policy, now_ms, &mut pruned)
-            };
-            let snapshot = frozen;
-            let last_output = memory.last_tool_output().unwrap_or(Value::Null);
-            let handovers = drafts
-                .iter()
-                .map(|draft| PlannedHandover {
-                    topic: draft.topic.clone(),
-                    handover: Handover::for_command(
-                        draft,
-                        &command.context_id,
-                        &causation_id,
-                        last_output.clone(),
-                        None,
-                        String::new(),
-                    ),
-                    snapshot,
-                })
-                .collect();
-            let memory = frozen.is_some().then_some(MemoryWrite {
-                live: memory,
-                frozen,
-                pruned,
-            });
-            Effects {
-                state: Some(state),
-                memory,
-                handovers,
+            reconcile_after(topology, context.state, &mut state, &drafts, None, now_ms);
+            let mut effects = dispatching(
+                context.memory,
+                state,
+                &drafts,
                 status_updates,
-                release,
-                ..Effects::only(Outcome::CommandApplied)
-            }
+                &causation_id,
+                policy,
+                now_ms,
+                Outcome::CommandApplied,
+            );
+            effects.release = release;
+            effects.park = park;
+            effects.timers = TimerChanges::between(context.state, effects.state.as_ref());
+            effects
         }
     }
 }

@@ -108,7 +108,7 @@ proptest! {
                 StepOutcome::Unrouted => {
                     prop_assert!(!topology.mentions(&event.event));
                 }
-                StepOutcome::Invalid { reason } => {
+                StepOutcome::Invalid { reason } | StepOutcome::Stale { reason } => {
                     prop_assert!(!reason.is_empty());
                 }
                 StepOutcome::ToolFailed { state: next, failure, status_updates } => {
@@ -135,6 +135,7 @@ proptest! {
                         dlq_partition: 0,
                         dlq_offset: index as i64,
                         not_before: None,
+                        reason: None,
                     };
                     let applied = match answer_command(Some(&next), &command, &topology, now) {
                         CommandOutcome::Applied { state: applied, release, .. } => {

@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::timers::Timer;
 use crate::topology::WorkflowDefinition;
 
 /// The encoding version [`WorkflowState::encode`] writes. Bump it when a field
@@ -54,6 +55,10 @@ pub struct WorkflowState {
     /// order; released, in order, once the healer's command is applied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held: Vec<HeldRecord>,
+    /// The deadlines the context waits on, ordered by key. Each is also an
+    /// entry in its partition's timer index, which the task fires from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timers: Vec<Timer>,
 }
 
 /// The failed call a context waits on the healer for.
@@ -69,6 +74,10 @@ pub struct PendingFailure {
     pub event_id: String,
     /// `attempts` when it failed: the healer's command starts `attempt + 1`.
     pub attempt: u32,
+    /// The call did not fail: it timed out (or missed its heartbeat). Its
+    /// answer, should it still come, is accepted while the step is current.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
     /// Who held the context when the call failed (the lock is released while
     /// the healer decides); it picks the retry target where several agents
     /// work on one step.
@@ -164,6 +173,7 @@ impl WorkflowState {
             recent_event_ids: VecDeque::new(),
             failure: None,
             held: Vec::new(),
+            timers: Vec::new(),
         }
     }
 

@@ -21,11 +21,15 @@
 use serde::{Deserialize, Serialize};
 
 use super::state::{HeldRecord, PendingFailure, WorkflowState};
+use super::timers::{Timer, TimerKind, holders};
 use super::tokens::estimate_tokens;
 use crate::control::{ControlAction, ControlCommand};
 use crate::event::{ToolEvent, ToolStatus};
 use crate::handover::{HandoverDraft, HandoverStatus};
-use crate::topology::{HandoverTarget, Topology, Transition, WorkflowDefinition, tool_of_event};
+use crate::topology::{
+    APPROVAL_DENIED, APPROVAL_GRANTED, CANCELLED_STATE, HandoverTarget, OnTimeout, Topology,
+    Transition, WorkflowDefinition, tool_of_event,
+};
 
 /// Where a context stands after a step, as the UI shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -42,6 +46,8 @@ pub enum ContextStatus {
     PlanB,
     BudgetExhausted,
     Failed,
+    /// An operator cancelled the workflow.
+    Cancelled,
 }
 
 impl ContextStatus {
@@ -54,6 +60,7 @@ impl ContextStatus {
             ContextStatus::PlanB => "plan_b",
             ContextStatus::BudgetExhausted => "budget_exhausted",
             ContextStatus::Failed => "failed",
+            ContextStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -96,6 +103,10 @@ pub enum StepOutcome {
     /// The event is impossible here: dead-letter it as `invalid_transition`;
     /// the state is unchanged.
     Invalid { reason: String },
+    /// The event answers a step the context has left (a late answer, a
+    /// second attempt's, or anything after a terminal state): count it and
+    /// skip it; the state is unchanged.
+    Stale { reason: String },
     /// The tool call failed: write `state` (the failure recorded, the lock
     /// released, the step unchanged), dead-letter the record as
     /// `tool_failed` with `failure`, and emit the status updates.
@@ -120,6 +131,9 @@ pub enum CommandOutcome {
         handovers: Vec<HandoverDraft>,
         status_updates: Vec<StatusUpdate>,
         release: Vec<HeldRecord>,
+        /// Records the context held that go to the parked topic (a
+        /// cancellation's).
+        park: Vec<HeldRecord>,
         /// What the handovers name as their cause: the failed call's
         /// `event_id`, the action and the attempt.
         causation_id: String,
@@ -202,10 +216,15 @@ fn step_bound(
         ));
     }
     if definition.is_terminal(&current.state) {
-        return invalid(format!(
+        let reason = format!(
             "context `{}` is in terminal state `{}` of workflow `{}`; terminal states absorb every event",
             current.context_id, current.state, current.workflow
-        ));
+        );
+        return if definition.mentions(&event.event) {
+            StepOutcome::Stale { reason }
+        } else {
+            invalid(reason)
+        };
     }
     if event.status == ToolStatus::Error {
         return fail_step(current, Some(&current.state), definition, event, now_ms);
@@ -228,7 +247,7 @@ fn fail_step(
     now_ms: i64,
 ) -> StepOutcome {
     let Some(matched) = definition.match_trigger(&current.state, &event.event) else {
-        return invalid(not_allowed(current, from, definition, event));
+        return not_allowed_here(current, from, definition, event);
     };
     let mut next = current.clone();
     next.tokens_used = next.tokens_used.saturating_add(tokens_spent(event));
@@ -243,6 +262,7 @@ fn fail_step(
         event: event.event.clone(),
         event_id: event.event_id.clone(),
         attempt: current.attempts,
+        timed_out: false,
         locked_by: current.locked_by.clone(),
         at: now_ms,
     };
@@ -296,6 +316,9 @@ pub fn answer_command(
             format!("workflow `{}` is no longer defined", current.workflow),
         );
     };
+    if command.action == ControlAction::Cancel {
+        return cancel(current, definition, command, now_ms);
+    }
     let Some(failure) = current.failure.as_ref() else {
         return ignored(
             false,
@@ -361,7 +384,7 @@ pub fn answer_command(
                 message,
             )
         }),
-        ControlAction::Fail => None,
+        ControlAction::Fail | ControlAction::Cancel => None,
     };
     let (handovers, update) = match route {
         Some((target, handover_status, status, message)) => {
@@ -390,12 +413,75 @@ pub fn answer_command(
         handovers,
         status_updates: vec![update],
         release,
+        park: Vec::new(),
         causation_id: format!(
             "{}/{}/{}",
             failure.event_id,
             command.action.as_str(),
             command.attempt
         ),
+    }
+}
+
+/// An operator's cancellation: the context moves to `Cancelled` (terminal)
+/// whatever it waited for; the agents working on it get a `cancelled`
+/// handover so they can stop, and the records it held are parked.
+fn cancel(
+    current: &WorkflowState,
+    definition: &WorkflowDefinition,
+    command: &ControlCommand,
+    now_ms: i64,
+) -> CommandOutcome {
+    if definition.is_terminal(&current.state) {
+        return CommandOutcome::Ignored {
+            duplicate: current.state == CANCELLED_STATE,
+            reason: format!(
+                "context `{}` is already in terminal state `{}`",
+                current.context_id, current.state
+            ),
+        };
+    }
+    let holding: Vec<String> = holders(current).into_iter().map(str::to_owned).collect();
+    let mut next = current.clone();
+    next.state = CANCELLED_STATE.to_owned();
+    next.locked_by = None;
+    next.failure = None;
+    next.join_arrived.clear();
+    next.timers.clear();
+    next.version = next.version.saturating_add(1);
+    next.updated_at = now_ms;
+    next.remember(&command_key(&command.command_id));
+    let park = std::mem::take(&mut next.held);
+    let handovers = holding
+        .iter()
+        .filter_map(|agent| handover_target_for(definition, &current.state, agent))
+        .map(|target| {
+            draft(
+                definition,
+                &target,
+                HandoverStatus::Cancelled,
+                next.tokens_left(),
+            )
+        })
+        .collect();
+    let message = match command.reason.as_deref() {
+        Some(reason) if !reason.is_empty() => format!("Cancelled: {reason}"),
+        _ => "Cancelled by an operator".to_owned(),
+    };
+    let update = status_update(
+        &next,
+        Some(&current.state),
+        ContextStatus::Cancelled,
+        message,
+        now_ms,
+    );
+    CommandOutcome::Applied {
+        state: next,
+        handovers,
+        status_updates: vec![update],
+        release: Vec::new(),
+        park,
+        causation_id: format!("cancel/{}", command.command_id),
     }
 }
 
@@ -413,16 +499,20 @@ fn advance(
     now_ms: i64,
 ) -> StepOutcome {
     let Some(matched) = definition.match_trigger(&current.state, &event.event) else {
-        return invalid(not_allowed(current, from, definition, event));
+        return not_allowed_here(current, from, definition, event);
     };
     let transition = matched.transition;
     let mut next = current.clone();
     if transition.is_join() {
         if current.join_arrived.contains(matched.trigger) {
-            return invalid(format!(
-                "`{}` (event_id `{}`) arrives a second time for the join in state `{}` of workflow `{}`",
-                matched.trigger, event.event_id, current.state, definition.name
-            ));
+            // The first completion of a call wins, whichever attempt sent
+            // it: this one is a retry's (or the timed-out call's) answer.
+            return StepOutcome::Stale {
+                reason: format!(
+                    "`{}` (event_id `{}`) arrives a second time for the join in state `{}` of workflow `{}`",
+                    matched.trigger, event.event_id, current.state, definition.name
+                ),
+            };
         }
         next.join_arrived.insert(matched.trigger.to_owned());
     }
@@ -444,11 +534,14 @@ fn advance(
     fire(next, from, definition, transition, now_ms)
 }
 
-/// What the step used: the reported usage, else an estimate of the output.
+/// What the step used: the reported usage, else an estimate of a tool's
+/// output. A person's approval spends none.
 fn tokens_spent(event: &ToolEvent) -> u64 {
-    event
-        .usage
-        .map_or_else(|| estimate_tokens(&event.result), |usage| usage.total())
+    match event.usage {
+        Some(usage) => usage.total(),
+        None if event.event.starts_with("tool.") => estimate_tokens(&event.result),
+        None => 0,
+    }
 }
 
 fn fire(
@@ -469,10 +562,14 @@ fn fire(
         .iter()
         .map(|target| draft(definition, target, HandoverStatus::Queued, tokens_left))
         .collect();
-    let status = status_of(definition, &transition.to);
+    let mut status = status_of(definition, &transition.to);
     let message = match status {
         ContextStatus::Completed => "Completed".to_owned(),
         ContextStatus::Failed => "Failed".to_owned(),
+        _ if definition.is_approval_gate(&transition.to) => {
+            status = ContextStatus::Waiting;
+            "Waiting for approval".to_owned()
+        }
         _ => thinking_message(transition),
     };
     let update = status_update(&next, from, status, message, now_ms);
@@ -565,7 +662,9 @@ fn draft(
 }
 
 fn status_of(definition: &WorkflowDefinition, state: &str) -> ContextStatus {
-    if state == definition.budget.exhausted_state {
+    if state == CANCELLED_STATE {
+        ContextStatus::Cancelled
+    } else if state == definition.budget.exhausted_state {
         ContextStatus::BudgetExhausted
     } else if state == definition.retry.failed_state {
         ContextStatus::Failed
@@ -669,4 +768,429 @@ fn not_allowed(
 
 fn invalid(reason: String) -> StepOutcome {
     StepOutcome::Invalid { reason }
+}
+
+/// An event the current state does not wait for: stale if it answers a
+/// step the context has left, else invalid.
+fn not_allowed_here(
+    current: &WorkflowState,
+    from: Option<&str>,
+    definition: &WorkflowDefinition,
+    event: &ToolEvent,
+) -> StepOutcome {
+    let reason = not_allowed(current, from, definition, event);
+    if from.is_some()
+        && definition.is_left_behind(&current.state, &event.event, &current.join_arrived)
+    {
+        StepOutcome::Stale { reason }
+    } else {
+        invalid(reason)
+    }
+}
+
+/// What a heartbeat does.
+// `Accepted` is the common outcome; boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeartbeatOutcome {
+    /// From an agent working on the context: its heartbeat timer (if the
+    /// state has one) starts again; `state` is set when it changed. The
+    /// progress text goes to the live feed.
+    Accepted {
+        state: Option<WorkflowState>,
+        status_update: StatusUpdate,
+    },
+    /// From an agent that does not hold the context, or for a context that
+    /// is not working: counted and skipped.
+    Ignored { reason: String },
+}
+
+/// An `agent.heartbeat` for `state`'s context, sent at `now_ms`.
+pub fn heartbeat(
+    state: Option<&WorkflowState>,
+    event: &ToolEvent,
+    topology: &Topology,
+    now_ms: i64,
+) -> HeartbeatOutcome {
+    let ignored = |reason: String| HeartbeatOutcome::Ignored { reason };
+    let Some(current) = state else {
+        return ignored(format!("context `{}` has no state", event.context_id));
+    };
+    let Some(definition) = topology.workflow(&current.workflow) else {
+        return ignored(format!(
+            "workflow `{}` is no longer defined",
+            current.workflow
+        ));
+    };
+    let Some(agent) = event.agent.as_deref() else {
+        return ignored("the heartbeat names no `agent`".to_owned());
+    };
+    if definition.is_terminal(&current.state) || !holders(current).contains(&agent) {
+        return ignored(format!(
+            "`{agent}` does not hold context `{}` (state `{}`)",
+            current.context_id, current.state
+        ));
+    }
+    let mut next = None;
+    if let Some(limit) = definition
+        .settings(&current.state)
+        .and_then(|settings| settings.heartbeat_timeout)
+    {
+        let mut moved = current.clone();
+        for timer in moved.timers.iter_mut().filter(|timer| {
+            timer.kind == TimerKind::Heartbeat
+                && timer.step == current.state
+                && timer.agent.as_deref() == Some(agent)
+        }) {
+            timer.due_at = now_ms.saturating_add(limit.as_millis());
+        }
+        if moved.timers != current.timers {
+            moved.version = moved.version.saturating_add(1);
+            next = Some(moved);
+        }
+    }
+    let message = match event.progress.as_deref() {
+        Some(progress) if !progress.is_empty() => {
+            format!("{}: {progress}", capitalised(agent))
+        }
+        _ => format!("{} is working...", capitalised(agent)),
+    };
+    let shown = next.as_ref().unwrap_or(current);
+    let mut update = status_update(
+        shown,
+        Some(&current.state),
+        status_of(definition, &current.state),
+        message,
+        now_ms,
+    );
+    update.agent = Some(agent.to_owned());
+    HeartbeatOutcome::Accepted {
+        state: next,
+        status_update: update,
+    }
+}
+
+/// What a due timer does to its context.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum TimerOutcome {
+    /// The call timed out (or missed its heartbeat): handled like a failed
+    /// call. Write `state`, dead-letter a `step_timed_out` record with
+    /// `failure`, emit the status updates.
+    TimedOut {
+        state: WorkflowState,
+        failure: PendingFailure,
+        status_updates: Vec<StatusUpdate>,
+    },
+    /// The timer moved the workflow (a deadline, an approval's default):
+    /// as an applied step. `release` are held records to step next.
+    Applied {
+        state: WorkflowState,
+        handovers: Vec<HandoverDraft>,
+        status_updates: Vec<StatusUpdate>,
+        release: Vec<HeldRecord>,
+    },
+    /// Due while the context waits on the healer for another failure: fires
+    /// again at `state`'s new due time.
+    Postponed { state: WorkflowState },
+    /// The context no longer holds this timer (it completed, moved on, or
+    /// the timer already fired): nothing happens.
+    Stale,
+}
+
+/// How long a timer due while the context waits on the healer is put off.
+pub const POSTPONE_MS: i64 = 1_000;
+
+/// Fires `timer` on its context. The firing's time is the timer's own due
+/// time, so a firing repeated after an abort plans the same outputs.
+pub fn fire_timer(
+    state: Option<&WorkflowState>,
+    timer: &Timer,
+    topology: &Topology,
+) -> TimerOutcome {
+    let Some(current) = state else {
+        return TimerOutcome::Stale;
+    };
+    if !current.timers.contains(timer) {
+        return TimerOutcome::Stale;
+    }
+    let Some(definition) = topology.workflow(&current.workflow) else {
+        return TimerOutcome::Stale;
+    };
+    let at = timer.due_at;
+    match timer.kind {
+        TimerKind::Step | TimerKind::Heartbeat => {
+            if timer.step != current.state {
+                return TimerOutcome::Stale;
+            }
+            if current.failure.is_some() {
+                let mut next = current.clone();
+                for due in next.timers.iter_mut().filter(|t| *t == timer) {
+                    due.due_at = at.saturating_add(POSTPONE_MS);
+                }
+                next.version = next.version.saturating_add(1);
+                return TimerOutcome::Postponed { state: next };
+            }
+            time_out(current, definition, timer)
+        }
+        TimerKind::Deadline => deadline_passed(current, definition, at),
+        TimerKind::Approval => {
+            let on_timeout = definition
+                .settings(&timer.step)
+                .and_then(|settings| settings.on_timeout)
+                .unwrap_or(OnTimeout::Deny);
+            if timer.step != current.state {
+                return TimerOutcome::Stale;
+            }
+            match on_timeout {
+                OnTimeout::PlanB => route_plan_b(
+                    current,
+                    definition,
+                    at,
+                    format!(
+                        "Moved to PlanB: nobody answered the approval in {}",
+                        timer.step
+                    ),
+                ),
+                OnTimeout::Deny | OnTimeout::Approve => {
+                    let answer = if on_timeout == OnTimeout::Deny {
+                        APPROVAL_DENIED
+                    } else {
+                        APPROVAL_GRANTED
+                    };
+                    let event = ToolEvent {
+                        event_id: timer.firing_id(&current.context_id),
+                        context_id: current.context_id.clone(),
+                        event: answer.to_owned(),
+                        server_id: None,
+                        tool: None,
+                        arguments: serde_json::Value::Null,
+                        result: serde_json::json!({
+                            "approver": "baton",
+                            "reason": format!("nobody answered within the approval's timeout ({})", on_timeout_label(on_timeout)),
+                        }),
+                        usage: None,
+                        token_budget: None,
+                        occurred_at: None,
+                        correlation_id: None,
+                        workflow: None,
+                        status: ToolStatus::Ok,
+                        error: None,
+                        agent: None,
+                        progress: None,
+                    };
+                    match advance(current, Some(&current.state), definition, &event, at) {
+                        StepOutcome::Applied {
+                            state,
+                            handovers,
+                            status_updates,
+                        } => TimerOutcome::Applied {
+                            state,
+                            handovers,
+                            status_updates,
+                            release: Vec::new(),
+                        },
+                        // Validation makes an approval gate wait for both answers.
+                        _ => TimerOutcome::Stale,
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn on_timeout_label(on_timeout: OnTimeout) -> &'static str {
+    match on_timeout {
+        OnTimeout::Deny => "denied",
+        OnTimeout::Approve => "approved",
+        OnTimeout::PlanB => "plan B",
+    }
+}
+
+/// A call that took too long: the lock is released, the attempt recorded,
+/// and the healer decides, as for a failed call.
+fn time_out(
+    current: &WorkflowState,
+    definition: &WorkflowDefinition,
+    timer: &Timer,
+) -> TimerOutcome {
+    let at = timer.due_at;
+    let agent = timer.agent.clone();
+    let mut next = current.clone();
+    next.version = next.version.saturating_add(1);
+    next.updated_at = at;
+    next.timers.retain(|t| {
+        !(matches!(t.kind, TimerKind::Step | TimerKind::Heartbeat)
+            && t.step == timer.step
+            && t.agent == agent)
+    });
+    let failure = PendingFailure {
+        step: current.state.clone(),
+        event: timer.event.clone().unwrap_or_default(),
+        event_id: timer.firing_id(&current.context_id),
+        attempt: timer.attempt,
+        timed_out: true,
+        locked_by: agent.clone(),
+        at,
+    };
+    next.locked_by = None;
+    next.failure = Some(failure.clone());
+    let who = agent
+        .as_deref()
+        .map_or_else(|| "The agent".to_owned(), capitalised);
+    let what = if timer.kind == TimerKind::Heartbeat {
+        "missed its heartbeat"
+    } else {
+        "timed out"
+    };
+    let message = format!(
+        "{who} {what} (attempt {} of {})",
+        timer.attempt.max(1),
+        definition.retry.max_attempts
+    );
+    let update = status_update(
+        &next,
+        Some(&current.state),
+        ContextStatus::Retrying,
+        message,
+        at,
+    );
+    TimerOutcome::TimedOut {
+        state: next,
+        failure,
+        status_updates: vec![update],
+    }
+}
+
+/// The workflow's deadline passed: PlanB if it has one (and is not there
+/// yet), else the failed state, with a final handover to whoever works on it.
+fn deadline_passed(
+    current: &WorkflowState,
+    definition: &WorkflowDefinition,
+    at: i64,
+) -> TimerOutcome {
+    let in_plan_b = definition
+        .retry
+        .plan_b
+        .as_ref()
+        .is_some_and(|plan_b| plan_b.state == current.state);
+    if definition.retry.plan_b.is_some() && !in_plan_b {
+        return route_plan_b(
+            current,
+            definition,
+            at,
+            "Moved to PlanB: the workflow passed its deadline".to_owned(),
+        );
+    }
+    let mut next = current.clone();
+    let holding = holders(current)
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    next.state = definition.retry.failed_state.clone();
+    next.locked_by = None;
+    next.failure = None;
+    next.join_arrived.clear();
+    next.timers.clear();
+    next.version = next.version.saturating_add(1);
+    next.updated_at = at;
+    let release = std::mem::take(&mut next.held);
+    let handovers = holding
+        .iter()
+        .filter_map(|agent| handover_target_for(definition, &current.state, agent))
+        .map(|target| {
+            draft(
+                definition,
+                &target,
+                HandoverStatus::Failed,
+                next.tokens_left(),
+            )
+        })
+        .collect();
+    let update = status_update(
+        &next,
+        Some(&current.state),
+        ContextStatus::Failed,
+        "Failed: the workflow passed its deadline".to_owned(),
+        at,
+    );
+    TimerOutcome::Applied {
+        state: next,
+        handovers,
+        status_updates: vec![update],
+        release,
+    }
+}
+
+/// Moves the context to its workflow's PlanB route (a deadline, or an
+/// approval nobody gave); a pending failure is moot then, and the records
+/// it held are released.
+fn route_plan_b(
+    current: &WorkflowState,
+    definition: &WorkflowDefinition,
+    at: i64,
+    message: String,
+) -> TimerOutcome {
+    let Some(plan_b) = &definition.retry.plan_b else {
+        return deadline_passed(current, definition, at);
+    };
+    let mut next = current.clone();
+    next.state = plan_b.state.clone();
+    next.locked_by = Some(plan_b.handover.agent.clone());
+    next.failure = None;
+    next.join_arrived.clear();
+    next.attempts = 1;
+    next.version = next.version.saturating_add(1);
+    next.updated_at = at;
+    let release = std::mem::take(&mut next.held);
+    let handover = draft(
+        definition,
+        &plan_b.handover,
+        HandoverStatus::PlanB,
+        next.tokens_left(),
+    );
+    let update = status_update(
+        &next,
+        Some(&current.state),
+        ContextStatus::PlanB,
+        message,
+        at,
+    );
+    TimerOutcome::Applied {
+        state: next,
+        handovers: vec![handover],
+        status_updates: vec![update],
+        release,
+    }
+}
+
+/// The handover target that dispatched `agent` into `state`.
+fn handover_target_for(
+    definition: &WorkflowDefinition,
+    state: &str,
+    agent: &str,
+) -> Option<HandoverTarget> {
+    definition
+        .transitions
+        .iter()
+        .filter(|transition| transition.to == state)
+        .flat_map(|transition| transition.handovers.iter())
+        .find(|target| target.agent == agent)
+        .cloned()
+        .or_else(|| {
+            definition
+                .retry
+                .alternates
+                .iter()
+                .find(|alternate| alternate.agent == agent)
+                .map(|alternate| alternate.target())
+        })
+        .or_else(|| {
+            definition
+                .retry
+                .plan_b
+                .as_ref()
+                .filter(|plan_b| plan_b.handover.agent == agent)
+                .map(|plan_b| plan_b.handover.clone())
+        })
 }

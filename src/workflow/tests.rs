@@ -41,6 +41,8 @@ pub(super) fn event(id: &str, name: &str, tokens: u64) -> ToolEvent {
         workflow: None,
         status: ToolStatus::Ok,
         error: None,
+        agent: None,
+        progress: None,
     }
 }
 
@@ -75,6 +77,13 @@ fn invalid_reason(outcome: StepOutcome) -> String {
     match outcome {
         StepOutcome::Invalid { reason } => reason,
         other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+fn stale_reason(outcome: StepOutcome) -> String {
+    match outcome {
+        StepOutcome::Stale { reason } => reason,
+        other => panic!("expected Stale, got {other:?}"),
     }
 }
 
@@ -276,7 +285,8 @@ fn fetch_page_stands_in_for_the_screenshot() {
         30,
     ));
     assert!(fetched.state.join_arrived.contains(SCREENSHOT));
-    let late_screenshot = invalid_reason(transition(
+    // The screenshot's own late answer: the fetcher's came first and won.
+    let late_screenshot = stale_reason(transition(
         Some(&fetched.state),
         &event("j2", SCREENSHOT, 1),
         &topology,
@@ -297,7 +307,7 @@ fn fetch_page_stands_in_for_the_screenshot() {
 }
 
 #[test]
-fn a_second_arrival_of_a_join_event_is_invalid() {
+fn a_second_arrival_of_a_join_event_is_stale() {
     let topology = topology();
     let start = downstream(&topology);
     let first = applied(transition(
@@ -306,7 +316,8 @@ fn a_second_arrival_of_a_join_event_is_invalid() {
         &topology,
         30,
     ));
-    let reason = invalid_reason(transition(
+    // The first completion of a call wins, whichever attempt sent it.
+    let reason = stale_reason(transition(
         Some(&first.state),
         &event("j2", VALUATION, 300),
         &topology,
@@ -320,10 +331,11 @@ fn a_second_arrival_of_a_join_event_is_invalid() {
 }
 
 #[test]
-fn events_the_state_does_not_allow_are_invalid() {
+fn events_for_a_step_left_behind_are_stale_and_events_for_a_step_ahead_invalid() {
     let topology = topology();
     let start = downstream(&topology);
-    let reason = invalid_reason(transition(
+    // The context has left the step a vision event answers.
+    let reason = stale_reason(transition(
         Some(&start),
         &event("x", VISION, 1),
         &topology,
@@ -333,6 +345,19 @@ fn events_the_state_does_not_allow_are_invalid() {
         reason,
         "`tool.vision_analyze.completed` is not allowed in state `DownstreamQueued` of workflow \
          `vision-research` (it waits for tool.valuation_estimate.completed, tool.browser_take_screenshot.completed)"
+    );
+    // A screenshot while the researcher still works: no state the context
+    // has been in waits for it.
+    let researching = applied(transition(None, &event("e1", VISION, 10), &topology, 10)).state;
+    let reason = invalid_reason(transition(
+        Some(&researching),
+        &event("y", SCREENSHOT, 1),
+        &topology,
+        20,
+    ));
+    assert!(
+        reason.contains("not allowed in state `ResearcherQueued`"),
+        "{reason}"
     );
 }
 
@@ -374,7 +399,8 @@ fn terminal_states_absorb() {
         40,
     ))
     .state;
-    let reason = invalid_reason(transition(
+    // Counted and skipped, never dead-lettered.
+    let reason = stale_reason(transition(
         Some(&done),
         &event("late", VALUATION, 1),
         &topology,
@@ -419,6 +445,7 @@ fn a_failed_tool_call_records_the_failure_and_stays_on_the_step() {
             event: SCREENSHOT.into(),
             event_id: "j1".into(),
             attempt: 1,
+            timed_out: false,
             locked_by: Some("valuation".into()),
             at: 30,
         }
@@ -429,10 +456,10 @@ fn a_failed_tool_call_records_the_failure_and_stays_on_the_step() {
         status_updates[0].message,
         "browser_take_screenshot failed (attempt 1 of 3): timeout"
     );
-    // A failed call the state does not wait for is an invalid transition.
+    // A failed call for a step the context has left is stale.
     let mut stray = event("x1", VISION, 10);
     stray.status = ToolStatus::Error;
-    let reason = invalid_reason(transition(Some(&start), &stray, &topology, 30));
+    let reason = stale_reason(transition(Some(&start), &stray, &topology, 30));
     assert!(
         reason.contains("not allowed in state `DownstreamQueued`"),
         "{reason}"
@@ -459,6 +486,7 @@ pub(super) fn command(action: ControlAction, attempt: u32) -> ControlCommand {
         dlq_partition: 0,
         dlq_offset: i64::from(attempt),
         not_before: None,
+        reason: None,
     }
 }
 
@@ -703,7 +731,8 @@ fn exhausting_the_budget_on_a_transition_stops_the_workflow() {
     );
     assert_eq!(update.tokens_left, 0);
 
-    let reason = invalid_reason(transition(
+    // The valuation already under way when the budget ran out: stale.
+    let reason = stale_reason(transition(
         Some(&out.state),
         &event("j1", VALUATION, 0),
         &topology,

@@ -514,6 +514,10 @@ pub struct Baton {
     pub state_dir: tempfile::TempDir,
     pub http_port: u16,
     log: PathBuf,
+    /// What it was started with, so a restart runs it the same way.
+    topology: PathBuf,
+    extra_args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 pub struct BatonOptions<'a> {
@@ -579,11 +583,15 @@ impl Baton {
             state_dir,
             http_port,
             log,
+            topology: options.topology,
+            extra_args: options.extra_args,
+            env: options.env,
         }
     }
 
-    /// Starts this pod again under the same instance id and state directory,
-    /// as a StatefulSet restarts a crashed pod (kill or terminate it first).
+    /// Starts this pod again under the same instance id, state directory,
+    /// topology, flags and environment, as a StatefulSet restarts a crashed
+    /// pod (kill or terminate it first).
     pub fn restart(mut self, broker: &Broker) -> Baton {
         self.kill();
         let instance_id = std::mem::take(&mut self.instance_id);
@@ -591,8 +599,11 @@ impl Baton {
         Baton::start(
             broker,
             BatonOptions {
+                instance_id: &instance_id,
+                topology: std::mem::take(&mut self.topology),
+                extra_args: std::mem::take(&mut self.extra_args),
                 state_dir: Some(state_dir),
-                ..BatonOptions::new(&instance_id)
+                env: std::mem::take(&mut self.env),
             },
         )
     }
@@ -863,6 +874,9 @@ pub fn normalize_handover(value: &mut serde_json::Value) {
         return;
     };
     object.remove("produced_at");
+    // When the agent's time is up depends on the input record's timestamp,
+    // which a reference folded at time 0 does not know.
+    object.remove("deadline_at");
     if let Some(url) = object.get("memory_snapshot_url").and_then(|u| u.as_str()) {
         let (base, query) = url
             .split_once('?')
@@ -967,6 +981,7 @@ pub fn reference_with(events: &[Option<baton::event::ToolEvent>], topology: &Pat
             let mut value = serde_json::to_value(&handover).expect("json");
             if let Some(object) = value.as_object_mut() {
                 object.remove("produced_at");
+                object.remove("deadline_at");
             }
             reference
                 .handovers
@@ -1071,6 +1086,7 @@ pub fn reference_with(events: &[Option<baton::event::ToolEvent>], topology: &Pat
             dlq_partition: 0,
             dlq_offset: 0,
             not_before: None,
+            reason: None,
         };
         let memory = memories
             .get(&event.context_id)
