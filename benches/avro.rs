@@ -114,6 +114,8 @@ fn main() {
         correlation_id: event.correlation_id.clone(),
         causation_id: event.event_id.clone(),
         produced_at: "2026-11-24T10:00:00.123Z".into(),
+        attempt: 1,
+        deadline_at: Some("2026-11-24T10:01:00.123Z".into()),
     };
     let json_encode = rate(count, || {
         black_box(serde_json::to_vec(&handover).expect("json encodes"));

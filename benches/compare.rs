@@ -808,6 +808,135 @@ fn run_workflow_loop(settings: &Settings) -> Value {
     result
 }
 
+/// The shipped topology with `replace` applied to vision-research.toml
+/// (the approval workflow is left out: it does not start on these events).
+fn bench_topology(replace: &[(&str, &str)]) -> tempfile::TempDir {
+    let mut text =
+        std::fs::read_to_string(Path::new(common::REPO).join("topology/vision-research.toml"))
+            .expect("the shipped topology");
+    for (from, to) in replace {
+        assert!(text.contains(from), "the shipped topology has `{from}`");
+        text = text.replace(from, to);
+    }
+    let dir = tempfile::tempdir().expect("topology dir");
+    std::fs::write(dir.path().join("vision-research.toml"), text).expect("write topology");
+    dir
+}
+
+/// One preloaded first-step run of `count` contexts on `topology`, on its
+/// own broker: events/s from the first commit to the commit of the last,
+/// and the pod (still running) for what comes after.
+fn first_step_run(topology: &Path, count: usize, name: &str) -> (f64, f64, Broker, Baton) {
+    let broker = Broker::start();
+    broker.create_baton_topics(PARTITIONS);
+    broker.produce("mcp.events.all", &mixed_records(name, count, 0, 0, 200));
+    let baton = Baton::start(&broker, {
+        let mut options = BatonOptions::new("bench-timers");
+        options.topology = topology.to_path_buf();
+        options.extra_args = vec![
+            "--kafka-prop".into(),
+            format!("consumer.fetch.wait.max.ms={FETCH_WAIT_MS}"),
+        ];
+        options
+    });
+    let pid = baton.pid().to_string();
+    let committed = |baton: &Baton| baton.metric("baton_transaction_records_sum") as usize;
+    let mut first_seen = 0;
+    common::wait_for("the first commit", Duration::from_secs(120), || {
+        first_seen = committed(&baton);
+        first_seen > 0
+    });
+    let cpu_before = cpu_seconds_of(&pid).unwrap_or(f64::NAN);
+    let started = Instant::now();
+    common::wait_for("every input committed", Duration::from_secs(1800), || {
+        committed(&baton) >= count
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let events = (count - first_seen) as f64;
+    let cpu = cpu_seconds_of(&pid).unwrap_or(f64::NAN) - cpu_before;
+    (events / elapsed, cpu / events * 1e6, broker, baton)
+}
+
+/// A histogram's `q` quantile from its cumulative buckets, by linear
+/// interpolation inside the bucket (as Prometheus' histogram_quantile).
+fn histogram_quantile(baton: &Baton, name: &str, q: f64) -> Option<f64> {
+    let (_, body) = baton.http_get("/metrics")?;
+    let mut buckets: Vec<(f64, f64)> = body
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&format!("{name}_bucket{{le=\""))?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower.0);
+            }
+            let span = count - lower.1;
+            let within = if span > 0.0 {
+                (rank - lower.1) / span
+            } else {
+                1.0
+            };
+            return Some(lower.0 + (le - lower.0) * within);
+        }
+        lower = (le, count);
+    }
+    None
+}
+
+/// What timers cost: the first step with and without them, and how late
+/// 100,000 step timers fire when they come due together with the pending
+/// deadlines of every context.
+fn run_timers(settings: &Settings) -> Value {
+    let count = settings.records;
+    let without = bench_topology(&[
+        ("deadline = \"15m\"\n", ""),
+        ("[state.ResearcherQueued]\ntimeout = \"2m\"", ""),
+        ("[state.DownstreamQueued]\ntimeout = \"1m\"", ""),
+        ("timeout = \"1m\"\n", ""),
+    ]);
+    let (rate_without, cpu_without, broker, baton) =
+        first_step_run(without.path(), count, "untimed");
+    drop((baton, broker));
+    eprintln!("timers: without {rate_without:.0} events/s, {cpu_without:.1} us/event");
+    // With timers: a deadline and a researcher timeout per context, the
+    // timeouts due 20 s after each handover, so they fire after the inputs.
+    let with = bench_topology(&[("timeout = \"2m\"", "timeout = \"20s\"")]);
+    let (rate_with, cpu_with, _broker, baton) = first_step_run(with.path(), count, "timed");
+    let pending = baton.metric("baton_timers_pending");
+    eprintln!("timers: with {rate_with:.0} events/s, {cpu_with:.1} us/event, {pending} pending");
+    common::wait_for("every step timer fired", Duration::from_secs(1800), || {
+        baton.metric("baton_timers_fired_total{kind=\"step\"}") as usize >= count
+    });
+    let p50 = histogram_quantile(&baton, "baton_timer_lateness_seconds", 0.50);
+    let p99 = histogram_quantile(&baton, "baton_timer_lateness_seconds", 0.99);
+    let result = json!({
+        "contexts": count,
+        "events_per_s_without": rate_without, "events_per_s_with": rate_with,
+        "cpu_us_per_event_without": cpu_without, "cpu_us_per_event_with": cpu_with,
+        "cost_ratio": rate_with / rate_without,
+        "timers_pending_after_inputs": pending,
+        "lateness_p50_ms": p50.map(|s| s * 1000.0), "lateness_p99_ms": p99.map(|s| s * 1000.0),
+    });
+    eprintln!("timers: {result}");
+    result
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("passthrough") {
@@ -825,8 +954,8 @@ fn main() {
         poison_every: env_or("BATON_BENCH_POISON_EVERY", 100),
         failure_every: env_or("BATON_BENCH_FAILURE_EVERY", 50),
     };
-    let peers =
-        std::env::var("BATON_BENCH_PEERS").unwrap_or_else(|_| "l1,baton,lk,quix,loop".into());
+    let peers = std::env::var("BATON_BENCH_PEERS")
+        .unwrap_or_else(|_| "l1,baton,lk,quix,loop,timers".into());
     let rss_contexts: usize = env_or("BATON_BENCH_RSS_CONTEXTS", 0);
     let broker = Broker::start();
     let mut results = BTreeMap::new();
@@ -843,6 +972,7 @@ fn main() {
             }
             "baton" => run_baton(&broker, &settings, rss_contexts),
             "loop" => run_workflow_loop(&settings),
+            "timers" => run_timers(&settings),
             "quix" => match std::env::var("BATON_BENCH_QUIX_PYTHON") {
                 Ok(python) => run_quix(&broker, &settings, &python),
                 Err(_) => {
@@ -850,7 +980,7 @@ fn main() {
                     continue;
                 }
             },
-            other => panic!("unknown peer {other:?} (l1, lk, baton, loop, quix)"),
+            other => panic!("unknown peer {other:?} (l1, lk, baton, loop, quix, timers)"),
         };
         println!("{peer}: {result}");
         results.insert(peer.to_string(), result);

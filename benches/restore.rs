@@ -149,6 +149,7 @@ fn main() {
             partition: 0,
             committed: &committed,
             version_of: baton::state::record::version_of,
+            timers_of: baton::state::record::timers_of,
             cancel: &cancel,
         },
     )

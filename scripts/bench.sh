@@ -14,7 +14,8 @@
 # Lk, the same writing as many records per input as baton; Quix Streams 3.28
 # running the first workflow step (benches/peers/quix_first_step.py); baton on
 # the same first step; loop, baton on the whole vision-research workflow with a
-# closed-loop driver answering every handover as its agent would.
+# closed-loop driver answering every handover as its agent would; timers, the
+# first step with and without timers, and how late they fire when they come due.
 # Then the restore rate (benches/restore.rs). Prints the table, ratios and
 # targets (benches/peers/report.py) and draws docs/benchmarks-throughput.png.
 #
@@ -23,7 +24,7 @@
 #   BATON_BENCH_VENV     venv for Quix Streams and matplotlib
 #                        (default ~/.cache/baton/bench-venv)
 #   BATON_BENCH_OUT      where results go (default $CARGO_TARGET_DIR/bench-results)
-#   BATON_BENCH_PEERS    which peers (default l1,baton,lk,quix,loop)
+#   BATON_BENCH_PEERS    which peers (default l1,baton,lk,quix,loop,timers)
 #   BATON_BENCH_RECORDS, BATON_BENCH_LOADS, BATON_BENCH_LOAD_SECS,
 #   BATON_BENCH_RSS_CONTEXTS, BATON_BENCH_RESTORE_RECORDS override the mode
 set -euo pipefail
@@ -58,7 +59,7 @@ else
     : "${BATON_BENCH_RSS_CONTEXTS:=1000000}" "${BATON_BENCH_RESTORE_RECORDS:=1000000}"
 fi
 export BATON_BENCH_RECORDS BATON_BENCH_LOADS BATON_BENCH_LOAD_SECS BATON_BENCH_RSS_CONTEXTS
-: "${BATON_BENCH_PEERS:=l1,baton,lk,quix,loop}"
+: "${BATON_BENCH_PEERS:=l1,baton,lk,quix,loop,timers}"
 export BATON_BENCH_PEERS
 
 # Processes this script starts; each child of the benchmarks dies with it

@@ -95,6 +95,18 @@ def main():
             f"p99 {fmt(loop.get('hop_p99_ms'), 1)} ms."
         )
         out("")
+    timers = peers.get("timers")
+    if timers:
+        out(
+            f"Timers (`timers`): the first step of {fmt(timers.get('contexts'))} contexts without timers "
+            f"{fmt(timers.get('events_per_s_without'))} events/s ({fmt(timers.get('cpu_us_per_event_without'), 1)} CPU µs / event), "
+            f"with a deadline and a step timeout per context {fmt(timers.get('events_per_s_with'))} events/s "
+            f"({fmt(timers.get('cpu_us_per_event_with'), 1)} CPU µs / event; ratio {fmt(timers.get('cost_ratio'), 2)}); "
+            f"{fmt(timers.get('timers_pending_after_inputs'))} timers pending after the inputs; "
+            f"when the step timers came due together, lateness p50 {fmt(timers.get('lateness_p50_ms'), 1)} ms, "
+            f"p99 {fmt(timers.get('lateness_p99_ms'), 1)} ms."
+        )
+        out("")
     if restore is not None:
         out(f"Restore (`cargo bench --bench restore`, {restore_records:,} changelog records): {restore_line}")
         out("")
