@@ -184,6 +184,41 @@ fn loads_several_files_from_a_directory() {
 }
 
 #[test]
+fn a_bad_duration_names_its_file_and_key() {
+    let problems = problems_of("invalid-timeout.toml");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].starts_with("line "), "{problems:?}");
+    assert!(
+        problems[0].contains("`two minutes` is not a duration"),
+        "{problems:?}"
+    );
+    let path = repo_path("tests/topologies/invalid-timeout.toml");
+    let rendered = Topology::load(&path).expect_err("invalid").to_string();
+    assert!(rendered.contains("invalid-timeout.toml"), "{rendered}");
+    assert!(rendered.contains("timeout"), "{rendered}");
+}
+
+#[test]
+fn timeouts_and_approval_gates_are_validated() {
+    let problems = problems_of("invalid-timers.toml");
+    let expect = |needle: &str| {
+        assert!(
+            problems.iter().any(|p| p.contains(needle)),
+            "no problem mentions `{needle}`: {problems:?}"
+        );
+    };
+    expect("state.ResearcherQueued.timeout: an approval gate needs a timeout");
+    expect("state.ResearcherQueued.on_timeout: an approval gate needs");
+    expect(
+        "state.ResearcherQueued: an approval gate needs a transition from `ResearcherQueued` on `approval.granted`",
+    );
+    expect("state.DownstreamQueued.heartbeat_timeout: 5m is longer than the state's timeout (1m)");
+    expect("state.DownstreamQueued.on_timeout: only an approval gate");
+    expect("state.Completed: `Completed` is terminal");
+    expect("state.ResearcherQueued2: unknown state `ResearcherQueued2`");
+}
+
+#[test]
 fn an_empty_directory_is_an_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("README.md"), "not a workflow").expect("write");
