@@ -48,7 +48,8 @@ pub enum ToolStatus {
 }
 
 /// One `tool.{name}.completed` event, whatever format it arrived in.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Default` is the empty event the decoders fill in.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ToolEvent {
     pub event_id: String,
     pub context_id: String,
@@ -95,19 +96,7 @@ mod tests {
             event_id: "e".into(),
             context_id: "c".into(),
             event: "tool.vision_analyze.completed".into(),
-            server_id: None,
-            tool: None,
-            arguments: Value::Null,
-            result: Value::Null,
-            usage: None,
-            token_budget: None,
-            occurred_at: None,
-            correlation_id: None,
-            workflow: None,
-            status: ToolStatus::Ok,
-            error: None,
-            agent: None,
-            progress: None,
+            ..ToolEvent::default()
         };
         assert_eq!(event.tool_name(), Some("vision_analyze"));
     }

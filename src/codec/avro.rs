@@ -185,22 +185,8 @@ fn heartbeat_event(written: Value, source: &SourceCoordinates) -> Result<ToolEve
         ));
     };
     let mut event = ToolEvent {
-        event_id: String::new(),
-        context_id: String::new(),
         event: crate::topology::HEARTBEAT_EVENT.to_owned(),
-        server_id: None,
-        tool: None,
-        arguments: Json::Null,
-        result: Json::Null,
-        usage: None,
-        token_budget: None,
-        occurred_at: None,
-        correlation_id: None,
-        workflow: None,
-        status: ToolStatus::Ok,
-        error: None,
-        agent: None,
-        progress: None,
+        ..ToolEvent::default()
     };
     for (name, value) in fields {
         let value = unwrap_union(value);
@@ -231,24 +217,7 @@ fn tool_event(
     fields: Vec<(String, Value)>,
     source: &SourceCoordinates,
 ) -> Result<ToolEvent, DecodeError> {
-    let mut event = ToolEvent {
-        event_id: String::new(),
-        context_id: String::new(),
-        event: String::new(),
-        server_id: None,
-        tool: None,
-        arguments: Json::Null,
-        result: Json::Null,
-        usage: None,
-        token_budget: None,
-        occurred_at: None,
-        correlation_id: None,
-        workflow: None,
-        status: ToolStatus::Ok,
-        error: None,
-        agent: None,
-        progress: None,
-    };
+    let mut event = ToolEvent::default();
     for (name, value) in fields {
         let value = unwrap_union(value);
         match name.as_str() {

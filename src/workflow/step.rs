@@ -441,29 +441,14 @@ fn cancel(
             ),
         };
     }
-    let holding: Vec<String> = holders(current).into_iter().map(str::to_owned).collect();
-    let mut next = current.clone();
-    next.state = CANCELLED_STATE.to_owned();
-    next.locked_by = None;
-    next.failure = None;
-    next.join_arrived.clear();
-    next.timers.clear();
-    next.version = next.version.saturating_add(1);
-    next.updated_at = now_ms;
+    let (mut next, handovers, park) = stop(
+        current,
+        definition,
+        CANCELLED_STATE,
+        HandoverStatus::Cancelled,
+        now_ms,
+    );
     next.remember(&command_key(&command.command_id));
-    let park = std::mem::take(&mut next.held);
-    let handovers = holding
-        .iter()
-        .filter_map(|agent| handover_target_for(definition, &current.state, agent))
-        .map(|target| {
-            draft(
-                definition,
-                &target,
-                HandoverStatus::Cancelled,
-                next.tokens_left(),
-            )
-        })
-        .collect();
     let message = match command.reason.as_deref() {
         Some(reason) if !reason.is_empty() => format!("Cancelled: {reason}"),
         _ => "Cancelled by an operator".to_owned(),
@@ -962,22 +947,11 @@ pub fn fire_timer(
                         event_id: timer.firing_id(&current.context_id),
                         context_id: current.context_id.clone(),
                         event: answer.to_owned(),
-                        server_id: None,
-                        tool: None,
-                        arguments: serde_json::Value::Null,
                         result: serde_json::json!({
                             "approver": "baton",
                             "reason": format!("nobody answered within the approval's timeout ({})", on_timeout_label(on_timeout)),
                         }),
-                        usage: None,
-                        token_budget: None,
-                        occurred_at: None,
-                        correlation_id: None,
-                        workflow: None,
-                        status: ToolStatus::Ok,
-                        error: None,
-                        agent: None,
-                        progress: None,
+                        ..ToolEvent::default()
                     };
                     match advance(current, Some(&current.state), definition, &event, at) {
                         StepOutcome::Applied {
@@ -1082,31 +1056,13 @@ fn deadline_passed(
             "Moved to PlanB: the workflow passed its deadline".to_owned(),
         );
     }
-    let mut next = current.clone();
-    let holding = holders(current)
-        .into_iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
-    next.state = definition.retry.failed_state.clone();
-    next.locked_by = None;
-    next.failure = None;
-    next.join_arrived.clear();
-    next.timers.clear();
-    next.version = next.version.saturating_add(1);
-    next.updated_at = at;
-    let release = std::mem::take(&mut next.held);
-    let handovers = holding
-        .iter()
-        .filter_map(|agent| handover_target_for(definition, &current.state, agent))
-        .map(|target| {
-            draft(
-                definition,
-                &target,
-                HandoverStatus::Failed,
-                next.tokens_left(),
-            )
-        })
-        .collect();
+    let (next, handovers, release) = stop(
+        current,
+        definition,
+        &definition.retry.failed_state,
+        HandoverStatus::Failed,
+        at,
+    );
     let update = status_update(
         &next,
         Some(&current.state),
@@ -1120,6 +1076,34 @@ fn deadline_passed(
         status_updates: vec![update],
         release,
     }
+}
+
+/// Stops the workflow in the terminal state `to`, whatever it waited for:
+/// no lock, no failure, no timers. Returns the new state, a final handover
+/// of `status` to each agent working on it (so it can stop), and the
+/// records it held.
+fn stop(
+    current: &WorkflowState,
+    definition: &WorkflowDefinition,
+    to: &str,
+    status: HandoverStatus,
+    at: i64,
+) -> (WorkflowState, Vec<HandoverDraft>, Vec<HeldRecord>) {
+    let mut next = current.clone();
+    next.state = to.to_owned();
+    next.locked_by = None;
+    next.failure = None;
+    next.join_arrived.clear();
+    next.timers.clear();
+    next.version = next.version.saturating_add(1);
+    next.updated_at = at;
+    let held = std::mem::take(&mut next.held);
+    let handovers = holders(current)
+        .into_iter()
+        .filter_map(|agent| handover_target_for(definition, &current.state, agent))
+        .map(|target| draft(definition, &target, status, next.tokens_left()))
+        .collect();
+    (next, handovers, held)
 }
 
 /// Moves the context to its workflow's PlanB route (a deadline, or an
