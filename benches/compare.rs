@@ -808,21 +808,6 @@ fn run_workflow_loop(settings: &Settings) -> Value {
     result
 }
 
-/// The shipped topology with `replace` applied to vision-research.toml
-/// (the approval workflow is left out: it does not start on these events).
-fn bench_topology(replace: &[(&str, &str)]) -> tempfile::TempDir {
-    let mut text =
-        std::fs::read_to_string(Path::new(common::REPO).join("topology/vision-research.toml"))
-            .expect("the shipped topology");
-    for (from, to) in replace {
-        assert!(text.contains(from), "the shipped topology has `{from}`");
-        text = text.replace(from, to);
-    }
-    let dir = tempfile::tempdir().expect("topology dir");
-    std::fs::write(dir.path().join("vision-research.toml"), text).expect("write topology");
-    dir
-}
-
 /// One preloaded first-step run of `count` contexts on `topology`, on its
 /// own broker: events/s from the first commit to the commit of the last,
 /// and the pod (still running) for what comes after.
@@ -904,7 +889,7 @@ fn histogram_quantile(baton: &Baton, name: &str, q: f64) -> Option<f64> {
 /// deadlines of every context.
 fn run_timers(settings: &Settings) -> Value {
     let count = settings.records;
-    let without = bench_topology(&[
+    let without = common::topology_variant(&[
         ("deadline = \"15m\"\n", ""),
         ("[state.ResearcherQueued]\ntimeout = \"2m\"", ""),
         ("[state.DownstreamQueued]\ntimeout = \"1m\"", ""),
@@ -916,7 +901,7 @@ fn run_timers(settings: &Settings) -> Value {
     eprintln!("timers: without {rate_without:.0} events/s, {cpu_without:.1} us/event");
     // With timers: a deadline and a researcher timeout per context, the
     // timeouts due 20 s after each handover, so they fire after the inputs.
-    let with = bench_topology(&[("timeout = \"2m\"", "timeout = \"20s\"")]);
+    let with = common::topology_variant(&[("timeout = \"2m\"", "timeout = \"20s\"")]);
     let (rate_with, cpu_with, _broker, baton) = first_step_run(with.path(), count, "timed");
     let pending = baton.metric("baton_timers_pending");
     eprintln!("timers: with {rate_with:.0} events/s, {cpu_with:.1} us/event, {pending} pending");
