@@ -136,6 +136,10 @@ impl Readiness {
 
     pub fn partition_released(&self, partition: i32) {
         self.partitions().remove(&partition);
+        // Its overdue timers are its new owner's to report now.
+        let _ = crate::metrics::METRICS
+            .contexts_overdue
+            .remove_label_values(&[&partition.to_string()]);
     }
 
     /// Ready: in the group, and every assigned partition restored.
