@@ -374,12 +374,22 @@ fn bad_input_is_a_one_line_error_never_a_panic() {
             vec![],
         )],
     );
+    // Only the application's input topics are replay targets, unless named.
     one_line_error(
         &["replay", "--dry-run"],
         1,
+        &["`gone.topic`", "not an input topic", "--allow-topic"],
+    );
+    one_line_error(
+        &["replay", "--dry-run", "--allow-topic", "gone.topic"],
+        1,
         &["`gone.topic`", "does not exist"],
     );
-    one_line_error(&["replay"], 1, &["`gone.topic`", "nothing was republished"]);
+    one_line_error(
+        &["replay", "--allow-topic", "gone.topic"],
+        1,
+        &["`gone.topic`", "nothing was republished"],
+    );
     assert!(broker.read_all(REPLAYS).is_empty());
     assert!(!broker.topic_names().iter().any(|t| t == "gone.topic"));
 
