@@ -198,6 +198,16 @@ impl Registry {
             .cloned()
     }
 
+    /// Puts a writer schema into the cache as a lookup would have: for a
+    /// process that carries its schemas (the fuzzers' registry stub), so
+    /// decoding follows exactly the path it follows after a fetch.
+    pub fn insert_cached(&self, id: u32, schema: WriterSchema) {
+        self.schemas
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(id, schema);
+    }
+
     /// Looks `id` up and caches the answer (a schema, or the fact that the
     /// registry does not know it). Only an outage is an error.
     pub async fn fetch(&self, id: u32) -> Result<WriterSchema, RegistryError> {

@@ -364,6 +364,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn one_token_cannot_take_every_feed() {
+        let slots = Arc::new(FeedSlots::new(2));
+        let first = slots.acquire(Caller::Token(0)).expect("first");
+        let _second = slots.acquire(Caller::Token(0)).expect("second");
+        assert_eq!(
+            slots.acquire(Caller::Token(0)).err(),
+            Some(SlotRefused::Caller)
+        );
+        let _other = slots.acquire(Caller::Token(1)).expect("another token");
+        drop(first);
+        let _again = slots.acquire(Caller::Token(0)).expect("a slot came back");
+        // Past the pod's cap nobody gets one, anonymous callers included.
+        let mut held = Vec::new();
+        while let Ok(slot) = slots.acquire(Caller::Anonymous) {
+            held.push(slot);
+        }
+        assert_eq!(held.len(), MAX_CLIENTS - 3);
+        assert_eq!(
+            slots.acquire(Caller::Token(2)).err(),
+            Some(SlotRefused::Pod)
+        );
+    }
+
+    #[test]
     fn positions_round_trip() {
         let position: BTreeMap<i32, i64> = [(0, 12), (1, 0), (2, 7)].into_iter().collect();
         let text = format_position(&position);
