@@ -122,9 +122,11 @@ pub fn check_advertised_url(url: &str) -> Result<(), String> {
     let (host, port) = authority
         .rsplit_once(':')
         .ok_or_else(|| format!("`{url}` names no port (http(s)://host:port)"))?;
-    if host.is_empty() || port.parse::<u16>().map_or(true, |port| port == 0) {
+    // Port 0 is allowed: a pod listening on an ephemeral port advertises
+    // it before it is known, and nobody can be sent there.
+    if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(format!(
-            "`{url}` must be http(s)://host:port with a port in 1..=65535"
+            "`{url}` must be http(s)://host:port with a port in 0..=65535"
         ));
     }
     Ok(())
@@ -507,7 +509,7 @@ mod tests {
             "http://baton-0:8080?x=1",
             "http://user:pw@baton-0:8080",
             "http://baton-0",
-            "http://baton-0:0",
+            "http://baton-0:65536",
             "ftp://baton-0:21",
             "http://:8080",
             "http://baton-0:8080#frag",
