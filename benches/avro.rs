@@ -94,10 +94,18 @@ fn main() {
         black_box(decode_event(Some(&json), &source, &limits).expect("json decodes"));
     });
     let v2_decode = rate(count, || {
-        black_box(v2_decoder.decode(&v2_datum, &source).expect("v2 decodes"));
+        black_box(
+            v2_decoder
+                .decode(&v2_datum, &source, baton::codec::DEFAULT_MAX_JSON_DEPTH)
+                .expect("v2 decodes"),
+        );
     });
     let v1_decode = rate(count, || {
-        black_box(v1_decoder.decode(&v1_datum, &source).expect("v1 decodes"));
+        black_box(
+            v1_decoder
+                .decode(&v1_datum, &source, baton::codec::DEFAULT_MAX_JSON_DEPTH)
+                .expect("v1 decodes"),
+        );
     });
 
     let event = decode_event(Some(&json), &source, &limits).expect("json decodes");

@@ -55,6 +55,9 @@ echo "==> creating topics"
 echo "==> starting baton (log: $LOG)"
 # A fresh signing key per demo run: snapshot URLs in handovers are signed.
 export BATON_SNAPSHOT_SECRET="${BATON_SNAPSHOT_SECRET:-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')}"
+# The bearer token of the HTTP surface (the dashboard asks for it once).
+export BATON_HTTP_AUTH_TOKENS="${BATON_HTTP_AUTH_TOKENS:-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')}"
+export BATON_HTTP_AUTH_TOKEN="${BATON_HTTP_AUTH_TOKENS%%,*}"
 "$BATON" run --bootstrap-servers "$BOOTSTRAP" --instance-id demo-0 --topology topology \
     --state-dir "$STATE_DIR" --http-addr "$HTTP_ADDR" \
     --kafka-prop consumer.session.timeout.ms=6000 >"$LOG" 2>&1 &
@@ -104,8 +107,8 @@ echo
 echo "The state of context ctx-$SEED-0, asked from the running pod:"
 "$BATON" state get --url "http://$HTTP_ADDR" "ctx-$SEED-0" || true
 echo
-echo "dashboard: http://$HTTP_ADDR/"
-echo "live feed: curl -N http://$HTTP_ADDR/events?replay=20"
+echo "dashboard: http://$HTTP_ADDR/#token=$BATON_HTTP_AUTH_TOKEN"
+echo "live feed: curl -N -H \"Authorization: Bearer $BATON_HTTP_AUTH_TOKEN\" http://$HTTP_ADDR/events?replay=20"
 echo "metrics:   http://$HTTP_ADDR/metrics"
 echo "readiness: http://$HTTP_ADDR/readyz"
 echo "state:     $BATON state get --url http://$HTTP_ADDR <context_id>"

@@ -142,6 +142,24 @@ if [[ -f src/lib.rs ]]; then
     count_cargo_test
 fi
 
+# -------------------------------------------------------------------------- fuzz
+# Every cargo-fuzz target for 30 s from its committed corpus (fuzz/README.md),
+# when BATON_FUZZ=1. Opt-in for now: the first build compiles RocksDB and
+# librdkafka again with AddressSanitizer (about 45 minutes and 3 GiB on two
+# cores), which a CI machine should do once into its cached target directory.
+# Without a nightly toolchain and cargo-fuzz the phase is skipped, saying so.
+if [[ -d fuzz ]]; then
+    if [[ "${BATON_FUZZ:-0}" != 1 ]]; then
+        finish_phase
+        printf '\n%s==> fuzz: SKIPPED%s (set BATON_FUZZ=1 to run every target for %ss; see fuzz/README.md)\n' "$BOLD" "$RESET" "${BATON_FUZZ_SECONDS:-30}"
+    elif cargo +nightly --version >/dev/null 2>&1 && cargo +nightly fuzz --version >/dev/null 2>&1; then
+        phase bash scripts/fuzz.sh "${BATON_FUZZ_SECONDS:-30}" || FAILED+=("fuzz")
+    else
+        finish_phase
+        printf '\n%s==> fuzz: SKIPPED%s (needs a nightly toolchain and cargo-fuzz: `rustup toolchain install nightly && cargo install cargo-fuzz`)\n' "$BOLD" "$RESET"
+    fi
+fi
+
 finish_phase
 printf '\n'
 if [[ ${#FAILED[@]} -gt 0 ]]; then

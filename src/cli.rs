@@ -3,7 +3,10 @@
 
 mod context;
 mod dlq;
+mod guard;
 mod schemas;
+
+pub use guard::{GuardArgs, HttpAuthMode, KafkaPropArgs};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,8 +101,12 @@ pub struct HealArgs {
     /// Metrics and health: `/metrics`, `/healthz`.
     #[arg(long, env = "BATON_HTTP_ADDR", default_value = "0.0.0.0:8081")]
     pub http_addr: std::net::SocketAddr,
-    #[arg(long = "kafka-prop", env = "BATON_KAFKA_PROPS", value_delimiter = ',')]
-    pub kafka_props: Vec<String>,
+    /// Retries held in memory until due (default 10000); at the bound the
+    /// retry topic is paused, so the rest wait in Kafka.
+    #[arg(long, env = "BATON_MAX_PENDING_RETRIES", default_value_t = crate::healer::DEFAULT_MAX_PENDING_RETRIES)]
+    pub max_pending_retries: usize,
+    #[command(flatten)]
+    pub kafka: KafkaPropArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +122,9 @@ pub struct StateGetArgs {
     /// A running pod, e.g. http://baton-0.baton-headless:8080.
     #[arg(long, conflicts_with = "state_dir")]
     pub url: Option<String>,
+    /// The bearer token for `--url` (`BATON_HTTP_AUTH_TOKEN`).
+    #[arg(long, env = "BATON_HTTP_AUTH_TOKEN", hide_env_values = true)]
+    pub token: Option<crate::secret::Secret>,
     /// A state directory to read offline (the pod must be stopped).
     #[arg(long, env = "BATON_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
@@ -150,9 +160,8 @@ pub struct RunArgs {
     /// Milliseconds per transaction.
     #[arg(long, env = "BATON_COMMIT_INTERVAL_MS")]
     pub commit_interval_ms: Option<u64>,
-    /// librdkafka property KEY=VALUE, repeatable (SASL, TLS, tuning).
-    #[arg(long = "kafka-prop", env = "BATON_KAFKA_PROPS", value_delimiter = ',')]
-    pub kafka_props: Vec<String>,
+    #[command(flatten)]
+    pub kafka: KafkaPropArgs,
     /// Dead-letter topic.
     #[arg(long, env = "BATON_DLQ_TOPIC")]
     pub dlq_topic: Option<String>,
@@ -207,6 +216,8 @@ pub struct RunArgs {
     pub registry: RegistryArgs,
     #[command(flatten)]
     pub surface: SurfaceArgs,
+    #[command(flatten)]
+    pub guard: GuardArgs,
 }
 
 /// The live feed, memory snapshots and the pod's place among its peers.
@@ -244,7 +255,7 @@ pub struct SurfaceArgs {
         hide_env_values = true,
         hide = true
     )]
-    pub snapshot_secret: Option<String>,
+    pub snapshot_secret: Option<crate::secret::Secret>,
     /// The previous key, still accepted while keys rotate.
     #[arg(
         long,
@@ -252,7 +263,7 @@ pub struct SurfaceArgs {
         hide_env_values = true,
         hide = true
     )]
-    pub snapshot_secret_previous: Option<String>,
+    pub snapshot_secret_previous: Option<crate::secret::Secret>,
     /// How long a snapshot URL stays valid, in seconds (default 86400).
     #[arg(long, env = "BATON_SNAPSHOT_EXPIRY_SECS")]
     pub snapshot_expiry_secs: Option<u64>,
@@ -279,7 +290,7 @@ pub struct RegistryArgs {
     pub schema_registry_username: Option<String>,
     /// Basic auth password (Confluent Cloud: the API secret).
     #[arg(long, env = "BATON_SCHEMA_REGISTRY_PASSWORD", hide_env_values = true)]
-    pub schema_registry_password: Option<String>,
+    pub schema_registry_password: Option<crate::secret::Secret>,
     /// PEM file of the CA that signed the registry's certificate.
     #[arg(long, env = "BATON_SCHEMA_REGISTRY_CA_FILE")]
     pub schema_registry_ca_file: Option<PathBuf>,
@@ -346,8 +357,8 @@ pub struct TopicsCreateArgs {
     pub control_topic: String,
     #[arg(long, env = "BATON_RETRY_TOPIC", default_value = crate::control::DEFAULT_RETRY_TOPIC)]
     pub retry_topic: String,
-    #[arg(long = "kafka-prop", env = "BATON_KAFKA_PROPS", value_delimiter = ',')]
-    pub kafka_props: Vec<String>,
+    #[command(flatten)]
+    pub kafka: KafkaPropArgs,
 }
 
 #[derive(Debug, Args)]
@@ -368,8 +379,8 @@ pub struct SimulateArgs {
     /// Seed for the deterministic generator.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    #[arg(long = "kafka-prop", value_delimiter = ',')]
-    pub kafka_props: Vec<String>,
+    #[command(flatten)]
+    pub kafka: KafkaPropArgs,
 }
 
 /// Runs the parsed command.
@@ -437,7 +448,13 @@ async fn heal(args: HealArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     };
     let config = crate::healer::HealerConfig {
-        kafka: settings(&args.bootstrap_servers, &args.kafka_props)?,
+        kafka: match settings(&args.bootstrap_servers, &args.kafka) {
+            Ok(settings) => settings,
+            Err(problems) => {
+                eprintln!("{problems}");
+                return Ok(ExitCode::from(2));
+            }
+        },
         application_id: args.application_id.clone(),
         instance_id,
         parked_topic: crate::dlq::parked_topic(&args.dlq_topic),
@@ -446,6 +463,7 @@ async fn heal(args: HealArgs) -> anyhow::Result<ExitCode> {
         retry_topic: args.retry_topic.clone(),
         commit_interval: std::time::Duration::from_millis(args.commit_interval_ms),
         startup_timeout: std::time::Duration::from_millis(args.startup_timeout_ms),
+        max_pending_retries: args.max_pending_retries.max(1),
     };
     let shutdown = Shutdown::new();
     shutdown.listen_for_signals();
@@ -495,7 +513,15 @@ async fn state_get(args: StateGetArgs) -> anyhow::Result<ExitCode> {
             percent_encoding::NON_ALPHANUMERIC,
         );
         let target = format!("{}/contexts/{encoded}", url.trim_end_matches('/'));
-        let (status, body) = http::get(&target).await?;
+        let authorization = args
+            .token
+            .as_ref()
+            .map(|token| format!("Bearer {}", token.expose()));
+        let headers: Vec<(&str, &str)> = authorization
+            .iter()
+            .map(|value| ("authorization", value.as_str()))
+            .collect();
+        let (status, _, body) = http::get_with_headers(&target, &headers).await?;
         println!("{body}");
         return Ok(if status == 200 {
             ExitCode::SUCCESS
@@ -552,16 +578,36 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let shutdown = Shutdown::new();
     shutdown.listen_for_signals();
-    let http_state = Arc::new(HttpState::new(
-        Arc::new(Readiness::default()),
-        Arc::new(crate::state::OpenStores::default()),
-        Arc::default(),
-        shutdown.clone(),
-    ));
+    let http_state = Arc::new(
+        HttpState::new(
+            Arc::new(Readiness::default()),
+            Arc::new(crate::state::OpenStores::default()),
+            Arc::default(),
+            shutdown.clone(),
+        )
+        .with_guards(config.guards.clone()),
+    );
     let server = serve_http(config.http_addr, Arc::clone(&http_state)).await?;
+    let metrics_server = match config.metrics_addr {
+        Some(addr) => {
+            let (bound, serving) = http::bind_listener(
+                addr,
+                Arc::clone(&http_state),
+                http::server::Listener::Metrics,
+            )
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+            tracing::info!(addr = %bound, "metrics listening");
+            Some(tokio::spawn(serving))
+        }
+        None => None,
+    };
     let result = runtime::run(config, topology, http_state, shutdown.clone()).await;
     shutdown.trigger();
     let _ = server.await;
+    if let Some(metrics_server) = metrics_server {
+        let _ = metrics_server.await;
+    }
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(err) => {
@@ -572,28 +618,25 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn settings(bootstrap_servers: &str, props: &[String]) -> anyhow::Result<KafkaSettings> {
+/// The Kafka settings of a tool command, or its configuration problems.
+fn settings(
+    bootstrap_servers: &str,
+    props: &KafkaPropArgs,
+) -> Result<KafkaSettings, crate::config::ConfigError> {
+    let mut problems = Vec::new();
+    let properties = props.collect(&mut problems);
+    if !problems.is_empty() {
+        return Err(crate::config::ConfigError { problems });
+    }
     Ok(KafkaSettings {
         bootstrap_servers: bootstrap_servers.to_string(),
-        properties: parse_kafka_props(props)?,
+        properties,
     })
-}
-
-/// `--kafka-prop KEY=VALUE` pairs.
-fn parse_kafka_props(props: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    props
-        .iter()
-        .map(|pair| {
-            pair.split_once('=')
-                .map(|(key, value)| (key.to_string(), value.to_string()))
-                .with_context(|| format!("kafka_prop: `{pair}` is not KEY=VALUE"))
-        })
-        .collect()
 }
 
 async fn create_topics(args: TopicsCreateArgs) -> anyhow::Result<ExitCode> {
     let topology = Topology::load(&args.topology)?;
-    let settings = settings(&args.bootstrap_servers, &args.kafka_props)?;
+    let settings = settings(&args.bootstrap_servers, &args.kafka)?;
     let mut topics: Vec<(String, i32, bool)> = args
         .input_topics
         .iter()
@@ -622,7 +665,7 @@ async fn create_topics(args: TopicsCreateArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn simulate(args: SimulateArgs) -> anyhow::Result<ExitCode> {
-    let settings = settings(&args.bootstrap_servers, &args.kafka_props)?;
+    let settings = settings(&args.bootstrap_servers, &args.kafka)?;
     let records = sample::vision_research_traffic_with_failures(
         args.contexts,
         args.poison_percent,

@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::{RegistryArgs, RunArgs};
+use crate::cli::{HttpAuthMode, RegistryArgs, RunArgs};
 use crate::codec::{DecodeLimits, InputFormat};
 use crate::dlq::DEFAULT_DLQ_TOPIC;
 use crate::kafka::{self, KafkaSettings};
 use crate::registry::{RegistryConfig, SubjectStrategy};
+use crate::secret::Secret;
 
 pub const DEFAULT_INPUT_TOPIC: &str = "mcp.events.all";
 pub const DEFAULT_APPLICATION_ID: &str = "baton";
@@ -50,7 +51,7 @@ pub struct FileConfig {
     pub input_formats: BTreeMap<String, String>,
     pub schema_registry_url: Option<String>,
     pub schema_registry_username: Option<String>,
-    pub schema_registry_password: Option<String>,
+    pub schema_registry_password: Option<Secret>,
     pub schema_registry_ca_file: Option<PathBuf>,
     pub schema_registry_cert_file: Option<PathBuf>,
     pub schema_registry_key_file: Option<PathBuf>,
@@ -68,6 +69,18 @@ pub struct FileConfig {
     pub snapshot_retention_secs: Option<u64>,
     pub max_snapshots_per_context: Option<usize>,
     pub sse_heartbeat_ms: Option<u64>,
+    pub http_auth: Option<HttpAuthMode>,
+    pub http_auth_token_file: Option<PathBuf>,
+    pub metrics_addr: Option<String>,
+    pub http_header_timeout_ms: Option<u64>,
+    pub http_idle_timeout_ms: Option<u64>,
+    pub http_max_connections: Option<usize>,
+    pub sse_max_lifetime_secs: Option<u64>,
+    pub max_feeds_per_token: Option<usize>,
+    pub render_concurrency: Option<usize>,
+    pub max_token_budget: Option<u64>,
+    pub max_json_depth: Option<usize>,
+    pub max_schema_depth: Option<usize>,
     /// librdkafka properties, passed through as they are.
     #[serde(default)]
     pub kafka: BTreeMap<String, String>,
@@ -109,6 +122,12 @@ pub struct RunConfig {
     pub advertised_url: String,
     pub snapshots: Option<SnapshotConfig>,
     pub sse_heartbeat: Duration,
+    /// Who may call the HTTP surface and what a client may hold there.
+    pub guards: crate::http::Guards,
+    /// `/metrics` (and the probes) on a listener of their own.
+    pub metrics_addr: Option<SocketAddr>,
+    /// HMAC key of `{app}-members` records.
+    pub membership_secret: Secret,
 }
 
 /// Bounds on what one context may hold (see [`crate::workflow::Policy`]).
@@ -241,6 +260,8 @@ impl RunConfig {
         };
         let mut problems = Vec::new();
         let schema_registry = registry_config(&args.registry, &file, &mut problems);
+        let guard = &args.guard;
+        let (guards, metrics_addr) = http_guards(guard, &file, &mut problems);
 
         let bootstrap_servers = args
             .bootstrap_servers
@@ -487,7 +508,9 @@ impl RunConfig {
             .clone()
             .or(file.advertised_url)
             .unwrap_or_else(|| default_advertised_url(http_addr, &instance_id));
-        check_url("advertised_url", &advertised_url, &mut problems);
+        if let Err(reason) = crate::members::check_advertised_url(&advertised_url) {
+            problems.push(format!("advertised_url: {reason}"));
+        }
         let sse_heartbeat_ms = surface
             .sse_heartbeat_ms
             .or(file.sse_heartbeat_ms)
@@ -503,10 +526,14 @@ impl RunConfig {
                 let public_url = surface
                     .public_url
                     .clone()
-                    .or(file.public_url)
+                    .or(file.public_url.clone())
                     .unwrap_or_else(|| advertised_url.clone());
                 check_url("public_url", &public_url, &mut problems);
-                let secret = surface.snapshot_secret.clone().unwrap_or_default();
+                let secret = surface
+                    .snapshot_secret
+                    .as_ref()
+                    .map(|secret| secret.expose().to_string())
+                    .unwrap_or_default();
                 if secret.is_empty() {
                     problems.push(
                         "snapshot_secret: BATON_SNAPSHOT_SECRET is required to sign memory snapshot URLs (or run with --snapshots disabled)"
@@ -550,9 +577,9 @@ impl RunConfig {
                     secret: secret.into_bytes(),
                     previous_secret: surface
                         .snapshot_secret_previous
-                        .clone()
+                        .as_ref()
                         .filter(|previous| !previous.is_empty())
-                        .map(String::into_bytes),
+                        .map(|previous| previous.expose().as_bytes().to_vec()),
                     expiry: Duration::from_secs(expiry_secs),
                     retention: Duration::from_secs(retention_secs),
                     max_per_context,
@@ -560,20 +587,70 @@ impl RunConfig {
             }
         };
 
-        let mut properties: Vec<(String, String)> = file.kafka.into_iter().collect();
-        for pair in &args.kafka_props {
-            match pair.split_once('=') {
-                Some((key, value)) if !key.trim().is_empty() => {
-                    properties.push((key.trim().to_string(), value.to_string()))
-                }
-                _ => problems.push(format!("kafka_prop: `{pair}` is not KEY=VALUE")),
-            }
+        // A feed that sends nothing for the idle timeout is cut, so
+        // heartbeats must come more often.
+        let idle_ms = guards.limits.idle_timeout.as_millis() as u64;
+        if sse_heartbeat_ms >= idle_ms {
+            problems.push(format!(
+                "sse_heartbeat_ms: {sse_heartbeat_ms} must be shorter than http_idle_timeout_ms ({idle_ms})"
+            ));
         }
-        for (key, value) in &properties {
-            if let Err(reason) = kafka::check_property(key, value) {
-                problems.push(format!("kafka_prop.{key}: {reason}"));
+        let membership_secret = match (&guard.membership_secret, &snapshots) {
+            (Some(secret), _) if !secret.is_empty() => secret.clone(),
+            (_, Some(snapshots)) => Secret::new(String::from_utf8_lossy(&snapshots.secret)),
+            _ => {
+                problems.push(
+                    "membership_secret: BATON_MEMBERSHIP_SECRET is required to sign membership records when snapshots are disabled"
+                        .into(),
+                );
+                Secret::default()
             }
+        };
+        if !membership_secret.is_empty()
+            && membership_secret.expose().len() < crate::snapshot_url::MIN_SECRET_BYTES
+        {
+            problems.push(
+                "membership_secret: BATON_MEMBERSHIP_SECRET is too short: use at least 32 random bytes"
+                    .into(),
+            );
         }
+        let max_token_budget = guard
+            .max_token_budget
+            .or(file.max_token_budget)
+            .unwrap_or(crate::codec::DEFAULT_MAX_TOKEN_BUDGET);
+        if !(1..=i64::MAX as u64).contains(&max_token_budget) {
+            problems.push(format!(
+                "max_token_budget: {max_token_budget} is outside 1..={}",
+                i64::MAX
+            ));
+        }
+        let max_json_depth = guard
+            .max_json_depth
+            .or(file.max_json_depth)
+            .unwrap_or(crate::codec::DEFAULT_MAX_JSON_DEPTH);
+        if !(8..=crate::codec::MAX_JSON_DEPTH).contains(&max_json_depth) {
+            problems.push(format!(
+                "max_json_depth: {max_json_depth} is outside 8..={}",
+                crate::codec::MAX_JSON_DEPTH
+            ));
+        }
+        let max_schema_depth = guard
+            .max_schema_depth
+            .or(file.max_schema_depth)
+            .unwrap_or(crate::codec::DEFAULT_MAX_SCHEMA_DEPTH);
+        if !(4..=crate::codec::MAX_SCHEMA_DEPTH).contains(&max_schema_depth) {
+            problems.push(format!(
+                "max_schema_depth: {max_schema_depth} is outside 4..={}",
+                crate::codec::MAX_SCHEMA_DEPTH
+            ));
+        }
+
+        let mut file_properties: Vec<(String, String)> = Vec::new();
+        for (key, value) in file.kafka {
+            file_properties.push((format!("config [kafka] {key}"), format!("{key}={value}")));
+        }
+        let mut properties = kafka::parse_properties(&file_properties, &mut problems);
+        properties.extend(args.kafka.collect(&mut problems));
 
         if !problems.is_empty() {
             return Err(ConfigError { problems });
@@ -591,7 +668,12 @@ impl RunConfig {
             http_addr,
             commit_interval: Duration::from_millis(commit_interval_ms),
             dlq_topic,
-            limits: DecodeLimits { max_record_bytes },
+            limits: DecodeLimits {
+                max_record_bytes,
+                max_token_budget,
+                max_json_depth,
+                max_schema_depth,
+            },
             context_limits,
             state_memory_bytes,
             max_timers_per_round,
@@ -607,8 +689,135 @@ impl RunConfig {
             live_feed: surface.live_feed.or(file.live_feed).unwrap_or_default()
                 == LiveFeedMode::Enabled,
             sse_heartbeat: Duration::from_millis(sse_heartbeat_ms),
+            guards,
+            metrics_addr,
+            membership_secret,
         })
     }
+}
+
+/// The HTTP surface's guards from flags over the file: tokens (required
+/// unless `--http-auth none`), connection and feed bounds.
+fn http_guards(
+    guard: &crate::cli::GuardArgs,
+    file: &FileConfig,
+    problems: &mut Vec<String>,
+) -> (crate::http::Guards, Option<SocketAddr>) {
+    use crate::http::auth::{self, Auth};
+    let defaults = crate::http::Guards::default();
+    let mode = guard.http_auth.or(file.http_auth).unwrap_or_default();
+    let token_file = guard
+        .http_auth_token_file
+        .clone()
+        .or(file.http_auth_token_file.clone());
+    let tokens = auth::collect_tokens(
+        guard.http_auth_tokens.as_ref().map(Secret::expose),
+        token_file.as_deref(),
+        problems,
+    );
+    let auth = match mode {
+        HttpAuthMode::None => {
+            if !tokens.is_empty() {
+                problems.push(
+                    "http_auth: `none` with tokens configured; drop the tokens or the `none`"
+                        .into(),
+                );
+            }
+            Auth::Open
+        }
+        HttpAuthMode::Tokens => {
+            if tokens.is_empty() {
+                problems.push(
+                    "http_auth_tokens: the HTTP surface needs bearer tokens (--http-auth-token-file or BATON_HTTP_AUTH_TOKENS), or run with --http-auth none"
+                        .into(),
+                );
+            }
+            Auth::from_tokens(tokens.iter().map(String::as_str))
+        }
+    };
+    let mut number =
+        |name: &str, value: Option<u64>, default: u64, range: std::ops::RangeInclusive<u64>| {
+            let value = value.unwrap_or(default);
+            if !range.contains(&value) {
+                problems.push(format!(
+                    "{name}: {value} is outside {}..={}",
+                    range.start(),
+                    range.end()
+                ));
+            }
+            value
+        };
+    let header_ms = number(
+        "http_header_timeout_ms",
+        guard.http_header_timeout_ms.or(file.http_header_timeout_ms),
+        defaults.limits.header_read_timeout.as_millis() as u64,
+        100..=600_000,
+    );
+    let idle_ms = number(
+        "http_idle_timeout_ms",
+        guard.http_idle_timeout_ms.or(file.http_idle_timeout_ms),
+        defaults.limits.idle_timeout.as_millis() as u64,
+        100..=3_600_000,
+    );
+    let max_connections = number(
+        "http_max_connections",
+        guard
+            .http_max_connections
+            .or(file.http_max_connections)
+            .map(|n| n as u64),
+        defaults.limits.max_connections as u64,
+        1..=65_536,
+    );
+    let lifetime_secs = number(
+        "sse_max_lifetime_secs",
+        guard.sse_max_lifetime_secs.or(file.sse_max_lifetime_secs),
+        defaults.feed_lifetime.as_secs(),
+        1..=86_400,
+    );
+    let feeds_per_token = number(
+        "max_feeds_per_token",
+        guard
+            .max_feeds_per_token
+            .or(file.max_feeds_per_token)
+            .map(|n| n as u64),
+        defaults.max_feeds_per_token as u64,
+        1..=crate::http::MAX_FEEDS as u64,
+    );
+    let render_concurrency = number(
+        "render_concurrency",
+        guard
+            .render_concurrency
+            .or(file.render_concurrency)
+            .map(|n| n as u64),
+        defaults.render_concurrency as u64,
+        1..=64,
+    );
+    let metrics_addr = guard
+        .metrics_addr
+        .clone()
+        .or(file.metrics_addr.clone())
+        .and_then(|text| match text.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                problems.push(format!(
+                    "metrics_addr: `{text}` is not an address like 0.0.0.0:9090"
+                ));
+                None
+            }
+        });
+    let guards = crate::http::Guards {
+        auth,
+        limits: crate::http::server::ServerLimits {
+            header_read_timeout: Duration::from_millis(header_ms),
+            idle_timeout: Duration::from_millis(idle_ms),
+            max_connections: max_connections as usize,
+        },
+        metrics_on_surface: metrics_addr.is_none(),
+        feed_lifetime: Duration::from_secs(lifetime_secs),
+        max_feeds_per_token: feeds_per_token as usize,
+        render_concurrency: render_concurrency as usize,
+    };
+    (guards, metrics_addr)
 }
 
 /// The registry settings from flags over the file; `None` when no URL is set.
@@ -771,6 +980,9 @@ mod tests {
 
     fn resolve(argv: &[&str]) -> Result<RunConfig, ConfigError> {
         let mut full = vec!["run", "--topology", "."];
+        if !argv.iter().any(|arg| arg.starts_with("--http-auth")) {
+            full.extend_from_slice(&["--http-auth", "none"]);
+        }
         if !argv.iter().any(|arg| arg.starts_with("--snapshot")) {
             full.extend_from_slice(&["--snapshot-secret", SECRET]);
         }
@@ -795,8 +1007,23 @@ mod tests {
         let short = resolve(&[&base[..], &["--snapshot-secret", "short"]].concat())
             .expect_err("short secret");
         assert!(short.to_string().contains("too short"), "{short}");
-        let disabled = resolve(&[&base[..], &["--snapshots", "disabled"]].concat()).expect("valid");
+        // Without snapshots, membership records need a key of their own.
+        let unsigned = resolve(&[&base[..], &["--snapshots", "disabled"]].concat())
+            .expect_err("no membership key");
+        assert!(
+            unsigned.to_string().contains("BATON_MEMBERSHIP_SECRET"),
+            "{unsigned}"
+        );
+        let disabled = resolve(
+            &[
+                &base[..],
+                &["--snapshots", "disabled", "--membership-secret", SECRET],
+            ]
+            .concat(),
+        )
+        .expect("valid");
         assert!(disabled.snapshots.is_none());
+        assert_eq!(disabled.membership_secret.expose(), SECRET);
         let enabled = resolve(&base).expect("valid");
         let snapshots = enabled.snapshots.expect("enabled by default");
         assert_eq!(snapshots.public_url, "http://127.0.0.1:8080");
@@ -804,6 +1031,58 @@ mod tests {
             !format!("{snapshots:?}").contains(SECRET),
             "the key is never printed"
         );
+    }
+
+    #[test]
+    fn the_http_surface_needs_tokens_unless_auth_is_off() {
+        let base = ["--bootstrap-servers", "k:9092", "--instance-id", "pod-0"];
+        let err =
+            resolve(&[&base[..], &["--http-auth", "tokens"]].concat()).expect_err("no tokens");
+        let text = err.to_string();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("--http-auth none"), "{text}");
+        let token = "a-token-of-twenty-bytes";
+        let config = resolve(&[&base[..], &["--http-auth-tokens", token]].concat()).expect("valid");
+        assert!(
+            matches!(config.guards.auth, crate::http::auth::Auth::Tokens(ref t) if t.len() == 1)
+        );
+        assert!(!format!("{config:?}").contains(token), "no token in Debug");
+        let open = resolve(&base).expect("valid");
+        assert!(matches!(open.guards.auth, crate::http::auth::Auth::Open));
+    }
+
+    #[test]
+    fn no_secret_reaches_debug_or_errors() {
+        let base = ["--bootstrap-servers", "k:9092", "--instance-id", "pod-0"];
+        let config = resolve(
+            &[
+                &base[..],
+                &[
+                    "--kafka-prop",
+                    "sasl.password=pa,ss=word",
+                    "--schema-registry-url",
+                    "http://r:8081",
+                    "--schema-registry-password",
+                    "registry-pass",
+                ],
+            ]
+            .concat(),
+        )
+        .expect("valid");
+        assert_eq!(
+            config.kafka.properties,
+            vec![("sasl.password".to_string(), "pa,ss=word".to_string())],
+            "a flag's value keeps its commas"
+        );
+        let shown = format!("{config:?}");
+        for secret in ["pa,ss=word", "registry-pass", SECRET] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        let err = resolve(&[&base[..], &["--kafka-prop", "enable.auto.commit=true"]].concat())
+            .expect_err("reserved");
+        let text = err.to_string();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("kafka_prop.enable.auto.commit"), "{text}");
     }
 
     #[test]
@@ -834,8 +1113,8 @@ mod tests {
         assert!(lines[0].contains("bootstrap_servers"));
         assert!(lines[1].contains("instance_id"));
         assert!(lines[2].contains("commit_interval_ms"));
-        assert!(lines[3].contains("kafka_prop: `novalue`"));
-        assert!(lines[4].contains("kafka_prop.no.such.thing"));
+        assert!(lines[3].contains("kafka_prop.no.such.thing"));
+        assert!(lines[4].contains("kafka_prop: --kafka-prop 2 is not KEY=VALUE"));
     }
 
     #[test]

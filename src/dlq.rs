@@ -69,6 +69,11 @@ pub enum ErrorClass {
     /// Avro whose writer schema cannot be resolved into baton's reader schema:
     /// the producer made an incompatible change.
     IncompatibleSchema,
+    /// Avro whose writer schema is recursive or nests deeper than
+    /// `--max-schema-depth`: refused before anything is decoded with it.
+    UnsupportedSchema,
+    /// An event whose `token_budget` is above `--max-token-budget`.
+    InvalidTokenBudget,
     /// An event the context's current workflow state does not allow.
     InvalidTransition,
     /// The tool call itself failed; the healer may retry it.
@@ -102,7 +107,7 @@ pub enum ErrorClass {
 }
 
 impl ErrorClass {
-    pub const ALL: [ErrorClass; 18] = [
+    pub const ALL: [ErrorClass; 20] = [
         ErrorClass::MalformedJson,
         ErrorClass::UnrecognizedFormat,
         ErrorClass::MissingContextId,
@@ -110,6 +115,8 @@ impl ErrorClass {
         ErrorClass::UnknownSchema,
         ErrorClass::MalformedAvro,
         ErrorClass::IncompatibleSchema,
+        ErrorClass::UnsupportedSchema,
+        ErrorClass::InvalidTokenBudget,
         ErrorClass::InvalidTransition,
         ErrorClass::ToolFailed,
         ErrorClass::StepTimedOut,
@@ -132,6 +139,8 @@ impl ErrorClass {
             ErrorClass::UnknownSchema => "unknown_schema",
             ErrorClass::MalformedAvro => "malformed_avro",
             ErrorClass::IncompatibleSchema => "incompatible_schema",
+            ErrorClass::UnsupportedSchema => "unsupported_schema",
+            ErrorClass::InvalidTokenBudget => "invalid_token_budget",
             ErrorClass::InvalidTransition => "invalid_transition",
             ErrorClass::ToolFailed => "tool_failed",
             ErrorClass::StepTimedOut => "step_timed_out",

@@ -24,6 +24,12 @@
 //! up to its oldest pending command. A restarted healer reads them again from
 //! there; a command it had already forwarded is forwarded again and has no
 //! effect, because tasks apply each `command_id` once.
+//!
+//! Both bounds hold against a forged record too: a `not_before` later than
+//! the policy's maximum backoff after the record was written is capped there
+//! (a far-future one would pin the retry topic's committed offset), and at
+//! `--max-pending-retries` held retries the retry topic is paused until
+//! some fall due, so the rest wait in Kafka, not in memory.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -39,7 +45,7 @@ use thiserror::Error;
 use crate::control::{ControlAction, ControlCommand};
 use crate::dlq::{ErrorClass, headers};
 use crate::kafka::KafkaSettings;
-use crate::metrics::METRICS;
+use crate::metrics::{GUARDS, METRICS};
 use crate::shutdown::Shutdown;
 use crate::topology::{Topology, tool_of_event};
 use crate::transactor::{Failure, Generation, Transactor, TxnError};
@@ -209,6 +215,28 @@ pub struct HealerConfig {
     pub retry_topic: String,
     pub commit_interval: Duration,
     pub startup_timeout: Duration,
+    /// Retries held in memory until due; at the bound the retry topic pauses.
+    pub max_pending_retries: usize,
+}
+
+/// The default of `--max-pending-retries`.
+pub const DEFAULT_MAX_PENDING_RETRIES: usize = 10_000;
+
+/// The latest a retry written for `step` may be held: the largest maximum
+/// backoff of the workflows that have that step (of all of them, if none
+/// does), after the record's own timestamp, or now if that lies ahead.
+pub fn retry_due_cap(topology: &Topology, step: &str, scheduled_ms: i64, now_ms: i64) -> i64 {
+    let of = |with_step: bool| {
+        topology
+            .workflows()
+            .filter(|definition| !with_step || definition.states.iter().any(|s| s == step))
+            .map(|definition| definition.retry.max_backoff_ms)
+            .max()
+    };
+    let max_backoff = of(true).or_else(|| of(false)).unwrap_or(0);
+    scheduled_ms
+        .min(now_ms)
+        .saturating_add(i64::try_from(max_backoff).unwrap_or(i64::MAX))
 }
 
 impl HealerConfig {
@@ -287,6 +315,7 @@ pub fn run(
         generation: None,
         max_bytes,
         pending: BTreeMap::new(),
+        retries_paused: false,
     };
     while !shutdown.is_triggered() {
         if let Err(err) = healer.batch() {
@@ -313,6 +342,8 @@ struct Healer<'a> {
     max_bytes: usize,
     /// Not-yet-due retries by (partition, offset), as read from the retry topic.
     pending: BTreeMap<(i32, i64), PendingRetry>,
+    /// Whether the retry topic is paused at the pending bound.
+    retries_paused: bool,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -348,8 +379,11 @@ impl Healer<'_> {
             }
             if message.topic() == self.config.retry_topic {
                 retry_read.insert(message.partition(), message.offset() + 1);
-                if let Some(retry) = pending_retry(&message) {
+                if let Some(retry) = pending_retry(&message, self.topology) {
                     self.pending.insert((retry.partition, retry.offset), retry);
+                }
+                if self.pending.len() >= self.config.max_pending_retries {
+                    self.pause_retries(true);
                 }
             } else {
                 dlq_next.insert(message.partition(), message.offset() + 1);
@@ -434,6 +468,9 @@ impl Healer<'_> {
         METRICS.transactions.with_label_values(&["committed"]).inc();
         for at in forwarded {
             self.pending.remove(&at);
+        }
+        if self.pending.len() < self.config.max_pending_retries {
+            self.pause_retries(false);
         }
         for decision in decisions {
             METRICS
@@ -626,6 +663,47 @@ impl Healer<'_> {
         Ok(())
     }
 
+    /// Pauses (or resumes) reading the retry topic. Paused, its records stay
+    /// in Kafka and its committed offset stays at the oldest held retry, so
+    /// nothing is lost; the held ones still fall due and make room.
+    fn pause_retries(&mut self, pause: bool) {
+        if self.retries_paused == pause {
+            return;
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let mut retry_partitions = TopicPartitionList::new();
+        for element in assignment.elements() {
+            if element.topic() == self.config.retry_topic {
+                retry_partitions.add_partition(element.topic(), element.partition());
+            }
+        }
+        let result = if pause {
+            self.consumer.pause(&retry_partitions)
+        } else {
+            self.consumer.resume(&retry_partitions)
+        };
+        match result {
+            Ok(()) => {
+                self.retries_paused = pause;
+                GUARDS.retries_paused.set(i64::from(pause));
+                tracing::info!(
+                    pending = self.pending.len(),
+                    bound = self.config.max_pending_retries,
+                    paused = pause,
+                    "retry topic {}",
+                    if pause {
+                        "paused at the pending-retry bound"
+                    } else {
+                        "resumed"
+                    }
+                );
+            }
+            Err(err) => tracing::warn!(cause = %err, "cannot pause or resume the retry topic"),
+        }
+    }
+
     fn update_gauges(&self) {
         METRICS.retries_pending.set(self.pending.len() as i64);
         let now = now_ms();
@@ -640,8 +718,9 @@ impl Healer<'_> {
     }
 }
 
-/// A retry-topic record, kept until due (it may be due already).
-fn pending_retry(message: &BorrowedMessage<'_>) -> Option<PendingRetry> {
+/// A retry-topic record, kept until due (it may be due already), never past
+/// [`retry_due_cap`].
+fn pending_retry(message: &BorrowedMessage<'_>, topology: &Topology) -> Option<PendingRetry> {
     let command = match ControlCommand::decode(message.payload().unwrap_or_default()) {
         Ok(command) => command,
         Err(reason) => {
@@ -651,11 +730,28 @@ fn pending_retry(message: &BorrowedMessage<'_>) -> Option<PendingRetry> {
             return None;
         }
     };
+    let now = now_ms();
+    let scheduled_ms = message.timestamp().to_millis().unwrap_or(now);
+    let asked = command.not_before.unwrap_or(0);
+    let cap = retry_due_cap(topology, &command.step, scheduled_ms, now);
+    let due_ms = if asked > cap {
+        GUARDS.retries_capped.inc();
+        tracing::warn!(
+            partition = message.partition(),
+            offset = message.offset(),
+            not_before = asked,
+            capped_at = cap,
+            "retry record's not_before lies beyond the maximum backoff; capped"
+        );
+        cap
+    } else {
+        asked
+    };
     Some(PendingRetry {
         partition: message.partition(),
         offset: message.offset(),
-        due_ms: command.not_before.unwrap_or(0),
-        scheduled_ms: message.timestamp().to_millis().unwrap_or_else(now_ms),
+        due_ms,
+        scheduled_ms: scheduled_ms.min(now),
         key: message.key().map(<[u8]>::to_vec),
         command,
     })

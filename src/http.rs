@@ -7,7 +7,12 @@
 //! again), and a partition in the middle of a move answers 503 with
 //! `Retry-After`. Errors are JSON with a code and a message, so agents and
 //! operators can act on them without scraping text.
+//!
+//! Every endpoint but `/metrics`, `/healthz`, `/readyz`, the dashboard page
+//! (static, it holds no data) and signed snapshot URLs needs a bearer token
+//! ([`auth`]); the listener bounds what a client can hold ([`server`]).
 
+pub mod auth;
 mod contexts;
 mod dlq_tally;
 
@@ -15,6 +20,7 @@ pub use contexts::{
     ContextSummary, ListQuery as ContextQuery, MAX_LIMIT as MAX_CONTEXTS_PAGE, Page as ContextPage,
 };
 mod feed;
+pub mod server;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,13 +30,14 @@ use std::time::Duration;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
+use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use self::auth::{Auth, Caller};
+use self::server::{Listener, ServerLimits};
 
 use crate::kafka::{self, KafkaSettings};
 use crate::members::{Membership, Owner};
@@ -49,9 +56,13 @@ const FORWARDED: &str = "x-baton-forwarded";
 /// Names the pod that answered.
 const SERVED_BY: &str = "x-baton-served-by";
 
-/// hyper's read and write buffer limit per connection (request heads larger
-/// than this are refused).
-const CONNECTION_BUFFER: usize = 64 * 1024;
+/// The largest answer a pod relays from a peer, and the longest it waits for
+/// the whole of it: a peer that streams forever or sends gigabytes costs a
+/// bounded buffer and a bounded wait.
+const MAX_FORWARDED_BYTES: usize = 16 * 1024 * 1024;
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a snapshot request waits for a rendering slot before a 503.
+const RENDER_WAIT: Duration = Duration::from_secs(5);
 const DASHBOARD: &str = include_str!("http/dashboard.html");
 
 /// State every request handler can see.
@@ -64,7 +75,45 @@ pub struct HttpState {
     pub shutdown: Shutdown,
     feeds: Arc<feed::FeedSlots>,
     dlq_tally: Arc<dlq_tally::DlqTally>,
+    guards: Guards,
+    /// Bounds the snapshot renderings (tokenizing) running at once, on the
+    /// blocking pool: the async workers stay free for the partitions.
+    render_slots: Arc<Semaphore>,
 }
+
+/// Who may call, and what each listener and caller may hold.
+#[derive(Debug, Clone)]
+pub struct Guards {
+    pub auth: Auth,
+    pub limits: ServerLimits,
+    /// False when `/metrics` has its own listener (`--metrics-addr`).
+    pub metrics_on_surface: bool,
+    pub feed_lifetime: Duration,
+    pub max_feeds_per_token: usize,
+    /// Snapshot renderings at once (`--render-concurrency`).
+    pub render_concurrency: usize,
+}
+
+impl Default for Guards {
+    /// Refuses every protected endpoint: a process that never configured
+    /// tokens serves only the open ones.
+    fn default() -> Self {
+        Guards {
+            auth: Auth::deny_all(),
+            limits: ServerLimits::default(),
+            metrics_on_surface: true,
+            feed_lifetime: feed::DEFAULT_FEED_LIFETIME,
+            max_feeds_per_token: feed::DEFAULT_MAX_FEEDS_PER_TOKEN,
+            render_concurrency: DEFAULT_RENDER_CONCURRENCY,
+        }
+    }
+}
+
+/// The most live feeds one pod serves, whoever asks.
+pub const MAX_FEEDS: usize = feed::MAX_CLIENTS;
+
+/// Snapshot renderings at once, by default.
+pub const DEFAULT_RENDER_CONCURRENCY: usize = 2;
 
 impl HttpState {
     pub fn new(
@@ -80,7 +129,17 @@ impl HttpState {
             shutdown,
             feeds: Arc::default(),
             dlq_tally: Arc::default(),
+            guards: Guards::default(),
+            render_slots: Arc::new(Semaphore::new(DEFAULT_RENDER_CONCURRENCY)),
         }
+    }
+
+    /// Replaces the default (deny-all) guards.
+    pub fn with_guards(mut self, guards: Guards) -> HttpState {
+        self.feeds = Arc::new(feed::FeedSlots::new(guards.max_feeds_per_token));
+        self.render_slots = Arc::new(Semaphore::new(guards.render_concurrency.max(1)));
+        self.guards = guards;
+        self
     }
 }
 
@@ -105,57 +164,37 @@ pub async fn bind(
     addr: SocketAddr,
     state: Arc<HttpState>,
 ) -> std::io::Result<(SocketAddr, impl Future<Output = ()>)> {
+    bind_listener(addr, state, Listener::Surface).await
+}
+
+/// Like [`bind`], for a listener that serves only some endpoints.
+pub async fn bind_listener(
+    addr: SocketAddr,
+    state: Arc<HttpState>,
+    kind: Listener,
+) -> std::io::Result<(SocketAddr, impl Future<Output = ()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    Ok((bound, serve(listener, state)))
+    Ok((bound, server::serve(listener, state, kind)))
 }
 
-async fn serve(listener: TcpListener, state: Arc<HttpState>) {
-    let shutdown = state.shutdown.clone();
-    let connections = tokio_util::task::TaskTracker::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.wait() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(cause = %err, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let state = Arc::clone(&state);
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let service = service_fn(move |request| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(&state, request).await) }
-            });
-            // hyper buffers up to ~400 KiB per connection by default; a
-            // live-feed client's backlog belongs in Kafka, not in memory.
-            let connection = http1::Builder::new()
-                .max_buf_size(CONNECTION_BUFFER)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(err) = result {
-                        tracing::debug!(cause = %err, "http connection ended with an error");
-                    }
-                }
-                _ = shutdown.wait() => {
-                    // Live feeds end on shutdown too, so this does not hang.
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
-            }
-        });
-    }
-    connections.close();
-    connections.wait().await;
+/// Whether `path` is served without a token: scrapes and probes, the static
+/// dashboard page (it asks for a token itself), and snapshot URLs, whose
+/// signature is their credential.
+fn is_open(path: &str) -> bool {
+    matches!(
+        path,
+        "/metrics" | "/healthz" | "/readyz" | "/" | "/index.html"
+    ) || path
+        .strip_prefix("/contexts/")
+        .is_some_and(|rest| rest.split('/').nth(1) == Some("snapshots"))
 }
 
-async fn route(state: &HttpState, request: Request<Incoming>) -> HttpResponse {
+pub(crate) async fn route(
+    state: &HttpState,
+    kind: Listener,
+    request: Request<Incoming>,
+) -> HttpResponse {
     if request.method() != Method::GET {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -164,6 +203,42 @@ async fn route(state: &HttpState, request: Request<Incoming>) -> HttpResponse {
         );
     }
     let path = request.uri().path().to_string();
+    let served = match kind {
+        Listener::Surface => path != "/metrics" || state.guards.metrics_on_surface,
+        Listener::Metrics => matches!(path.as_str(), "/metrics" | "/healthz" | "/readyz"),
+    };
+    if !served {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no route for {path} on this listener"),
+        );
+    }
+    let caller = if is_open(&path) {
+        Caller::Anonymous
+    } else {
+        let presented = request
+            .headers()
+            .get(AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        match state.guards.auth.check(presented) {
+            Ok(caller) => caller,
+            Err(refused) => {
+                crate::metrics::GUARDS.http_unauthorized.inc();
+                let mut response =
+                    error(StatusCode::UNAUTHORIZED, "unauthorized", refused.message());
+                response.headers_mut().insert(
+                    hyper::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"baton\""),
+                );
+                METRICS
+                    .http_requests
+                    .with_label_values(&["unauthorized", "401"])
+                    .inc();
+                return response;
+            }
+        }
+    };
     let (endpoint, response) = match path.as_str() {
         "/" | "/index.html" => (
             "dashboard",
@@ -188,7 +263,7 @@ async fn route(state: &HttpState, request: Request<Incoming>) -> HttpResponse {
         "/readyz" => ("readyz", readyz(state)),
         "/api/overview" => ("overview", overview(state).await),
         "/api/contexts" => ("contexts", list_contexts(state, &request).await),
-        "/events" => ("events", events(state, &request).await),
+        "/events" => ("events", events(state, &request, caller).await),
         _ => match path
             .strip_prefix("/contexts/")
             .map(|rest| rest.split('/').collect::<Vec<_>>())
@@ -288,7 +363,16 @@ async fn forward(url: &str, request: &Request<Incoming>) -> HttpResponse {
         Some(path_and_query) => format!("{url}{path_and_query}"),
         None => url.to_string(),
     };
-    match get_with_headers(&target, &[(FORWARDED, "1")]).await {
+    // The caller's token goes along: the peer checks it as this pod did.
+    let authorization = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    let mut headers = vec![(FORWARDED, "1")];
+    if let Some(authorization) = authorization {
+        headers.push((AUTHORIZATION.as_str(), authorization));
+    }
+    match get_bounded(&target, &headers, MAX_FORWARDED_BYTES, FORWARD_TIMEOUT).await {
         Ok((status, headers, body)) => {
             METRICS.forwarded_requests.with_label_values(&["ok"]).inc();
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -417,19 +501,57 @@ async fn snapshot(
     };
     let id = decode_segment(raw_id);
     match route_context(state, request, &id) {
-        Ok(None) => served_here(state, local_snapshot(state, &id, version, max_tokens)),
+        Ok(None) => served_here(state, render_here(state, id, version, max_tokens).await),
         Ok(Some(url)) => forward(&url, request).await,
         Err(unavailable) => unavailable.into_response(),
     }
 }
 
-fn local_snapshot(
+/// Reads and renders a snapshot on the blocking pool, at most
+/// `--render-concurrency` at once; past that a request waits up to
+/// [`RENDER_WAIT`] for a slot, then answers 503.
+async fn render_here(
     state: &HttpState,
+    id: String,
+    version: u64,
+    max_tokens: Option<u64>,
+) -> HttpResponse {
+    let permit =
+        match tokio::time::timeout(RENDER_WAIT, Arc::clone(&state.render_slots).acquire_owned())
+            .await
+        {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) | Err(_) => {
+                crate::metrics::GUARDS.render_busy.inc();
+                return retry_later(
+                    "render_busy",
+                    "this pod is rendering as many snapshots as it can",
+                );
+            }
+        };
+    let stores = Arc::clone(&state.stores);
+    let rendered = tokio::task::spawn_blocking(move || {
+        let response = local_snapshot(&stores, &id, version, max_tokens);
+        drop(permit);
+        response
+    })
+    .await;
+    rendered.unwrap_or_else(|err| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "render",
+            &format!("rendering failed: {err}"),
+        )
+    })
+}
+
+fn local_snapshot(
+    stores: &OpenStores,
     id: &str,
     version: u64,
     max_tokens: Option<u64>,
 ) -> HttpResponse {
-    let stored = match state.stores.get(id) {
+    let stored = match stores.get(id) {
         Ok(stored) => stored,
         Err(err) => {
             return error(
@@ -451,12 +573,12 @@ fn local_snapshot(
         }
     };
     if let Some(snapshot) = memory.snapshot(version) {
-        // Trimmed to what the context can still spend, unless asked otherwise.
-        let budget = max_tokens.unwrap_or_else(|| {
-            workflow
-                .as_ref()
-                .map_or(u64::MAX, WorkflowState::tokens_left)
-        });
+        // Trimmed to what the context can still spend. `max_tokens` is not
+        // signed, so it may only lower that, never raise it.
+        let left = workflow
+            .as_ref()
+            .map_or(u64::MAX, WorkflowState::tokens_left);
+        let budget = max_tokens.map_or(left, |asked| asked.min(left));
         return json_response(StatusCode::OK, &memory::render_prompt(&snapshot, budget));
     }
     match memory.snapshot_state(version) {
@@ -484,7 +606,7 @@ fn served_here(state: &HttpState, mut response: HttpResponse) -> HttpResponse {
 }
 
 /// The live feed (SSE).
-async fn events(state: &HttpState, request: &Request<Incoming>) -> HttpResponse {
+async fn events(state: &HttpState, request: &Request<Incoming>, caller: Caller) -> HttpResponse {
     let surface = match surface(state) {
         Ok(surface) => surface,
         Err(unavailable) => return unavailable.into_response(),
@@ -504,11 +626,21 @@ async fn events(state: &HttpState, request: &Request<Incoming>) -> HttpResponse 
         Ok(feed_request) => feed_request,
         Err(message) => return error(StatusCode::BAD_REQUEST, "bad_feed_request", &message),
     };
-    let Some(slot) = state.feeds.acquire() else {
-        return retry_later(
-            "too_many_feeds",
-            "this pod serves as many live feeds as it can",
-        );
+    let slot = match state.feeds.acquire(caller) {
+        Ok(slot) => slot,
+        Err(feed::SlotRefused::Pod) => {
+            return retry_later(
+                "too_many_feeds",
+                "this pod serves as many live feeds as it can",
+            );
+        }
+        Err(feed::SlotRefused::Caller) => {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_feeds_for_token",
+                "this token already holds as many live feeds as one token may",
+            );
+        }
     };
     let opened = {
         let kafka = surface.kafka.clone();
@@ -526,7 +658,10 @@ async fn events(state: &HttpState, request: &Request<Incoming>) -> HttpResponse 
         position,
         feed_request,
         sink,
-        surface.sse_heartbeat,
+        feed::FeedTiming {
+            heartbeat: surface.sse_heartbeat,
+            lifetime: state.guards.feed_lifetime,
+        },
         state.shutdown.clone(),
         slot,
     ));
@@ -619,6 +754,16 @@ async fn list_contexts(state: &HttpState, request: &Request<Incoming>) -> HttpRe
         );
     }
     let query_string = query.to_query_string();
+    // The caller's token goes along: each peer checks it as this pod did.
+    let authorization = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    let mut headers = vec![(FORWARDED, "1")];
+    if let Some(authorization) = authorization {
+        headers.push((AUTHORIZATION.as_str(), authorization));
+    }
+    let headers = &headers;
     let peers = members
         .iter()
         .filter(|member| member.instance_id != surface.membership.instance_id)
@@ -626,7 +771,7 @@ async fn list_contexts(state: &HttpState, request: &Request<Incoming>) -> HttpRe
         .map(|member| {
             let url = format!("{}/api/contexts?{query_string}", member.url);
             async move {
-                let answer = get_with_headers(&url, &[(FORWARDED, "1")]).await;
+                let answer = get_bounded(&url, headers, MAX_FORWARDED_BYTES, FORWARD_TIMEOUT).await;
                 (url, answer)
             }
         });
@@ -695,6 +840,27 @@ pub async fn get_with_headers(
     url: &str,
     headers: &[(&str, &str)],
 ) -> Result<(u16, hyper::HeaderMap, String), HttpClientError> {
+    get_bounded(url, headers, MAX_FORWARDED_BYTES, FORWARD_TIMEOUT).await
+}
+
+/// A GET whose whole answer, head and body, must arrive within `timeout`
+/// and fit `max_bytes`.
+pub async fn get_bounded(
+    url: &str,
+    headers: &[(&str, &str)],
+    max_bytes: usize,
+    timeout: Duration,
+) -> Result<(u16, hyper::HeaderMap, String), HttpClientError> {
+    tokio::time::timeout(timeout, get_unbounded_in_time(url, headers, max_bytes))
+        .await
+        .map_err(|_| HttpClientError(format!("{url}: no whole answer within {timeout:?}")))?
+}
+
+async fn get_unbounded_in_time(
+    url: &str,
+    headers: &[(&str, &str)],
+    max_bytes: usize,
+) -> Result<(u16, hyper::HeaderMap, String), HttpClientError> {
     let uri: hyper::Uri = url
         .parse()
         .map_err(|err: hyper::http::uri::InvalidUri| HttpClientError(format!("{url}: {err}")))?;
@@ -708,17 +874,20 @@ pub async fn get_with_headers(
     let request = builder
         .body(http_body_util::Empty::new())
         .map_err(|err| HttpClientError(format!("{url}: {err}")))?;
-    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+    let response = client
+        .request(request)
         .await
-        .map_err(|_| HttpClientError(format!("{url}: timed out")))?
         .map_err(|err| HttpClientError(format!("{url}: {err}")))?;
     let status = response.status().as_u16();
     let response_headers = response.headers().clone();
-    let body = response
-        .into_body()
+    let body = http_body_util::Limited::new(response.into_body(), max_bytes)
         .collect()
         .await
-        .map_err(|err| HttpClientError(format!("{url}: {err}")))?
+        .map_err(|err| {
+            HttpClientError(format!(
+                "{url}: {err} (at most {max_bytes} bytes are relayed)"
+            ))
+        })?
         .to_bytes();
     Ok((
         status,

@@ -32,11 +32,26 @@ impl ClientRole {
 }
 
 /// Connection settings shared by all clients of one process.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KafkaSettings {
     pub bootstrap_servers: String,
     /// `--kafka-prop` pairs, in the order given.
     pub properties: Vec<(String, String)>,
+}
+
+/// Secret values (`sasl.password`, ...) are redacted: settings end up in logs.
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: Vec<(&str, &str)> = self
+            .properties
+            .iter()
+            .map(|(key, value)| (key.as_str(), crate::secret::shown_value(key, value)))
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("properties", &properties)
+            .finish()
+    }
 }
 
 impl KafkaSettings {
@@ -158,19 +173,69 @@ fn overlay(mut base: ClientConfig, top: ClientConfig) -> ClientConfig {
     base
 }
 
+/// Properties baton sets itself because exactly-once depends on them: a
+/// user's value would silently turn off read_committed, commit offsets
+/// outside the transaction, share or drop the transactional id, lose
+/// idempotence, or move records to partitions their state does not live on.
+pub const RESERVED_PROPERTIES: &[&str] = &[
+    "isolation.level",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "enable.partition.eof",
+    "group.id",
+    "partition.assignment.strategy",
+    "transactional.id",
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "partitioner",
+];
+
 /// Checks that librdkafka knows a property and accepts its value, so a typo
 /// is reported at start-up with its key instead of deep inside a client.
+/// The answer never holds a secret value.
 pub fn check_property(key: &str, value: &str) -> Result<(), String> {
     let key = strip_role_prefix(key).map_or(key, |(_, rest)| rest);
+    if RESERVED_PROPERTIES.contains(&key) {
+        return Err(
+            "baton sets this itself for exactly-once delivery and it cannot be overridden".into(),
+        );
+    }
     let mut config = ClientConfig::new();
     config.set(key, value);
-    config
-        .create_native_config()
-        .map(|_| ())
-        .map_err(|err| match err {
+    config.create_native_config().map(|_| ()).map_err(|err| {
+        let description = match err {
             KafkaError::ClientConfig(_, description, _, _) => description,
             other => other.to_string(),
-        })
+        };
+        crate::secret::scrub(&description, key, value)
+    })
+}
+
+/// Splits `KEY=VALUE` entries (each labelled with where it came from) and
+/// checks every one; a problem names the key, or for a malformed entry its
+/// place, and never shows a value.
+pub fn parse_properties(
+    entries: &[(String, String)],
+    problems: &mut Vec<String>,
+) -> Vec<(String, String)> {
+    let mut properties = Vec::new();
+    for (place, entry) in entries {
+        match entry.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => {
+                let key = key.trim();
+                match check_property(key, value) {
+                    Ok(()) => properties.push((key.to_string(), value.to_string())),
+                    Err(reason) => problems.push(format!("kafka_prop.{key}: {reason}")),
+                }
+            }
+            _ => problems.push(format!(
+                "kafka_prop: {place} is not KEY=VALUE (its text is not shown: it may hold a secret)"
+            )),
+        }
+    }
+    properties
 }
 
 #[derive(Debug, Error)]
@@ -255,6 +320,56 @@ mod tests {
         assert_eq!(consumer.get("session.timeout.ms"), Some("6000"));
         assert_eq!(consumer.get("isolation.level"), Some("read_committed"));
         assert_eq!(consumer.get("linger.ms"), None);
+    }
+
+    #[test]
+    fn properties_exactly_once_needs_are_refused_by_name() {
+        for key in [
+            "isolation.level",
+            "consumer.enable.auto.commit",
+            "producer.transactional.id",
+            "enable.idempotence",
+        ] {
+            let err = check_property(key, "x").expect_err(key);
+            assert!(err.contains("exactly-once"), "{key}: {err}");
+        }
+        let mut problems = Vec::new();
+        let entries = vec![
+            (
+                "--kafka-prop 1".to_string(),
+                "sasl.password=a,b=c".to_string(),
+            ),
+            (
+                "--kafka-prop 2".to_string(),
+                "isolation.level=read_uncommitted".to_string(),
+            ),
+            ("--kafka-prop 3".to_string(), "s3cr3t-fragment".to_string()),
+        ];
+        let properties = parse_properties(&entries, &mut problems);
+        assert_eq!(
+            properties,
+            vec![("sasl.password".to_string(), "a,b=c".to_string())]
+        );
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with("kafka_prop.isolation.level: "),
+            "{problems:?}"
+        );
+        assert!(problems[1].contains("--kafka-prop 3"), "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .all(|p| !p.contains("s3cr3t") && !p.contains("a,b")),
+            "{problems:?}"
+        );
+        let shown = format!(
+            "{:?}",
+            settings(&[("sasl.password", "a,b=c"), ("linger.ms", "5")])
+        );
+        assert!(
+            !shown.contains("a,b=c") && shown.contains("linger.ms"),
+            "{shown}"
+        );
     }
 
     #[test]

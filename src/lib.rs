@@ -26,6 +26,7 @@
 //! - [`registry`]: the Confluent-compatible Schema Registry: settings, the writer-schema cache, registration and compatibility.
 //! - [`state`]: RocksDB stores per partition, their changelogs, checkpoints and restore.
 //! - [`sample`]: deterministic sample traffic for the demo, load tests and benchmarks.
+//! - [`secret`]: secret values that never print, and which Kafka properties hold one.
 //! - [`shutdown`]: the one shutdown signal every task listens to.
 
 pub mod cli;
@@ -44,6 +45,7 @@ pub mod metrics;
 pub mod registry;
 pub mod runtime;
 pub mod sample;
+pub mod secret;
 pub mod shutdown;
 pub mod snapshot_url;
 pub mod state;

@@ -3,18 +3,28 @@
 //! URL to the compacted `{application_id}-members` topic, and every pod reads
 //! that topic back. No consensus of baton's own: the group coordinator
 //! already decided the assignment; this only tells it to the HTTP surface.
+//!
+//! The topic is trusted only as far as its records are signed: each carries
+//! an HMAC-SHA256 of its key and value under the cluster's shared secret
+//! (`BATON_MEMBERSHIP_SECRET`, else the snapshot secret), and a record
+//! without a valid one, or advertising anything but `http(s)://host:port`,
+//! is ignored. Whoever can write the topic but lacks the secret can neither
+//! claim partitions nor point a pod's forwarded requests at another host.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use hmac::{Hmac, Mac};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::kafka::{ClientRole, KafkaSettings};
+use crate::metrics::GUARDS;
 use crate::runtime::Readiness;
 use crate::shutdown::Shutdown;
 
@@ -22,6 +32,14 @@ use crate::shutdown::Shutdown;
 /// one its entry is ignored (a pod that died without a goodbye).
 const PUBLISH_EVERY: Duration = Duration::from_secs(2);
 const STALE_AFTER_MS: i64 = 10_000;
+
+/// The header holding a record's signature (hex).
+pub const SIGNATURE_HEADER: &str = "baton.signature";
+/// Domain separation: a membership signature is never valid as any other.
+const SIGNATURE_CONTEXT: &[u8] = b"baton-members-v1\0";
+
+type HmacSha256 = Hmac<Sha256>;
+use sha2::Sha256;
 
 pub fn members_topic(application_id: &str) -> String {
     format!("{application_id}-members")
@@ -59,6 +77,59 @@ pub struct Membership {
     pub topic: String,
     readiness: Arc<Readiness>,
     members: RwLock<BTreeMap<String, Member>>,
+    /// Signs this pod's records and checks everyone's; `None` trusts nothing
+    /// it reads.
+    key: Option<HmacSha256>,
+}
+
+/// Why a membership record was ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ignored {
+    Unsigned,
+    BadSignature,
+    BadUrl,
+    Unreadable,
+}
+
+impl Ignored {
+    fn label(self) -> &'static str {
+        match self {
+            Ignored::Unsigned => "unsigned",
+            Ignored::BadSignature => "bad_signature",
+            Ignored::BadUrl => "bad_url",
+            Ignored::Unreadable => "unreadable",
+        }
+    }
+}
+
+/// An advertised URL must be exactly `http(s)://host:port`: no user info,
+/// no path, no query, no fragment. A pod forwards requests, with their
+/// tokens, to these URLs; anything more is a way to point them elsewhere.
+pub fn check_advertised_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("`{url}` is not an http:// or https:// URL"))?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority
+        .chars()
+        .any(|c| matches!(c, '/' | '?' | '#' | '@' | '\\') || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "`{url}` must be http(s)://host:port, without credentials, path or query"
+        ));
+    }
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{url}` names no port (http(s)://host:port)"))?;
+    // Port 0 is allowed: a pod listening on an ephemeral port advertises
+    // it before it is known, and nobody can be sent there.
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!(
+            "`{url}` must be http(s)://host:port with a port in 0..=65535"
+        ));
+    }
+    Ok(())
 }
 
 impl Membership {
@@ -74,7 +145,51 @@ impl Membership {
             topic: members_topic(application_id),
             readiness,
             members: RwLock::new(BTreeMap::new()),
+            key: None,
         }
+    }
+
+    /// Signs and verifies records with `secret` (an empty one trusts nothing).
+    pub fn signed_with(mut self, secret: &[u8]) -> Membership {
+        self.key = (!secret.is_empty())
+            .then(|| HmacSha256::new_from_slice(secret).ok())
+            .flatten();
+        self
+    }
+
+    fn mac(&self, key: &str, value: Option<&[u8]>) -> Option<HmacSha256> {
+        let mut mac = self.key.clone()?;
+        mac.update(SIGNATURE_CONTEXT);
+        mac.update(&(key.len() as u64).to_be_bytes());
+        mac.update(key.as_bytes());
+        match value {
+            Some(value) => {
+                mac.update(&[1]);
+                mac.update(value);
+            }
+            None => mac.update(&[0]),
+        }
+        Some(mac)
+    }
+
+    /// The signature header for a record of this pod.
+    pub fn signature(&self, key: &str, value: Option<&[u8]>) -> Option<String> {
+        self.mac(key, value)
+            .map(|mac| hex::encode(mac.finalize().into_bytes()))
+    }
+
+    /// Whether `signature` (hex) signs this key and value, in constant time.
+    fn verify(
+        &self,
+        key: &str,
+        value: Option<&[u8]>,
+        signature: Option<&[u8]>,
+    ) -> Result<(), Ignored> {
+        let signature = signature.ok_or(Ignored::Unsigned)?;
+        let signature = hex::decode(signature).map_err(|_| Ignored::BadSignature)?;
+        let mac = self.mac(key, value).ok_or(Ignored::BadSignature)?;
+        mac.verify_slice(&signature)
+            .map_err(|_| Ignored::BadSignature)
     }
 
     /// Live members (this pod always included, from its own readiness).
@@ -128,7 +243,16 @@ impl Membership {
         }
     }
 
-    fn apply(&self, key: &str, value: Option<&[u8]>) {
+    /// Takes one record of the members topic in, if it is signed and sane.
+    pub fn apply(&self, key: &str, value: Option<&[u8]>, signature: Option<&[u8]>) {
+        if let Err(ignored) = self.check(key, value, signature) {
+            GUARDS
+                .members_ignored
+                .with_label_values(&[ignored.label()])
+                .inc();
+            tracing::warn!(key, reason = ignored.label(), "membership record ignored");
+            return;
+        }
         let mut members = self
             .members
             .write()
@@ -137,11 +261,28 @@ impl Membership {
             Some(Ok(member)) => {
                 members.insert(key.to_string(), member);
             }
-            Some(Err(err)) => tracing::warn!(key, cause = %err, "unreadable members record"),
+            Some(Err(_)) => {}
             None => {
                 members.remove(key);
             }
         }
+    }
+
+    fn check(
+        &self,
+        key: &str,
+        value: Option<&[u8]>,
+        signature: Option<&[u8]>,
+    ) -> Result<(), Ignored> {
+        self.verify(key, value, signature)?;
+        let Some(value) = value else {
+            return Ok(());
+        };
+        let member: Member = serde_json::from_slice(value).map_err(|_| Ignored::Unreadable)?;
+        if member.instance_id != key {
+            return Err(Ignored::Unreadable);
+        }
+        check_advertised_url(&member.url).map_err(|_| Ignored::BadUrl)
     }
 }
 
@@ -185,9 +326,16 @@ pub fn run(membership: Arc<Membership>, kafka: KafkaSettings, shutdown: Shutdown
         let changed = last_sent.as_ref() != Some(&(me.partitions.clone(), me.ready.clone()));
         if changed || last_published.elapsed() >= PUBLISH_EVERY {
             if let Ok(payload) = serde_json::to_vec(&me) {
+                let signature = membership
+                    .signature(&membership.instance_id, Some(&payload))
+                    .unwrap_or_default();
                 let record = BaseRecord::to(&membership.topic)
                     .key(&membership.instance_id)
-                    .payload(&payload);
+                    .payload(&payload)
+                    .headers(OwnedHeaders::new().insert(Header {
+                        key: SIGNATURE_HEADER,
+                        value: Some(signature.as_bytes()),
+                    }));
                 if let Err((err, _)) = producer.send(record) {
                     tracing::warn!(cause = %err, "cannot publish this pod's assignment");
                 }
@@ -204,7 +352,13 @@ pub fn run(membership: Arc<Membership>, kafka: KafkaSettings, shutdown: Shutdown
                             .key()
                             .map(|k| String::from_utf8_lossy(k).into_owned())
                             .unwrap_or_default();
-                        membership.apply(&key, message.payload());
+                        let signature = message.headers().and_then(|headers| {
+                            headers
+                                .iter()
+                                .find(|header| header.key == SIGNATURE_HEADER)
+                                .and_then(|header| header.value)
+                        });
+                        membership.apply(&key, message.payload(), signature);
                     }
                     Err(err) => {
                         tracing::debug!(cause = %err, "members read error");
@@ -216,7 +370,15 @@ pub fn run(membership: Arc<Membership>, kafka: KafkaSettings, shutdown: Shutdown
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    let goodbye = BaseRecord::<str, [u8]>::to(&membership.topic).key(&membership.instance_id);
+    let signature = membership
+        .signature(&membership.instance_id, None)
+        .unwrap_or_default();
+    let goodbye = BaseRecord::<str, [u8]>::to(&membership.topic)
+        .key(&membership.instance_id)
+        .headers(OwnedHeaders::new().insert(Header {
+            key: SIGNATURE_HEADER,
+            value: Some(signature.as_bytes()),
+        }));
     let _ = producer.send(goodbye);
     let _ = producer.flush(Duration::from_secs(5));
 }
@@ -253,7 +415,15 @@ mod tests {
         let readiness = Arc::new(Readiness::default());
         readiness.partition_restoring(1);
         readiness.partition_ready(0);
-        Membership::new("app", "pod-a", "http://a:8080/", readiness)
+        Membership::new("app", "pod-a", "http://a:8080/", readiness).signed_with(KEY)
+    }
+
+    const KEY: &[u8] = b"members-key-0123456789abcdef0123";
+
+    /// Applies a record signed as a pod with the cluster key would sign it.
+    fn apply_signed(view: &Membership, key: &str, value: Option<&[u8]>) {
+        let signature = view.signature(key, value).expect("keyed");
+        view.apply(key, value, Some(signature.as_bytes()));
     }
 
     fn peer(id: &str, partitions: Vec<i32>, updated_at: i64) -> Vec<u8> {
@@ -273,17 +443,78 @@ mod tests {
         assert_eq!(view.owner_of(0), Owner::Local);
         assert_eq!(view.owner_of(1), Owner::Restoring);
         assert_eq!(view.owner_of(2), Owner::Moving);
-        view.apply("pod-b", Some(&peer("pod-b", vec![2, 3], now_ms())));
+        apply_signed(&view, "pod-b", Some(&peer("pod-b", vec![2, 3], now_ms())));
         assert_eq!(view.owner_of(2), Owner::Peer("http://pod-b:8080".into()));
         // Two claims: a rebalance is moving it.
-        view.apply("pod-c", Some(&peer("pod-c", vec![3], now_ms())));
+        apply_signed(&view, "pod-c", Some(&peer("pod-c", vec![3], now_ms())));
         assert_eq!(view.owner_of(3), Owner::Moving);
         // A stale claim is ignored; a tombstone removes the member.
-        view.apply("pod-c", Some(&peer("pod-c", vec![4], now_ms() - 60_000)));
+        apply_signed(
+            &view,
+            "pod-c",
+            Some(&peer("pod-c", vec![4], now_ms() - 60_000)),
+        );
         assert_eq!(view.owner_of(4), Owner::Moving);
         assert_eq!(view.owner_of(3), Owner::Peer("http://pod-b:8080".into()));
-        view.apply("pod-b", None);
+        apply_signed(&view, "pod-b", None);
         assert_eq!(view.owner_of(2), Owner::Moving);
         assert_eq!(view.members().len(), 1, "only this pod is left");
+    }
+
+    #[test]
+    fn unsigned_forged_or_strange_records_are_ignored() {
+        let view = membership();
+        let claim = peer("pod-x", vec![2], now_ms());
+        view.apply("pod-x", Some(&claim), None);
+        assert_eq!(view.owner_of(2), Owner::Moving, "unsigned");
+        let forger = Membership::new("app", "evil", "http://e:1", Arc::default())
+            .signed_with(b"not-the-cluster-key-0123456789ab");
+        let forged = forger.signature("pod-x", Some(&claim)).expect("keyed");
+        view.apply("pod-x", Some(&claim), Some(forged.as_bytes()));
+        assert_eq!(view.owner_of(2), Owner::Moving, "signed with another key");
+        // A valid signature over other bytes does not carry over.
+        let other = view.signature("pod-x", Some(b"{}")).expect("keyed");
+        view.apply("pod-x", Some(&claim), Some(other.as_bytes()));
+        assert_eq!(
+            view.owner_of(2),
+            Owner::Moving,
+            "signature of another value"
+        );
+        let mut sneaky = serde_json::from_slice::<Member>(&claim).expect("json");
+        sneaky.url = "http://pod-x:8080/admin?x=1".into();
+        apply_signed(
+            &view,
+            "pod-x",
+            Some(&serde_json::to_vec(&sneaky).expect("json")),
+        );
+        assert_eq!(view.owner_of(2), Owner::Moving, "a URL with a path");
+        apply_signed(&view, "pod-x", Some(&claim));
+        assert_eq!(view.owner_of(2), Owner::Peer("http://pod-x:8080".into()));
+        // An unsigned tombstone removes nobody.
+        view.apply("pod-x", None, None);
+        assert_eq!(view.owner_of(2), Owner::Peer("http://pod-x:8080".into()));
+    }
+
+    #[test]
+    fn advertised_urls_are_scheme_host_and_port_only() {
+        for good in [
+            "http://baton-0.baton:8080",
+            "https://10.0.0.7:443/",
+            "http://[::1]:8080",
+        ] {
+            assert!(check_advertised_url(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "http://baton-0:8080/path",
+            "http://baton-0:8080?x=1",
+            "http://user:pw@baton-0:8080",
+            "http://baton-0",
+            "http://baton-0:65536",
+            "ftp://baton-0:21",
+            "http://:8080",
+            "http://baton-0:8080#frag",
+        ] {
+            assert!(check_advertised_url(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -488,9 +488,129 @@ impl Metrics {
     }
 }
 
+/// The guards of the HTTP surface, membership and the healer's bounds (issue
+/// 13). Kept apart from [`Metrics`] so each struct stays one screen of
+/// definitions; both register on [`REGISTRY`].
+pub static GUARDS: LazyLock<GuardMetrics> = LazyLock::new(|| GuardMetrics::register(&REGISTRY));
+
+pub struct GuardMetrics {
+    /// Requests refused for a missing or wrong bearer token.
+    pub http_unauthorized: IntCounter,
+    /// Open HTTP connections, on every listener of the pod.
+    pub http_connections: IntGauge,
+    /// Connections answered 503 and closed because the cap was reached.
+    pub http_connections_refused: IntCounter,
+    /// Connections closed by the server, by reason (header_timeout, idle).
+    pub http_connections_cut: IntCounterVec,
+    /// Failed `accept` calls (EMFILE and the like), each followed by a backoff.
+    pub http_accept_errors: IntCounter,
+    /// Live feeds ended by the server, by reason (lifetime).
+    pub sse_ended: IntCounterVec,
+    /// Snapshot renderings refused because the rendering pool stayed busy.
+    pub render_busy: IntCounter,
+    /// `{app}-members` records ignored, by reason (unsigned, bad_signature,
+    /// bad_url, unreadable).
+    pub members_ignored: IntCounterVec,
+    /// `baton heal`: retry records whose `not_before` lay beyond the
+    /// policy's maximum backoff and was capped.
+    pub retries_capped: IntCounter,
+    /// `baton heal`: 1 while the retry topic is paused because the pending
+    /// retries reached their bound.
+    pub retries_paused: IntGauge,
+}
+
+impl GuardMetrics {
+    fn register(registry: &Registry) -> GuardMetrics {
+        let metrics = GuardMetrics {
+            http_unauthorized: IntCounter::new(
+                "baton_http_unauthorized_total",
+                "HTTP requests refused for a missing or wrong bearer token",
+            )
+            .expect("valid metric"),
+            http_connections: IntGauge::new("baton_http_connections", "Open HTTP connections")
+                .expect("valid metric"),
+            http_connections_refused: IntCounter::new(
+                "baton_http_connections_refused_total",
+                "HTTP connections answered 503 because the connection cap was reached",
+            )
+            .expect("valid metric"),
+            http_connections_cut: IntCounterVec::new(
+                Opts::new(
+                    "baton_http_connections_cut_total",
+                    "HTTP connections closed by the server, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            http_accept_errors: IntCounter::new(
+                "baton_http_accept_errors_total",
+                "Failed accept calls on the HTTP listeners (each backs off)",
+            )
+            .expect("valid metric"),
+            sse_ended: IntCounterVec::new(
+                Opts::new(
+                    "baton_sse_ended_total",
+                    "Live feeds ended by the server, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            render_busy: IntCounter::new(
+                "baton_snapshot_render_busy_total",
+                "Snapshot requests answered 503 because the rendering pool stayed busy",
+            )
+            .expect("valid metric"),
+            members_ignored: IntCounterVec::new(
+                Opts::new(
+                    "baton_members_ignored_total",
+                    "Membership records ignored, by reason",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            retries_capped: IntCounter::new(
+                "baton_healer_retries_capped_total",
+                "Retry records whose not_before was capped at the maximum backoff",
+            )
+            .expect("valid metric"),
+            retries_paused: IntGauge::new(
+                "baton_healer_retries_paused",
+                "1 while the retry topic is paused at the pending-retry bound",
+            )
+            .expect("valid metric"),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(metrics.http_unauthorized.clone()),
+            Box::new(metrics.http_connections.clone()),
+            Box::new(metrics.http_connections_refused.clone()),
+            Box::new(metrics.http_connections_cut.clone()),
+            Box::new(metrics.http_accept_errors.clone()),
+            Box::new(metrics.sse_ended.clone()),
+            Box::new(metrics.render_busy.clone()),
+            Box::new(metrics.members_ignored.clone()),
+            Box::new(metrics.retries_capped.clone()),
+            Box::new(metrics.retries_paused.clone()),
+        ];
+        for collector in collectors {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        for reason in ["header_timeout", "idle"] {
+            metrics.http_connections_cut.with_label_values(&[reason]);
+        }
+        metrics.sse_ended.with_label_values(&["lifetime"]);
+        for reason in ["unsigned", "bad_signature", "bad_url", "unreadable"] {
+            metrics.members_ignored.with_label_values(&[reason]);
+        }
+        metrics
+    }
+}
+
 /// Renders every registered metric in the Prometheus text format.
 pub fn render() -> String {
     LazyLock::force(&METRICS);
+    LazyLock::force(&GUARDS);
     let mut buffer = Vec::new();
     // Encoding into a Vec cannot fail for well-formed metric families.
     let _ = TextEncoder::new().encode(&REGISTRY.gather(), &mut buffer);

@@ -48,7 +48,7 @@ pub struct RegistryConfig {
     /// One or more base URLs, tried in order.
     pub urls: Vec<String>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<crate::secret::Secret>,
     /// PEM file of the CA that signed the registry's certificate.
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate and PKCS#8 key, for mutual TLS.
@@ -156,7 +156,10 @@ impl Registry {
             builder.add_url(url.trim_end_matches('/').to_string());
         }
         if let Some(username) = &config.username {
-            builder.set_basic_authorization(username, config.password.as_deref());
+            builder.set_basic_authorization(
+                username,
+                config.password.as_ref().map(crate::secret::Secret::expose),
+            );
         }
         builder.set_timeout(config.timeout);
         let settings = builder
@@ -176,10 +179,10 @@ impl Registry {
                 .iter()
                 .map(|url| url.trim_end_matches('/').to_string())
                 .collect(),
-            auth: config
-                .username
-                .clone()
-                .map(|user| (user, config.password.clone())),
+            auth: config.username.clone().map(|user| {
+                let password = config.password.as_ref().map(|p| p.expose().to_string());
+                (user, password)
+            }),
             schemas: RwLock::new(HashMap::new()),
             unknown: std::sync::atomic::AtomicUsize::new(0),
             config,
@@ -193,6 +196,16 @@ impl Registry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(&id)
             .cloned()
+    }
+
+    /// Puts a writer schema into the cache as a lookup would have: for a
+    /// process that carries its schemas (the fuzzers' registry stub), so
+    /// decoding follows exactly the path it follows after a fetch.
+    pub fn insert_cached(&self, id: u32, schema: WriterSchema) {
+        self.schemas
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(id, schema);
     }
 
     /// Looks `id` up and caches the answer (a schema, or the fact that the

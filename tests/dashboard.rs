@@ -108,7 +108,12 @@ fn the_dashboard_shows_contexts_counts_pods_and_live_updates() {
         .into_iter()
         .next()
         .expect("an event");
-    let url = format!("http://127.0.0.1:{}/", baton.http_port);
+    // The token travels in the fragment, which the page moves to sessionStorage.
+    let url = format!(
+        "http://127.0.0.1:{}/#token={}",
+        baton.http_port,
+        common::HTTP_TOKEN
+    );
     let dom = std::thread::scope(|scope| {
         scope.spawn(|| {
             std::thread::sleep(PAGE_TIME / 3);

@@ -22,8 +22,13 @@ fn baton_dlq(bootstrap: &str, args: &[&str]) -> Output {
     command
         .arg("dlq")
         .args(args)
-        .args(["--bootstrap-servers", bootstrap])
-        .env("RUST_LOG", "warn,librdkafka=off,rdkafka=off");
+        .args(["--bootstrap-servers", bootstrap]);
+    // The application these tests replay for reads these topics; replay
+    // refuses any other target (see `bad_input_is_a_one_line_error...`).
+    if args.first() == Some(&"replay") {
+        command.args(["--input-topics", "mcp.events.all,orders.in,payments.in"]);
+    }
+    command.env("RUST_LOG", "warn,librdkafka=off,rdkafka=off");
     for (name, _) in std::env::vars() {
         if name.starts_with("BATON_") {
             command.env_remove(name);
@@ -374,12 +379,22 @@ fn bad_input_is_a_one_line_error_never_a_panic() {
             vec![],
         )],
     );
+    // Only the application's input topics are replay targets, unless named.
     one_line_error(
         &["replay", "--dry-run"],
         1,
+        &["`gone.topic`", "not an input topic", "--allow-topic"],
+    );
+    one_line_error(
+        &["replay", "--dry-run", "--allow-topic", "gone.topic"],
+        1,
         &["`gone.topic`", "does not exist"],
     );
-    one_line_error(&["replay"], 1, &["`gone.topic`", "nothing was republished"]);
+    one_line_error(
+        &["replay", "--allow-topic", "gone.topic"],
+        1,
+        &["`gone.topic`", "nothing was republished"],
+    );
     assert!(broker.read_all(REPLAYS).is_empty());
     assert!(!broker.topic_names().iter().any(|t| t == "gone.topic"));
 

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use baton::sample::{self, SampleRecord};
 use baton::snapshot_url::UrlSigner;
-use common::{Baton, BatonOptions, Broker, HANDOVER_TOPICS, Reader, SNAPSHOT_SECRET, reference};
+use common::{
+    Baton, BatonOptions, Broker, HANDOVER_TOPICS, HTTP_TOKEN, Reader, SNAPSHOT_SECRET, reference,
+};
 
 const PARTITIONS: i32 = 3;
 
@@ -467,8 +469,9 @@ impl Feed {
         stream
             .set_read_timeout(Some(Duration::from_secs(1)))
             .expect("timeout");
-        let mut request =
-            format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nAccept: text/event-stream\r\n");
+        let mut request = format!(
+            "GET {path} HTTP/1.0\r\nHost: localhost\r\nAccept: text/event-stream\r\nAuthorization: Bearer {HTTP_TOKEN}\r\n"
+        );
         if let Some(id) = last_event_id {
             request.push_str(&format!("Last-Event-ID: {id}\r\n"));
         }
@@ -632,7 +635,7 @@ fn a_client_that_stops_reading_is_dropped_without_slowing_the_others() {
     let mut stalled = TcpStream::from(socket);
     write!(
         stalled,
-        "GET /events HTTP/1.0\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n"
+        "GET /events HTTP/1.0\r\nHost: localhost\r\nAccept: text/event-stream\r\nAuthorization: Bearer {HTTP_TOKEN}\r\n\r\n"
     )
     .expect("request");
     let mut reader = Feed::open(&baton, "/events", None);

@@ -213,6 +213,7 @@ fn d_unreachable_broker_is_a_clear_error_not_a_panic() {
         .args(["--instance-id", "pod-d", "--startup-timeout-ms", "2000"])
         .args(["--http-addr", "127.0.0.1:0"])
         .env("BATON_SNAPSHOT_SECRET", common::SNAPSHOT_SECRET)
+        .env("BATON_HTTP_AUTH_TOKENS", common::HTTP_TOKEN)
         .env("RUST_LOG", "warn")
         .output()
         .expect("baton runs");
@@ -238,6 +239,7 @@ fn e_bad_config_is_one_line_naming_the_key() {
         .args(["--topology", &format!("{}/topology", common::REPO)])
         .args(["--instance-id", "pod-e", "--commit-interval-ms", "0"])
         .env("BATON_SNAPSHOT_SECRET", common::SNAPSHOT_SECRET)
+        .env("BATON_HTTP_AUTH_TOKENS", common::HTTP_TOKEN)
         .output()
         .expect("baton runs");
     assert_eq!(output.status.code(), Some(2));
@@ -253,6 +255,7 @@ fn e_bad_config_is_one_line_naming_the_key() {
         .args(["run", "--config"])
         .arg(&file)
         .env("BATON_SNAPSHOT_SECRET", common::SNAPSHOT_SECRET)
+        .env("BATON_HTTP_AUTH_TOKENS", common::HTTP_TOKEN)
         .output()
         .expect("baton runs");
     assert_eq!(output.status.code(), Some(2));

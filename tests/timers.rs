@@ -749,6 +749,7 @@ fn a_cancellation_parks_the_held_records_and_tells_the_agents() {
             "json",
         ])
         .args(["--pod-url", &format!("http://127.0.0.1:{}", pod.http_port)])
+        .env("BATON_HTTP_AUTH_TOKEN", common::HTTP_TOKEN)
         .output()
         .expect("baton context list runs");
     assert!(

@@ -12,7 +12,6 @@ use clap::{Args, Subcommand, ValueEnum};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::control::ControlCommand;
-use crate::kafka::KafkaSettings;
 
 #[derive(Debug, Subcommand)]
 pub enum ContextCommand {
@@ -34,9 +33,8 @@ pub struct CancelArgs {
     /// Kafka bootstrap servers, host:port[,host:port].
     #[arg(long, env = "BATON_BOOTSTRAP_SERVERS")]
     pub bootstrap_servers: String,
-    /// librdkafka property KEY=VALUE, repeatable (SASL, TLS, tuning).
-    #[arg(long = "kafka-prop", env = "BATON_KAFKA_PROPS", value_delimiter = ',')]
-    pub kafka_props: Vec<String>,
+    #[command(flatten)]
+    pub kafka: super::guard::KafkaPropArgs,
     #[arg(long, env = "BATON_CONTROL_TOPIC", default_value = crate::control::DEFAULT_CONTROL_TOPIC)]
     pub control_topic: String,
     /// How long to wait for the broker to take the command.
@@ -55,6 +53,9 @@ pub struct ListArgs {
     /// Any pod's HTTP address.
     #[arg(long, env = "BATON_POD_URL", default_value = "http://127.0.0.1:8080")]
     pub pod_url: String,
+    /// The bearer token for the pod (`BATON_HTTP_AUTH_TOKEN`).
+    #[arg(long, env = "BATON_HTTP_AUTH_TOKEN", hide_env_values = true)]
+    pub token: Option<crate::secret::Secret>,
     /// Only contexts in this state.
     #[arg(long)]
     pub state: Option<String>,
@@ -82,10 +83,7 @@ async fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
     if args.context_id.is_empty() {
         anyhow::bail!("context_id: must not be empty");
     }
-    let settings = KafkaSettings {
-        bootstrap_servers: args.bootstrap_servers.clone(),
-        properties: super::parse_kafka_props(&args.kafka_props)?,
-    };
+    let settings = super::settings(&args.bootstrap_servers, &args.kafka)?;
     let producer: FutureProducer = settings
         .producer_config()
         .create()
@@ -132,10 +130,18 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         limit: args.max.clamp(1, crate::http::MAX_CONTEXTS_PAGE),
         after: None,
     };
+    let authorization = args
+        .token
+        .as_ref()
+        .map(|token| format!("Bearer {}", token.expose()));
+    let headers: Vec<(&str, &str)> = authorization
+        .iter()
+        .map(|value| ("authorization", value.as_str()))
+        .collect();
     let mut contexts = Vec::new();
     for _ in 0..MAX_PAGES {
         let url = format!("{base}/api/contexts?{}", query.to_query_string());
-        let (status, _, body) = crate::http::get_with_headers(&url, &[])
+        let (status, _, body) = crate::http::get_with_headers(&url, &headers)
             .await
             .map_err(|err| anyhow::anyhow!("{url}: {err}"))?;
         if status != 200 {

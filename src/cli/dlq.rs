@@ -6,7 +6,9 @@
 //! once: the republished records and one replay-log entry per record go out
 //! in a single Kafka transaction, and records the log already names are
 //! skipped, so a crash leaves all or nothing and a second run republishes
-//! nothing.
+//! nothing. It writes only to the application's own input topics: a
+//! `baton.source.topic` header is whatever the letter's writer put there, and
+//! the control topic in particular belongs to the healer alone.
 
 mod render;
 mod select;
@@ -60,6 +62,27 @@ pub struct ReplayArgs {
     /// Names the replay's `transactional.id`: `{application_id}-dlq-replay`.
     #[arg(long, env = "BATON_APPLICATION_ID", default_value = crate::config::DEFAULT_APPLICATION_ID)]
     pub application_id: String,
+    /// The application's input topics, where replays may go (with the
+    /// memory topic and the repartition topic).
+    #[arg(long, env = "BATON_INPUT_TOPICS", value_delimiter = ',', default_value = crate::config::DEFAULT_INPUT_TOPIC)]
+    pub input_topics: Vec<String>,
+    #[arg(long, env = "BATON_MEMORY_TOPIC", default_value = crate::config::DEFAULT_MEMORY_TOPIC)]
+    pub memory_topic: String,
+    /// Another topic replays may go to, repeatable; anything else named by a
+    /// letter's `baton.source.topic` is refused.
+    #[arg(long = "allow-topic")]
+    pub allow_topics: Vec<String>,
+}
+
+impl ReplayArgs {
+    /// Where a replay may write.
+    fn allowed_targets(&self) -> BTreeSet<String> {
+        let mut allowed: BTreeSet<String> = self.input_topics.iter().cloned().collect();
+        allowed.insert(self.memory_topic.clone());
+        allowed.insert(crate::runtime::repartition_topic(&self.application_id));
+        allowed.extend(self.allow_topics.iter().cloned());
+        allowed
+    }
 }
 
 /// Where to read and which dead letters to pick; shared by both commands.
@@ -69,8 +92,8 @@ pub struct SelectArgs {
     #[arg(long, env = "BATON_BOOTSTRAP_SERVERS")]
     pub bootstrap_servers: String,
     /// librdkafka property KEY=VALUE, repeatable (SASL, TLS, tuning).
-    #[arg(long = "kafka-prop", env = "BATON_KAFKA_PROPS", value_delimiter = ',')]
-    pub kafka_props: Vec<String>,
+    #[command(flatten)]
+    pub kafka: crate::cli::KafkaPropArgs,
     /// The dead-letter topic; its parked topic is `{dlq}.parked`.
     #[arg(long, env = "BATON_DLQ_TOPIC", default_value = crate::dlq::DEFAULT_DLQ_TOPIC)]
     pub dlq_topic: String,
@@ -125,6 +148,10 @@ pub enum DlqToolError {
     Connect(#[from] ConnectError),
     #[error("topic `{topic}` does not exist ({hint})")]
     MissingTopic { topic: String, hint: String },
+    #[error(
+        "refused: {count} selected record(s) name `{topic}` in baton.source.topic, which is not an input topic of the application; nothing was republished (--allow-topic {topic} replays there anyway)"
+    )]
+    TargetNotAllowed { topic: String, count: usize },
     #[error("cannot read {topic}: {cause}")]
     Read { topic: String, cause: String },
     #[error(
@@ -182,18 +209,7 @@ async fn prepare(
     now: OffsetDateTime,
 ) -> Result<Prepared, DlqToolError> {
     let mut problems = Vec::new();
-    let mut properties = Vec::new();
-    for pair in &args.kafka_props {
-        match pair.split_once('=') {
-            Some((key, value)) if !key.trim().is_empty() => {
-                match kafka::check_property(key.trim(), value) {
-                    Ok(()) => properties.push((key.trim().to_string(), value.to_string())),
-                    Err(reason) => problems.push(format!("--kafka-prop {key}: {reason}")),
-                }
-            }
-            _ => problems.push(format!("--kafka-prop: `{pair}` is not KEY=VALUE")),
-        }
-    }
+    let properties = args.kafka.collect(&mut problems);
     let selection = Selection::parse(
         &args.classes,
         args.context.as_deref(),
@@ -364,6 +380,7 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, DlqToolError> {
         _ => HashSet::new(),
     };
     let existing: BTreeSet<String> = prepared.existing.keys().cloned().collect();
+    let allowed = args.allowed_targets();
 
     let (collected, no_source, truncated, already) = blocking(move || {
         let mut no_source = Vec::new();
@@ -414,7 +431,14 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, DlqToolError> {
         return Ok(ExitCode::SUCCESS);
     }
     let targets = target_counts(&records);
-    // Checked before anything is written: a replay to a missing topic fails whole.
+    // Checked before anything is written: a replay to a topic outside the
+    // application, or to a missing one, fails whole.
+    if let Some(refused) = targets.keys().find(|topic| !allowed.contains(*topic)) {
+        return Err(DlqToolError::TargetNotAllowed {
+            topic: refused.clone(),
+            count: targets.get(refused).copied().unwrap_or(0),
+        });
+    }
     if let Some(missing) = targets.keys().find(|topic| !existing.contains(*topic)) {
         return Err(DlqToolError::MissingTopic {
             topic: missing.clone(),

@@ -116,10 +116,13 @@ impl<'s> WriterDecoder<'s> {
         })
     }
 
+    /// `max_json_depth` bounds the JSON documents `arguments` and `result`
+    /// carry as strings, as it bounds JSON input.
     pub fn decode(
         &self,
         datum: &[u8],
         source: &SourceCoordinates,
+        max_json_depth: usize,
     ) -> Result<ToolEvent, DecodeError> {
         let schema_id = self.schema_id;
         let mut cursor = Cursor::new(datum);
@@ -161,8 +164,125 @@ impl<'s> WriterDecoder<'s> {
                 format!("writer schema {schema_id} is not a record"),
             ));
         };
-        tool_event(fields, source)
+        tool_event(fields, source, max_json_depth)
     }
+}
+
+/// Why a writer schema is refused before anything is decoded with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SchemaShape {
+    Recursive(String),
+    TooDeep,
+}
+
+/// Refuses, as `unsupported_schema`, a writer schema that names itself
+/// (directly or through others) or nests deeper than `max_depth`:
+/// apache-avro reads a datum recursively, so such a schema lets one record
+/// overflow the stack, and the pod would crash on it again after every
+/// restart. Linear in the schema's size: each named record is measured once.
+pub fn check_writer_schema(
+    schema_id: u32,
+    writer: &Schema,
+    max_depth: usize,
+) -> Result<(), DecodeError> {
+    let mut records = std::collections::HashMap::new();
+    collect_records(writer, &mut records);
+    let mut measured = std::collections::HashMap::new();
+    let mut open = Vec::new();
+    let refused = |why: String| {
+        DecodeError::poison(
+            ErrorClass::UnsupportedSchema,
+            format!("writer schema {schema_id} is not supported: {why}"),
+        )
+    };
+    match height(writer, &records, &mut measured, &mut open, max_depth) {
+        Ok(height) if height <= max_depth => Ok(()),
+        Ok(_) | Err(SchemaShape::TooDeep) => Err(refused(format!(
+            "it nests deeper than {max_depth} levels (--max-schema-depth)"
+        ))),
+        Err(SchemaShape::Recursive(name)) => {
+            Err(refused(format!("record `{name}` contains itself")))
+        }
+    }
+}
+
+fn collect_records<'s>(
+    schema: &'s Schema,
+    records: &mut std::collections::HashMap<apache_avro::schema::Name, &'s Schema>,
+) {
+    match schema {
+        Schema::Record(record) if records.insert(record.name.clone(), schema).is_none() => {
+            for field in &record.fields {
+                collect_records(&field.schema, records);
+            }
+        }
+        Schema::Array(array) => collect_records(&array.items, records),
+        Schema::Map(map) => collect_records(&map.types, records),
+        Schema::Union(union) => {
+            for variant in union.variants() {
+                collect_records(variant, records);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Levels of nesting below and including `schema`. `open` holds the records
+/// being measured: meeting one of them again is recursion. The walk stops
+/// as soon as it passes `limit`, so it never goes deeper than that.
+fn height(
+    schema: &Schema,
+    records: &std::collections::HashMap<apache_avro::schema::Name, &Schema>,
+    measured: &mut std::collections::HashMap<apache_avro::schema::Name, usize>,
+    open: &mut Vec<apache_avro::schema::Name>,
+    limit: usize,
+) -> Result<usize, SchemaShape> {
+    if open.len() > limit {
+        return Err(SchemaShape::TooDeep);
+    }
+    let children = |schemas: &mut dyn Iterator<Item = &Schema>,
+                    measured: &mut std::collections::HashMap<_, _>,
+                    open: &mut Vec<_>|
+     -> Result<usize, SchemaShape> {
+        let mut deepest = 0;
+        for child in schemas {
+            deepest = deepest.max(height(child, records, measured, open, limit)?);
+            if deepest >= limit {
+                return Err(SchemaShape::TooDeep);
+            }
+        }
+        Ok(deepest + 1)
+    };
+    let name = match schema {
+        Schema::Record(record) => &record.name,
+        Schema::Ref { name } => name,
+        Schema::Array(array) => {
+            return children(&mut std::iter::once(&*array.items), measured, open);
+        }
+        Schema::Map(map) => return children(&mut std::iter::once(&*map.types), measured, open),
+        Schema::Union(union) => return children(&mut union.variants().iter(), measured, open),
+        _ => return Ok(1),
+    };
+    if open.contains(name) {
+        return Err(SchemaShape::Recursive(name.fullname(None)));
+    }
+    if let Some(known) = measured.get(name) {
+        return Ok(*known);
+    }
+    let Some(Schema::Record(record)) = records.get(name).copied() else {
+        // An unknown reference: building the reader refuses it.
+        return Ok(1);
+    };
+    open.push(name.clone());
+    let measured_height = children(
+        &mut record.fields.iter().map(|field| &field.schema),
+        measured,
+        open,
+    );
+    open.pop();
+    let measured_height = measured_height?;
+    measured.insert(name.clone(), measured_height);
+    Ok(measured_height)
 }
 
 /// Decodes one datum written with `writer`; see [`WriterDecoder`], which a
@@ -173,7 +293,8 @@ pub fn decode_tool_completed(
     datum: &[u8],
     source: &SourceCoordinates,
 ) -> Result<ToolEvent, DecodeError> {
-    WriterDecoder::new(schema_id, writer)?.decode(datum, source)
+    check_writer_schema(schema_id, writer, super::DEFAULT_MAX_SCHEMA_DEPTH)?;
+    WriterDecoder::new(schema_id, writer)?.decode(datum, source, super::DEFAULT_MAX_JSON_DEPTH)
 }
 
 /// An `AgentHeartbeat` datum as the event every format decodes into.
@@ -216,6 +337,7 @@ fn heartbeat_event(written: Value, source: &SourceCoordinates) -> Result<ToolEve
 fn tool_event(
     fields: Vec<(String, Value)>,
     source: &SourceCoordinates,
+    max_json_depth: usize,
 ) -> Result<ToolEvent, DecodeError> {
     let mut event = ToolEvent::default();
     for (name, value) in fields {
@@ -226,8 +348,8 @@ fn tool_event(
             "event" => event.event = string(value).unwrap_or_default(),
             "server_id" => event.server_id = string(value),
             "tool" => event.tool = string(value),
-            "arguments" => event.arguments = embedded_json(value),
-            "result" => event.result = embedded_json(value),
+            "arguments" => event.arguments = embedded_json(value, max_json_depth),
+            "result" => event.result = embedded_json(value, max_json_depth),
             "token_budget" => event.token_budget = long(&value).map(|n| n.max(0) as u64),
             "workflow" => event.workflow = string(value),
             "correlation_id" => event.correlation_id = string(value),
@@ -288,9 +410,14 @@ fn long(value: &Value) -> Option<i64> {
 }
 
 /// `arguments` and `result` carry JSON documents as strings. A tool whose
-/// output is plain text is kept as a JSON string rather than rejected.
-fn embedded_json(value: Value) -> Json {
+/// output is plain text is kept as a JSON string rather than rejected, and so
+/// is one nesting deeper than JSON input may: as text it cannot be deeper
+/// than what stored state and snapshots read back.
+fn embedded_json(value: Value, max_depth: usize) -> Json {
     match value {
+        Value::String(text) if super::json_depth(text.as_bytes(), max_depth) > max_depth => {
+            Json::String(text)
+        }
         Value::String(text) => serde_json::from_str(&text).unwrap_or(Json::String(text)),
         _ => Json::Null,
     }
@@ -777,5 +904,60 @@ mod tests {
             "produced_at".into(),
             Value::TimestampMillis(1_795_514_400_000)
         )));
+    }
+
+    #[test]
+    fn recursive_or_too_deep_writer_schemas_are_unsupported_before_any_decoding() {
+        let unsupported = |text: &str, limit: usize| {
+            let schema = Schema::parse_str(text).expect("parses");
+            match check_writer_schema(7, &schema, limit) {
+                Err(DecodeError::Poison { class, reason }) => {
+                    assert_eq!(class, ErrorClass::UnsupportedSchema, "{reason}");
+                    reason
+                }
+                other => panic!("expected unsupported_schema, got {other:?}"),
+            }
+        };
+        let linked_list = r#"{"type":"record","name":"Node","namespace":"x","fields":[
+            {"name":"value","type":"string"},
+            {"name":"next","type":["null","Node"]}]}"#;
+        assert!(unsupported(linked_list, 32).contains("`x.Node` contains itself"));
+        let mutual = r#"{"type":"record","name":"A","fields":[
+            {"name":"b","type":{"type":"record","name":"B","fields":[
+                {"name":"a","type":{"type":"array","items":"A"}}]}}]}"#;
+        assert!(unsupported(mutual, 32).contains("contains itself"));
+        let mut deep = r#""string""#.to_string();
+        for _ in 0..10 {
+            deep = format!(r#"{{"type":"array","items":{deep}}}"#);
+        }
+        assert!(unsupported(&deep, 5).contains("deeper than 5"));
+        let schema = Schema::parse_str(&deep).expect("parses");
+        assert!(check_writer_schema(7, &schema, 32).is_ok());
+        // A named type used twice side by side is not recursion.
+        let reused = r#"{"type":"record","name":"Pair","fields":[
+            {"name":"left","type":{"type":"record","name":"Leaf","fields":[{"name":"v","type":"int"}]}},
+            {"name":"right","type":"Leaf"}]}"#;
+        let schema = Schema::parse_str(reused).expect("parses");
+        assert!(check_writer_schema(7, &schema, 32).is_ok());
+        assert!(check_writer_schema(7, &TOOL_COMPLETED.parsed, 8).is_ok());
+    }
+
+    #[test]
+    fn reused_types_are_measured_once_not_once_per_use() {
+        // 40 levels, each using the level below twice: a walk that expanded
+        // every use would visit 2^40 nodes.
+        let mut fields =
+            String::from(r#"{"type":"record","name":"L0","fields":[{"name":"v","type":"int"}]}"#);
+        for level in 1..40 {
+            fields = format!(
+                r#"{{"type":"record","name":"L{level}","fields":[{{"name":"a","type":{fields}}},{{"name":"b","type":"L{}"}}]}}"#,
+                level - 1
+            );
+        }
+        let schema = Schema::parse_str(&fields).expect("parses");
+        let started = std::time::Instant::now();
+        assert!(check_writer_schema(7, &schema, 64).is_ok());
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(check_writer_schema(7, &schema, 20).is_err());
     }
 }

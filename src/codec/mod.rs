@@ -44,14 +44,85 @@ impl DecodeError {
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeLimits {
     pub max_record_bytes: usize,
+    /// The largest `token_budget` an event may set: a budget no workflow
+    /// could spend is budget enforcement turned off.
+    pub max_token_budget: u64,
+    /// The deepest nesting a JSON input (or JSON inside Avro) may have.
+    pub max_json_depth: usize,
+    /// The deepest nesting of an Avro writer schema.
+    pub max_schema_depth: usize,
 }
 
 impl Default for DecodeLimits {
     fn default() -> Self {
         DecodeLimits {
             max_record_bytes: 1024 * 1024,
+            max_token_budget: DEFAULT_MAX_TOKEN_BUDGET,
+            max_json_depth: DEFAULT_MAX_JSON_DEPTH,
+            max_schema_depth: DEFAULT_MAX_SCHEMA_DEPTH,
         }
     }
+}
+
+pub const DEFAULT_MAX_TOKEN_BUDGET: u64 = 100_000_000;
+pub const DEFAULT_MAX_JSON_DEPTH: usize = 64;
+/// The ceiling of `--max-json-depth`. An accepted input is stored inside a
+/// context's record and its snapshots, a few levels deeper than it arrived,
+/// and read back with serde_json's own recursion limit (128): the ceiling
+/// leaves room for that wrapping, so whatever is accepted can always be
+/// read back (see `accepted_depth_survives_state_and_snapshots`).
+pub const MAX_JSON_DEPTH: usize = 100;
+pub const DEFAULT_MAX_SCHEMA_DEPTH: usize = 32;
+pub const MAX_SCHEMA_DEPTH: usize = 256;
+
+/// The deepest nesting of arrays and objects in `bytes`, read as JSON text
+/// without parsing it (strings are skipped, escapes included). Iterative and
+/// O(n): it is the guard in front of a recursive parser, so it must not
+/// recurse itself. Stops counting once `limit` is passed.
+pub fn json_depth(bytes: &[u8], limit: usize) -> usize {
+    let mut depth = 0usize;
+    let mut deepest = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > deepest {
+                    deepest = depth;
+                    if deepest > limit {
+                        return deepest;
+                    }
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// Poison if `bytes` nest deeper than `limit`.
+pub fn check_json_depth(bytes: &[u8], limit: usize) -> Result<(), DecodeError> {
+    let depth = json_depth(bytes, limit);
+    if depth > limit {
+        return Err(DecodeError::poison(
+            ErrorClass::MalformedJson,
+            format!("JSON nests deeper than the limit of {limit} levels"),
+        ));
+    }
+    Ok(())
 }
 
 /// What an input topic carries.
@@ -164,9 +235,31 @@ impl InputDecoder {
             InputFormat::Json => false,
             InputFormat::Auto => bytes.first() == Some(&avro::MAGIC_BYTE),
         };
-        if !is_avro {
-            return json::decode(bytes, source);
+        let event = if is_avro {
+            self.decode_avro(bytes, source)?
+        } else {
+            check_json_depth(bytes, self.limits.max_json_depth)?;
+            json::decode(bytes, source)?
+        };
+        if let Some(budget) = event.token_budget
+            && budget > self.limits.max_token_budget
+        {
+            return Err(DecodeError::poison(
+                ErrorClass::InvalidTokenBudget,
+                format!(
+                    "token_budget {budget} is larger than the maximum of {} (--max-token-budget)",
+                    self.limits.max_token_budget
+                ),
+            ));
         }
+        Ok(event)
+    }
+
+    fn decode_avro(
+        &self,
+        bytes: &[u8],
+        source: &SourceCoordinates,
+    ) -> Result<ToolEvent, DecodeError> {
         let (id, datum) = avro::split_frame(bytes)?;
         let Some(registry) = &self.registry else {
             return Err(DecodeError::poison(
@@ -176,7 +269,8 @@ impl InputDecoder {
         };
         match registry.cached(id) {
             Some(WriterSchema::Found(writer)) => {
-                self.writer_decoder(id, &writer)?.decode(datum, source)
+                self.writer_decoder(id, &writer)?
+                    .decode(datum, source, self.limits.max_json_depth)
             }
             Some(WriterSchema::Unknown(reason)) => {
                 Err(DecodeError::poison(ErrorClass::UnknownSchema, reason))
@@ -205,6 +299,10 @@ impl InputDecoder {
         writers
             .entry(id)
             .or_insert_with(|| {
+                // Judged before anything is decoded with it: a recursive or
+                // too deeply nested schema would let one datum overflow
+                // apache-avro's recursive reader. Cached, like any outcome.
+                avro::check_writer_schema(id, writer, self.limits.max_schema_depth)?;
                 let schema: &'static apache_avro::Schema = Box::leak(Box::new(writer.clone()));
                 avro::WriterDecoder::new(id, schema).map(Arc::new)
             })
@@ -257,5 +355,110 @@ impl OutputEncoder {
                 avro::encode_handover(*id, handover)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::memory::{Memory, RawJson, ToolOutput};
+
+    fn source() -> SourceCoordinates {
+        SourceCoordinates {
+            topic: "mcp.events.all".into(),
+            partition: 0,
+            offset: 7,
+        }
+    }
+
+    /// `[[[...0...]]]`, `depth` levels.
+    fn nested(depth: usize) -> String {
+        format!("{}0{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    fn event_with_result(result: &str) -> Vec<u8> {
+        format!(
+            r#"{{"event":"tool.vision_analyze.completed","context_id":"c-1","event_id":"e-1","result":{result}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn depth_is_counted_outside_strings_only() {
+        assert_eq!(json_depth(b"{}", 10), 1);
+        assert_eq!(json_depth(br#"{"a":[{"b":"[[[[{{{{"}]}"#, 10), 3);
+        assert_eq!(json_depth(br#"["\"[[[", [1]]"#, 10), 2);
+        assert_eq!(
+            json_depth(nested(1_000_000).as_bytes(), 64),
+            65,
+            "stops past the limit"
+        );
+        assert_eq!(json_depth(b"", 10), 0);
+    }
+
+    #[test]
+    fn deeper_input_is_poison_and_the_deepest_accepted_survives_state_and_snapshots() {
+        let limits = DecodeLimits {
+            max_json_depth: MAX_JSON_DEPTH,
+            ..DecodeLimits::default()
+        };
+        let decoder = InputDecoder::json(limits);
+        // The event object itself is one level: its result may take the rest.
+        let too_deep = event_with_result(&nested(MAX_JSON_DEPTH));
+        match decoder.decode(Some(&too_deep), &source()) {
+            Err(DecodeError::Poison { class, .. }) => assert_eq!(class, ErrorClass::MalformedJson),
+            other => panic!("expected poison, got {other:?}"),
+        }
+        let deepest = event_with_result(&nested(MAX_JSON_DEPTH - 1));
+        let event = decoder.decode(Some(&deepest), &source()).expect("accepted");
+        // Where an accepted result goes: a tool output in memory, frozen in
+        // a snapshot, inside the context's stored record, and rendered.
+        let mut memory = Memory::new("c-1");
+        memory.record_tool_output(ToolOutput {
+            event_id: event.event_id.clone(),
+            tool: "vision_analyze".into(),
+            output: RawJson::from_value(&event.result),
+            at: 1,
+            since: 0,
+        });
+        let version = memory.freeze(1);
+        let stored = crate::state::record::encode(None, &memory);
+        let (_, restored) = crate::state::record::decode(&stored).expect("state reads back");
+        let snapshot = restored.snapshot(version).expect("snapshot");
+        let snapshot =
+            crate::memory::Snapshot::decode(&snapshot.encode()).expect("snapshot reads back");
+        let prompt = crate::memory::render_prompt(&snapshot, u64::MAX);
+        let rendered = serde_json::to_string(&prompt).expect("renders");
+        let reread: Value =
+            serde_json::from_str(&rendered).expect("the rendered prompt reads back");
+        assert_ne!(
+            reread["tool_outputs"][0]["output"],
+            Value::Null,
+            "{rendered:.200}"
+        );
+        assert_eq!(restored.last_tool_output(), Some(event.result));
+    }
+
+    #[test]
+    fn a_token_budget_above_the_maximum_is_poison() {
+        let decoder = InputDecoder::json(DecodeLimits::default());
+        let event = |budget: u64| {
+            json!({"event": "tool.vision_analyze.completed", "context_id": "c-1", "token_budget": budget})
+                .to_string()
+                .into_bytes()
+        };
+        match decoder.decode(Some(&event(u64::MAX)), &source()) {
+            Err(DecodeError::Poison { class, reason }) => {
+                assert_eq!(class, ErrorClass::InvalidTokenBudget);
+                assert!(reason.contains("--max-token-budget"), "{reason}");
+            }
+            other => panic!("expected poison, got {other:?}"),
+        }
+        let fits = decoder
+            .decode(Some(&event(DEFAULT_MAX_TOKEN_BUDGET)), &source())
+            .expect("at the maximum");
+        assert_eq!(fits.token_budget, Some(DEFAULT_MAX_TOKEN_BUDGET));
     }
 }

@@ -126,3 +126,27 @@ fn poison_classes_and_incomplete_records_are_parked_at_once() {
         Decision::Park { .. }
     ));
 }
+
+#[test]
+fn a_retry_is_never_held_past_the_maximum_backoff() {
+    let topology = shipped();
+    let max = topology
+        .workflow("vision-research")
+        .expect("workflow")
+        .retry
+        .max_backoff_ms as i64;
+    let now = 1_700_000_000_000;
+    // After the record's own timestamp...
+    assert_eq!(
+        retry_due_cap(&topology, "DownstreamQueued", now - 1_000, now),
+        now - 1_000 + max
+    );
+    // ...or now, when the timestamp lies ahead (it is the writer's word too).
+    let year = 365 * 86_400 * 1_000;
+    assert_eq!(
+        retry_due_cap(&topology, "DownstreamQueued", now + year, now),
+        now + max
+    );
+    // A step no workflow has still gets the largest maximum of them all.
+    assert_eq!(retry_due_cap(&topology, "Nowhere", now, now), now + max);
+}

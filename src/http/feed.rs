@@ -13,8 +13,8 @@
 //! partition of the topic, comma separated.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Bytes;
@@ -23,9 +23,10 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
+use super::auth::Caller;
 use crate::codec::avro;
 use crate::kafka::{ClientRole, KafkaSettings};
-use crate::metrics::METRICS;
+use crate::metrics::{GUARDS, METRICS};
 use crate::shutdown::Shutdown;
 
 /// Events queued between a client's reader and its socket.
@@ -36,6 +37,12 @@ const CLIENT_QUEUE: usize = 256;
 pub const STALL_LIMIT: Duration = Duration::from_secs(10);
 /// Open feeds per pod; each holds a Kafka reader.
 pub const MAX_CLIENTS: usize = 64;
+/// Open feeds per token, by default (`--max-feeds-per-token`).
+pub const DEFAULT_MAX_FEEDS_PER_TOKEN: usize = 8;
+/// How long one feed lives, by default (`--sse-max-lifetime-secs`): then it
+/// ends and the browser reconnects with `Last-Event-ID`, so a feed opened
+/// with a token that was since removed does not outlive the rotation.
+pub const DEFAULT_FEED_LIFETIME: Duration = Duration::from_secs(3600);
 /// Upper bound on `?replay=N`.
 const MAX_REPLAY: i64 = 1000;
 
@@ -111,30 +118,81 @@ pub fn form_pairs(query: Option<&str>) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Counts open feeds and refuses more than `MAX_CLIENTS`.
-#[derive(Default)]
+/// Counts open feeds, per pod and per caller, and refuses past either bound:
+/// one token cannot take every feed a pod can serve.
 pub struct FeedSlots {
     open: AtomicUsize,
+    per_caller: Mutex<BTreeMap<Caller, usize>>,
+    max_per_caller: usize,
+}
+
+impl Default for FeedSlots {
+    fn default() -> Self {
+        FeedSlots::new(DEFAULT_MAX_FEEDS_PER_TOKEN)
+    }
 }
 
 /// Held while a feed is open.
-pub struct FeedSlot(Arc<FeedSlots>);
+pub struct FeedSlot {
+    slots: Arc<FeedSlots>,
+    caller: Caller,
+}
+
+/// Why no feed slot was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotRefused {
+    Pod,
+    Caller,
+}
 
 impl FeedSlots {
-    pub fn acquire(self: &Arc<Self>) -> Option<FeedSlot> {
+    pub fn new(max_per_caller: usize) -> FeedSlots {
+        FeedSlots {
+            open: AtomicUsize::new(0),
+            per_caller: Mutex::new(BTreeMap::new()),
+            max_per_caller,
+        }
+    }
+
+    /// A slot for `caller`. Anonymous callers (`--http-auth none`) are
+    /// bounded by the pod's cap only: they cannot be told apart.
+    pub fn acquire(self: &Arc<Self>, caller: Caller) -> Result<FeedSlot, SlotRefused> {
+        let mut per_caller = self
+            .per_caller
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mine = per_caller.entry(caller).or_insert(0);
+        if caller != Caller::Anonymous && *mine >= self.max_per_caller {
+            return Err(SlotRefused::Caller);
+        }
         let previous = self.open.fetch_add(1, Ordering::SeqCst);
         if previous >= MAX_CLIENTS {
             self.open.fetch_sub(1, Ordering::SeqCst);
-            return None;
+            return Err(SlotRefused::Pod);
         }
+        *mine += 1;
         METRICS.sse_clients.inc();
-        Some(FeedSlot(Arc::clone(self)))
+        Ok(FeedSlot {
+            slots: Arc::clone(self),
+            caller,
+        })
     }
 }
 
 impl Drop for FeedSlot {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::SeqCst);
+        let mut per_caller = self
+            .slots
+            .per_caller
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = per_caller.get_mut(&self.caller) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                per_caller.remove(&self.caller);
+            }
+        }
+        self.slots.open.fetch_sub(1, Ordering::SeqCst);
         METRICS.sse_clients.dec();
     }
 }
@@ -197,17 +255,29 @@ pub fn open_reader(
     Ok((consumer, position))
 }
 
+/// How one feed is paced and bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct FeedTiming {
+    pub heartbeat: Duration,
+    /// The feed ends after this long; the client resumes from its last id.
+    pub lifetime: Duration,
+}
+
 /// Streams the reader's updates to `sink` until the client goes away,
-/// stalls for longer than [`STALL_LIMIT`], or the pod shuts down.
+/// stalls for longer than [`STALL_LIMIT`], its lifetime ends, or the pod
+/// shuts down.
 pub async fn stream(
     consumer: StreamConsumer,
     mut position: BTreeMap<i32, i64>,
     request: FeedRequest,
     sink: mpsc::Sender<Bytes>,
-    heartbeat: Duration,
+    timing: FeedTiming,
     shutdown: Shutdown,
     _slot: FeedSlot,
 ) {
+    let heartbeat = timing.heartbeat;
+    let ends = tokio::time::sleep(timing.lifetime);
+    tokio::pin!(ends);
     // The opening comment flushes headers to the client at once.
     if sink
         .send(Bytes::from_static(b": baton live feed\n\n"))
@@ -224,6 +294,12 @@ pub async fn stream(
         let frame = tokio::select! {
             _ = shutdown.wait() => return,
             _ = sink.closed() => return,
+            _ = &mut ends => {
+                GUARDS.sse_ended.with_label_values(&["lifetime"]).inc();
+                // `retry` tells the browser to come back at once.
+                let _ = sink.try_send(Bytes::from_static(b"retry: 100\n: feed lifetime reached\n\n"));
+                return;
+            }
             _ = ticker.tick() => Bytes::from_static(b": heartbeat\n\n"),
             received = consumer.recv() => match received {
                 Ok(message) => {
@@ -286,6 +362,30 @@ fn status_json(payload: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_token_cannot_take_every_feed() {
+        let slots = Arc::new(FeedSlots::new(2));
+        let first = slots.acquire(Caller::Token(0)).expect("first");
+        let _second = slots.acquire(Caller::Token(0)).expect("second");
+        assert_eq!(
+            slots.acquire(Caller::Token(0)).err(),
+            Some(SlotRefused::Caller)
+        );
+        let _other = slots.acquire(Caller::Token(1)).expect("another token");
+        drop(first);
+        let _again = slots.acquire(Caller::Token(0)).expect("a slot came back");
+        // Past the pod's cap nobody gets one, anonymous callers included.
+        let mut held = Vec::new();
+        while let Ok(slot) = slots.acquire(Caller::Anonymous) {
+            held.push(slot);
+        }
+        assert_eq!(held.len(), MAX_CLIENTS - 3);
+        assert_eq!(
+            slots.acquire(Caller::Token(2)).err(),
+            Some(SlotRefused::Pod)
+        );
+    }
 
     #[test]
     fn positions_round_trip() {

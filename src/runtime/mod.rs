@@ -289,12 +289,15 @@ pub async fn run(
         stores: Arc::clone(&http.stores),
     });
 
-    let membership = Arc::new(Membership::new(
-        &config.application_id,
-        &config.instance_id,
-        &config.advertised_url,
-        Arc::clone(&readiness),
-    ));
+    let membership = Arc::new(
+        Membership::new(
+            &config.application_id,
+            &config.instance_id,
+            &config.advertised_url,
+            Arc::clone(&readiness),
+        )
+        .signed_with(config.membership_secret.expose().as_bytes()),
+    );
     {
         let membership = Arc::clone(&membership);
         let kafka = config.kafka.clone();

@@ -568,6 +568,11 @@ impl Baton {
             .args(["--kafka-prop", "consumer.session.timeout.ms=6000"])
             .args(["--kafka-prop", "consumer.heartbeat.interval.ms=500"])
             .args(&options.extra_args)
+            .env("BATON_HTTP_AUTH_TOKENS", HTTP_TOKEN)
+            .env_remove("BATON_HTTP_AUTH_TOKEN_FILE")
+            .env_remove("BATON_HTTP_AUTH")
+            .env_remove("BATON_MEMBERSHIP_SECRET")
+            .env_remove("BATON_KAFKA_PROPS")
             .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
             .env("BATON_SNAPSHOT_SECRET", SNAPSHOT_SECRET)
@@ -648,14 +653,14 @@ impl Baton {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// GET a path on the pod's HTTP server: (status, body).
+    /// GET a path on the pod's HTTP server, with the test token: (status, body).
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
         use std::io::{Read, Write};
         let mut stream = TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         write!(
             stream,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {HTTP_TOKEN}\r\nConnection: close\r\n\r\n"
         )
         .ok()?;
         let mut response = String::new();
@@ -667,8 +672,21 @@ impl Baton {
         Some((status, body))
     }
 
-    /// GET with extra request headers: (status, lower-cased response headers, body).
+    /// GET with the test token and extra request headers: (status,
+    /// lower-cased response headers, body).
     pub fn http_request(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<(u16, BTreeMap<String, String>, String)> {
+        let authorization = format!("Bearer {HTTP_TOKEN}");
+        let mut with_token = vec![("Authorization", authorization.as_str())];
+        with_token.extend_from_slice(headers);
+        self.http_request_as(path, &with_token)
+    }
+
+    /// GET with exactly these request headers (no token unless given).
+    pub fn http_request_as(
         &self,
         path: &str,
         headers: &[(&str, &str)],
@@ -1185,6 +1203,8 @@ pub fn interop_python() -> Option<PathBuf> {
 
 /// The key every test pod signs snapshot URLs with.
 pub const SNAPSHOT_SECRET: &str = "test-snapshot-secret-0123456789abcdef";
+/// The bearer token every test pod accepts (`BATON_HTTP_AUTH_TOKENS`).
+pub const HTTP_TOKEN: &str = "test-http-token-0123456789abcdef";
 
 /// Output topics of the vision-research workflow.
 pub const HANDOVER_TOPICS: [&str; 5] = [
