@@ -21,13 +21,46 @@ fi
 # 128 MiB (decoders allocate at most a record), no more than 2 GiB resident
 # (ASan's shadow memory included), no input taking longer than 10 s.
 LIMITS=(-rss_limit_mb=2048 -malloc_limit_mb=128 -timeout=10 -max_len=65536)
-SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/baton-fuzz.XXXXXX")"
-trap 'rm -rf "$SCRATCH"' EXIT
+# BATON_FUZZ_KEEP=DIR keeps the inputs a run finds there, to minimize them
+# into the committed corpora afterwards (fuzz/README.md).
+if [[ -n "${BATON_FUZZ_KEEP:-}" ]]; then
+    SCRATCH="$BATON_FUZZ_KEEP"
+    mkdir -p "$SCRATCH"
+else
+    SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/baton-fuzz.XXXXXX")"
+    trap 'rm -rf "$SCRATCH"' EXIT
+fi
 
-# cc-rs compiles C and C++ dependencies (zstd, RocksDB) with the sanitizer
-# it finds in the Rust flags, so librdkafka's configure must link its test
+# cc-rs compiles C and C++ dependencies (zstd, lz4) with the sanitizer it
+# finds in the Rust flags, so librdkafka's configure must link its test
 # programs against the sanitizer's runtime too, or it finds no zstd.
 export LDFLAGS="${LDFLAGS:-} -fsanitize=address"
+
+# The fuzz build keeps its own target directory beside the main one, so a CI
+# machine compiles the sanitizer build once, not on every fresh clone.
+MAIN_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/baton/target}"
+export CARGO_TARGET_DIR="${BATON_FUZZ_TARGET_DIR:-$MAIN_TARGET_DIR/fuzz}"
+
+# RocksDB is linked, never exercised: no target reaches the stores. Compiling
+# it again under the sanitizer's flags would cost 15-45 minutes on two cores,
+# so link the static library the main build already compiled from the same
+# librocksdb-sys sources (librocksdb-sys's ROCKSDB_LIB_DIR). Its code is then
+# uninstrumented, which AddressSanitizer allows.
+rocksdb_version="$(sed -n '/^name = "librocksdb-sys"$/{n;s/^version = "\(.*\)"$/\1/p;}' Cargo.lock)"
+prebuilt=""
+for lib in $(ls -t "$MAIN_TARGET_DIR"/{release,debug}/build/librocksdb-sys-*/out/librocksdb.a 2>/dev/null); do
+    # The build directory's `output` file names the crate's sources, version included.
+    if grep -q "librocksdb-sys-$rocksdb_version" "$(dirname "$(dirname "$lib")")/output" 2>/dev/null; then
+        prebuilt="$(dirname "$lib")"
+        break
+    fi
+done
+if [[ -n "$prebuilt" && -z "${ROCKSDB_LIB_DIR:-}" ]]; then
+    echo "fuzz: linking the main build's RocksDB $rocksdb_version from $prebuilt"
+    export ROCKSDB_LIB_DIR="$prebuilt" ROCKSDB_STATIC=1
+elif [[ -z "${ROCKSDB_LIB_DIR:-}" ]]; then
+    echo "fuzz: no prebuilt RocksDB $rocksdb_version under $MAIN_TARGET_DIR; compiling it (slow)"
+fi
 # One build for every target, so its output comes before the runs.
 cargo +nightly fuzz build
 failed=()
