@@ -29,6 +29,7 @@ use tracing::Instrument;
 use super::task::{
     self, Control, ReopenReason, TaskFailure, TaskProgress, TaskSetup, TopicPartition,
 };
+use super::lag::ConsumerLag;
 use super::{Pipeline, Readiness};
 use crate::metrics::METRICS;
 use crate::transactor::{Failure, Generation, Recovery, Transactor, TxnError};
@@ -565,15 +566,22 @@ pub fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
 /// calls. They run on the coordinator thread, inside its poll of the consumer.
 pub struct RebalanceHook {
     engine: Arc<Mutex<Engine>>,
+    lag: Arc<ConsumerLag>,
 }
 
 impl RebalanceHook {
-    pub fn new(engine: Arc<Mutex<Engine>>) -> Self {
-        RebalanceHook { engine }
+    pub fn new(engine: Arc<Mutex<Engine>>, lag: Arc<ConsumerLag>) -> Self {
+        RebalanceHook { engine, lag }
     }
 }
 
-impl ClientContext for RebalanceHook {}
+impl ClientContext for RebalanceHook {
+    /// The fetch-side high watermarks, for the lag gauges (never logged:
+    /// the default implementation writes them at info every interval).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.lag.on_statistics(&statistics);
+    }
+}
 
 impl ConsumerContext for RebalanceHook {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

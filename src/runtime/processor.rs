@@ -23,6 +23,7 @@ use rdkafka::producer::DeliveryFuture;
 
 use super::Pipeline;
 use super::engine::RebalanceHook;
+use super::tally::Tally;
 pub use super::output::{LastChangelog, OutRecord};
 use super::task::TopicPartition;
 use crate::codec::DecodeError;
@@ -111,6 +112,8 @@ pub struct PartitionProcessor {
     handovers: HashMap<String, IntCounter>,
     stages: StageTimers,
     timer_sequence: i64,
+    /// Workflows by state, budgets and latencies, published at commit.
+    tally: Tally,
 }
 
 /// Per-stage latency histograms, resolved once per task.
@@ -173,14 +176,20 @@ impl PartitionProcessor {
             let consumer = Arc::clone(consumer);
             let inputs = inputs.to_vec();
             tokio::task::spawn_blocking(move || {
-                super::lifecycle::open_and_restore(
+                let opened = super::lifecycle::open_and_restore(
                     &pipeline, partition, &inputs, &consumer, &cancel,
-                )
+                )?;
+                let (counts, unreadable) = state::count_workflows(opened.0.db())
+                    .map_err(|err| format!("cannot count the restored contexts: {err}"))?;
+                if unreadable > 0 {
+                    tracing::warn!(partition, unreadable, "restored context records that do not decode are left out of baton_workflows (their next input dead-letters them)");
+                }
+                Ok((opened, counts))
             })
         };
         let result = restoring.await;
         METRICS.partitions_restoring.dec();
-        let (store, timer_sequence) = match result {
+        let ((store, timer_sequence), counts) = match result {
             Ok(Ok(opened)) => opened,
             Ok(Err(err)) => return Err(err),
             Err(err) => return Err(format!("the restore task failed: {err}")),
@@ -194,6 +203,7 @@ impl PartitionProcessor {
             handovers: HashMap::new(),
             stages: StageTimers::new(),
             timer_sequence,
+            tally: Tally::restored(counts),
         })
     }
 
@@ -216,12 +226,21 @@ impl PartitionProcessor {
         let topic = record.identity.topic.as_str();
         if topic == self.pipeline.memory_topic {
             self.count_consumed(&record.consumed.topic);
-            return self.remember(&record, out);
+            let processed = self.remember(&record, out);
+            if matches!(processed, Processed::Done) {
+                self.tally.input(record.timestamp_ms);
+            }
+            return processed;
         }
-        if topic == self.pipeline.control_topic {
-            return self.command(&record, out);
+        let processed = if topic == self.pipeline.control_topic {
+            self.command(&record, out)
+        } else {
+            self.event(&record, out)
+        };
+        if matches!(processed, Processed::Done) {
+            self.tally.input(record.timestamp_ms);
         }
-        self.event(&record, out)
+        processed
     }
 
     /// A consumed record as the shell sees it; one from the repartition
@@ -655,6 +674,8 @@ impl PartitionProcessor {
             self.park_held(context_id, held, out);
         }
         self.count(&effects);
+        self.tally
+            .applied(loaded.0, &effects, record.timestamp_ms);
         out.append(&mut records);
         Some(effects)
     }
@@ -900,7 +921,9 @@ impl PartitionProcessor {
             }
         };
         let next = checkpoint(last_changelog.0).await;
-        self.store.commit(next).await
+        self.store.commit(next).await?;
+        self.tally.committed(super::task::wall_clock_ms());
+        Ok(())
     }
 
     /// Sets `message` aside: its dead letter of `class` goes to `out`, and
@@ -919,6 +942,7 @@ impl PartitionProcessor {
 
     pub fn on_abort(&mut self) {
         self.store.abort();
+        self.tally.aborted();
     }
 
     pub async fn close(self) {

@@ -31,6 +31,7 @@ use super::holds::{
     SchemaLookup, Stalled, TransientHold, fetch_schema, resume_after_state_errors,
     state_read_failed,
 };
+use super::lag::LagTracking;
 use super::lifecycle::Lifecycle;
 use super::processor::{LastChangelog, OutRecord, PartitionProcessor, Processed};
 use super::refusals::{Grant, Refusals};
@@ -260,6 +261,7 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
         control,
     } = setup;
     let tps: Vec<TopicPartition> = queues.iter().map(|(tp, _)| tp.clone()).collect();
+    let _lag = LagTracking::start(&pipeline.lag, &tps);
     let mut life = Lifecycle {
         partition,
         tps,
@@ -458,6 +460,9 @@ async fn settle(
         Some(Control::Committed { next, solo }) => {
             life.generation = next;
             let advanced: Vec<TopicPartition> = done.positions.keys().cloned().collect();
+            for (tp, (_, next)) in &done.positions {
+                life.pipeline.lag.committed(tp, *next);
+            }
             let timers_fired = done.timer_sequence.is_some();
             if let Err(err) = processor.on_commit(done.last_changelog, timers_fired).await {
                 tracing::error!(partition = life.partition, cause = %err, "cannot write committed state locally; reopening the stores");
@@ -639,7 +644,7 @@ async fn fire_timers(work: &mut Work, processor: &mut PartitionProcessor, life: 
 /// The most overdue timers one round counts (the gauge saturates there).
 const OVERDUE_COUNT_LIMIT: usize = 10_000;
 
-fn wall_clock_ms() -> i64 {
+pub(super) fn wall_clock_ms() -> i64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
