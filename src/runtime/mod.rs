@@ -271,6 +271,7 @@ pub async fn run(
         max_context_id_bytes: config.context_limits.max_context_id_bytes,
     };
 
+    tally::announce(&topology);
     let consumer_lag = Arc::new(lag::ConsumerLag::default());
     let pipeline = Arc::new(Pipeline {
         topology,

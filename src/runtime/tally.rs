@@ -42,6 +42,44 @@ pub struct Tally {
     hops: Vec<(String, f64)>,
 }
 
+/// Creates the series of every workflow, state and agent the topology
+/// names, at zero, so dashboards and alerts see them before the first
+/// change (and a rate() sees the first increment).
+pub fn announce(topology: &crate::topology::Topology) {
+    for workflow in topology.workflows() {
+        let name = [workflow.name.as_str()];
+        OPS.tokens_debited.with_label_values(&name);
+        OPS.budgets_exhausted.with_label_values(&name);
+        OPS.plan_b_entries.with_label_values(&name);
+        OPS.workflows_failed.with_label_values(&name);
+        for state in &workflow.states {
+            OPS.workflows.with_label_values(&[&workflow.name, state]);
+        }
+        let agents = workflow
+            .transitions
+            .iter()
+            .flat_map(|transition| {
+                transition
+                    .locked_by
+                    .iter()
+                    .chain(transition.handovers.iter().map(|target| &target.agent))
+            })
+            .chain(
+                workflow
+                    .retry
+                    .plan_b
+                    .iter()
+                    .map(|plan_b| &plan_b.handover.agent),
+            );
+        for agent in agents {
+            OPS.agent_hop_seconds.with_label_values(&[agent]);
+            crate::metrics::METRICS
+                .handovers_produced
+                .with_label_values(&[agent]);
+        }
+    }
+}
+
 impl Tally {
     /// Starts from the restored store's count.
     pub fn restored(counts: HashMap<(String, String), i64>) -> Tally {
