@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The registry `/metrics` serves.
@@ -483,6 +483,15 @@ impl Metrics {
         }
         for outcome in ["applied", "skipped_uncommitted", "skipped_stale"] {
             metrics.restore_records.with_label_values(&[outcome]);
+        }
+        for outcome in ["ok", "failed"] {
+            metrics.forwarded_requests.with_label_values(&[outcome]);
+        }
+        for outcome in ["accepted", "ignored"] {
+            metrics.heartbeats.with_label_values(&[outcome]);
+        }
+        for kind in ["step", "heartbeat", "deadline", "approval"] {
+            metrics.timers_fired.with_label_values(&[kind]);
         }
         metrics
     }

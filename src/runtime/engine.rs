@@ -26,10 +26,10 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::lag::ConsumerLag;
 use super::task::{
     self, Control, ReopenReason, TaskFailure, TaskProgress, TaskSetup, TopicPartition,
 };
-use super::lag::ConsumerLag;
 use super::{Pipeline, Readiness};
 use crate::metrics::METRICS;
 use crate::transactor::{Failure, Generation, Recovery, Transactor, TxnError};

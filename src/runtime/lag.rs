@@ -176,7 +176,10 @@ mod tests {
         let lag_tracker = ConsumerLag::default();
         lag_tracker.on_statistics(&statistics("lag-unit-b", 0, 50, 10));
         let text = crate::metrics::render();
-        assert!(!text.contains("lag-unit-b"), "an untracked partition is not reported");
+        assert!(
+            !text.contains("lag-unit-b"),
+            "an untracked partition is not reported"
+        );
         let tp = TopicPartition::new("lag-unit-b", 0);
         lag_tracker.track(&tp);
         lag_tracker.on_statistics(&statistics("lag-unit-b", 0, 50, 10));

@@ -366,10 +366,7 @@ pub async fn run(
     // The fetch-side high watermarks the lag gauges need (BROKER.md gap 3).
     consumer_config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
     let consumer: BatonConsumer = consumer_config
-        .create_with_context(RebalanceHook::new(
-            Arc::clone(&engine),
-            consumer_lag,
-        ))
+        .create_with_context(RebalanceHook::new(Arc::clone(&engine), consumer_lag))
         .map_err(|err| RunError::Consumer(err.to_string()))?;
     let consumer = Arc::new(consumer);
     engine::lock(&engine).attach_consumer(&consumer);

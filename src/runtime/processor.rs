@@ -23,8 +23,8 @@ use rdkafka::producer::DeliveryFuture;
 
 use super::Pipeline;
 use super::engine::RebalanceHook;
-use super::tally::Tally;
 pub use super::output::{LastChangelog, OutRecord};
+use super::tally::Tally;
 use super::task::TopicPartition;
 use crate::codec::DecodeError;
 use crate::control::ControlCommand;
@@ -182,7 +182,11 @@ impl PartitionProcessor {
                 let (counts, unreadable) = state::count_workflows(opened.0.db())
                     .map_err(|err| format!("cannot count the restored contexts: {err}"))?;
                 if unreadable > 0 {
-                    tracing::warn!(partition, unreadable, "restored context records that do not decode are left out of baton_workflows (their next input dead-letters them)");
+                    tracing::warn!(
+                        partition,
+                        unreadable,
+                        "restored context records that do not decode are left out of baton_workflows (their next input dead-letters them)"
+                    );
                 }
                 Ok((opened, counts))
             })
@@ -674,8 +678,7 @@ impl PartitionProcessor {
             self.park_held(context_id, held, out);
         }
         self.count(&effects);
-        self.tally
-            .applied(loaded.0, &effects, record.timestamp_ms);
+        self.tally.applied(loaded.0, &effects, record.timestamp_ms);
         out.append(&mut records);
         Some(effects)
     }

@@ -84,7 +84,9 @@ impl Tally {
     /// Starts from the restored store's count.
     pub fn restored(counts: HashMap<(String, String), i64>) -> Tally {
         for ((workflow, state), count) in &counts {
-            OPS.workflows.with_label_values(&[workflow, state]).add(*count);
+            OPS.workflows
+                .with_label_values(&[workflow, state])
+                .add(*count);
         }
         let mut tally = Tally::default();
         tally.committed = counts;
@@ -156,7 +158,9 @@ impl Tally {
             if delta == 0 {
                 continue;
             }
-            OPS.workflows.with_label_values(&[&workflow, &state]).add(delta);
+            OPS.workflows
+                .with_label_values(&[&workflow, &state])
+                .add(delta);
             let count = self
                 .committed
                 .entry((workflow.clone(), state.clone()))
@@ -217,7 +221,12 @@ mod tests {
     use super::*;
     use crate::workflow::TimerChanges;
 
-    fn state(workflow: &str, name: &str, tokens_used: u64, locked_by: Option<&str>) -> WorkflowState {
+    fn state(
+        workflow: &str,
+        name: &str,
+        tokens_used: u64,
+        locked_by: Option<&str>,
+    ) -> WorkflowState {
         WorkflowState {
             context_id: "c".into(),
             workflow: workflow.into(),
