@@ -304,7 +304,7 @@ fn dashboard_queries(path: &Path) -> Vec<(String, String)> {
         .into_iter()
         .flatten()
     {
-        if let Some(expr) = annotation["expr"].as_str() {
+        if let Some(expr) = annotation["target"]["expr"].as_str() {
             queries.push((
                 format!(
                     "dashboard `{title}`, annotation `{}`",

@@ -234,7 +234,10 @@ impl Engine {
             }
         }
         let (control, control_rx) = mpsc::unbounded_channel();
-        let span = tracing::info_span!("task", partition);
+        // Every line the task writes names its partition and its topics
+        // (partition N of each co-partitioned input).
+        let topics: Vec<&str> = queues.iter().map(|(tp, _)| tp.topic()).collect();
+        let span = tracing::info_span!("task", partition, topics = %topics.join(","));
         let _enter = self.runtime.enter();
         self.runtime.spawn(
             task::run_partition_task(TaskSetup {

@@ -175,7 +175,10 @@ impl PartitionProcessor {
             let pipeline = Arc::clone(pipeline);
             let consumer = Arc::clone(consumer);
             let inputs = inputs.to_vec();
+            // The blocking thread logs in the task's span (partition, topics).
+            let span = tracing::Span::current();
             tokio::task::spawn_blocking(move || {
+                let _span = span.enter();
                 let opened = super::lifecycle::open_and_restore(
                     &pipeline, partition, &inputs, &consumer, &cancel,
                 )?;
@@ -375,7 +378,7 @@ impl PartitionProcessor {
                 duplicate: true, ..
             } => "duplicate",
             Outcome::CommandIgnored { reason, .. } => {
-                tracing::info!(context_id = %command.context_id, command_id = %command.command_id, %reason, "control command ignored");
+                tracing::debug!(context_id = %command.context_id, command_id = %command.command_id, %reason, "control command ignored");
                 "stale"
             }
             _ => "rejected",
@@ -869,7 +872,7 @@ impl PartitionProcessor {
             .dlq_records
             .with_label_values(&[class.as_str()])
             .inc();
-        tracing::debug!(class = class.as_str(), %reason, offset = record.identity.offset, "dead-lettered");
+        tracing::debug!(class = class.as_str(), %reason, topic = %record.identity.topic, partition = record.identity.partition, offset = record.identity.offset, "dead-lettered");
         let letter = DeadLetter {
             class,
             reason,
@@ -955,7 +958,9 @@ impl PartitionProcessor {
         // The store writes no WAL: flushing on close keeps its state, so
         // the next open restores nothing.
         let partition = self.partition;
+        let span = tracing::Span::current();
         let _ = tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
             if let Err(err) = crate::state::flush(&db) {
                 tracing::warn!(partition, cause = %err, "cannot flush the store on close; the next open restores from the changelog");
             }

@@ -357,7 +357,7 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
                 let message = match message {
                     Some(Ok(message)) => message,
                     Some(Err(err)) => {
-                        tracing::warn!(cause = %err, "partition queue error");
+                        tracing::warn!(partition, cause = %err, "partition queue error");
                         continue;
                     }
                     None => break,
@@ -626,7 +626,7 @@ async fn fire_timers(work: &mut Work, processor: &mut PartitionProcessor, life: 
         )
         .await
         {
-            tracing::error!(cause = %failure, "cannot send a timer's output; the transaction will abort");
+            tracing::error!(partition = life.partition, timers_topic = %pipeline.timers_topic, cause = %failure, "cannot send a timer's output; the transaction will abort");
             work.pending.failure = Some(failure);
         }
         work.pending.timer_sequence = Some(processor.timer_sequence());
@@ -714,7 +714,7 @@ async fn record_outputs<M: Message>(
     if let Err(failure) =
         enqueue(transactor, generation, outputs, &mut pending.last_changelog).await
     {
-        tracing::error!(offset, cause = %failure, "cannot send an output; the transaction will abort");
+        tracing::error!(topic = message.topic(), partition = message.partition(), offset, cause = %failure, "cannot send an output; the transaction will abort");
         pending.failure = Some(failure);
     }
     pending
@@ -804,11 +804,20 @@ pub(super) async fn rewind(
         .await;
         match result {
             Ok(Ok(())) => {
-                tracing::info!(topic = tp.topic(), offset, "rewound");
+                tracing::info!(
+                    topic = tp.topic(),
+                    partition = tp.partition(),
+                    offset,
+                    "rewound"
+                );
                 return;
             }
-            Ok(Err(err)) => tracing::warn!(offset, cause = %err, "seek failed; retrying"),
-            Err(err) => tracing::warn!(offset, cause = %err, "seek task failed; retrying"),
+            Ok(Err(err)) => {
+                tracing::warn!(topic = tp.topic(), partition = tp.partition(), offset, cause = %err, "seek failed; retrying")
+            }
+            Err(err) => {
+                tracing::warn!(topic = tp.topic(), partition = tp.partition(), offset, cause = %err, "seek task failed; retrying")
+            }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
