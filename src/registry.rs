@@ -463,6 +463,14 @@ fn tls_client_builder(config: &RegistryConfig) -> Result<reqwest::ClientBuilder,
     Ok(builder)
 }
 
+/// Counts a failed lookup in `baton_schema_registry_errors_total`.
+fn count_error(kind: RegistryErrorKind) {
+    crate::metrics::OPS
+        .registry_errors
+        .with_label_values(&[kind.as_str()])
+        .inc();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,12 +516,4 @@ mod tests {
             "dev.baton.HandoverEvent"
         );
     }
-}
-
-/// Counts a failed lookup in `baton_schema_registry_errors_total`.
-fn count_error(kind: RegistryErrorKind) {
-    crate::metrics::OPS
-        .registry_errors
-        .with_label_values(&[kind.as_str()])
-        .inc();
 }

@@ -116,6 +116,33 @@ fn publish(tp: &TopicPartition, position: &Position) {
     OPS.committed_offset_age.with_label_values(&labels).set(age);
 }
 
+/// Tracks a task's partitions while it runs and releases their series
+/// however the task ends.
+pub(super) struct LagTracking {
+    lag: std::sync::Arc<ConsumerLag>,
+    tps: Vec<TopicPartition>,
+}
+
+impl LagTracking {
+    pub fn start(lag: &std::sync::Arc<ConsumerLag>, tps: &[TopicPartition]) -> LagTracking {
+        for tp in tps {
+            lag.track(tp);
+        }
+        LagTracking {
+            lag: std::sync::Arc::clone(lag),
+            tps: tps.to_vec(),
+        }
+    }
+}
+
+impl Drop for LagTracking {
+    fn drop(&mut self) {
+        for tp in &self.tps {
+            self.lag.release(tp);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,32 +213,5 @@ mod tests {
         assert!(crate::metrics::render().contains("topic=\"lag-unit-b\""));
         lag_tracker.release(&tp);
         assert!(!crate::metrics::render().contains("lag-unit-b"));
-    }
-}
-
-/// Tracks a task's partitions while it runs and releases their series
-/// however the task ends.
-pub(super) struct LagTracking {
-    lag: std::sync::Arc<ConsumerLag>,
-    tps: Vec<TopicPartition>,
-}
-
-impl LagTracking {
-    pub fn start(lag: &std::sync::Arc<ConsumerLag>, tps: &[TopicPartition]) -> LagTracking {
-        for tp in tps {
-            lag.track(tp);
-        }
-        LagTracking {
-            lag: std::sync::Arc::clone(lag),
-            tps: tps.to_vec(),
-        }
-    }
-}
-
-impl Drop for LagTracking {
-    fn drop(&mut self) {
-        for tp in &self.tps {
-            self.lag.release(tp);
-        }
     }
 }

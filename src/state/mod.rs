@@ -576,12 +576,15 @@ fn write_batch(
 
 /// Writes every memtable of the store to disk, all families at one sequence
 /// number. Blocking.
+/// Contexts per (workflow, state).
+pub type WorkflowCounts = HashMap<(String, String), i64>;
+
 /// Contexts per (workflow, state) in a partition's committed store, read
 /// once when the partition opens; the workflow gauges start from it. Records
 /// without a workflow (memory only) or that do not decode are not counted
 /// (the second kind is returned, for the log).
-pub fn count_workflows(db: &DB) -> Result<(HashMap<(String, String), i64>, u64), StateError> {
-    let mut counts: HashMap<(String, String), i64> = HashMap::new();
+pub fn count_workflows(db: &DB) -> Result<(WorkflowCounts, u64), StateError> {
+    let mut counts = WorkflowCounts::new();
     let mut unreadable = 0;
     for item in db.iterator(rocksdb::IteratorMode::Start) {
         let (_, value) = item?;

@@ -139,7 +139,7 @@ pub fn restore(db: &DB, request: &RestoreRequest<'_>) -> Result<RestoreReport, R
             Some(Ok(message)) => {
                 report.read += 1;
                 report.next_offset = Some(message.offset() + 1);
-                if report.read % REMAINING_EVERY == 0 {
+                if report.read.is_multiple_of(REMAINING_EVERY) {
                     remaining.update(consumer.context(), report.next_offset);
                 }
                 restorer.apply(&message, &mut report)?;
