@@ -4,7 +4,9 @@
 //! every query of every dashboard panel, annotation and template variable,
 //! and every alert expression, is evaluated through Prometheus's HTTP API. A
 //! query that is invalid or returns no series fails the test, naming the
-//! dashboard and panel (or the alert).
+//! dashboard and panel (or the alert). On the way, `baton_workflows` summed
+//! over the pods must count every context exactly once after the kill, the
+//! restore and the rebalance.
 //!
 //! How alert expressions are checked: an alert's condition is legitimately
 //! false on a healthy system ("lag growing for 10 minutes"), so its raw
@@ -512,6 +514,15 @@ fn every_panel_and_alert_returns_series_from_a_real_prometheus() {
             prometheus.value(&expr) > 0.0
         });
     }
+    // baton_workflows is exact across the kill, the restore and the
+    // rebalance: every context that bound to a workflow counted once, by the
+    // pod that owns its partition now.
+    let contexts = 300 + 100 + 2 * 3;
+    common::wait_for(
+        "baton_workflows counts every context once",
+        Duration::from_secs(30),
+        || prometheus.value("sum(baton_workflows{job=\"baton\"})") == f64::from(contexts),
+    );
     // Every target scraped once more after all of that.
     let settled = prometheus.value("vector(time())");
     common::wait_for("a scrape of every target", Duration::from_secs(30), || {
