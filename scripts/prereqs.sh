@@ -8,7 +8,9 @@
 #   - the rustfmt and clippy components;
 #   - the pinned tansu broker (scripts/broker.sh install);
 #   - Confluent's Python client in a venv, for the Avro interop tests;
-#   - Debian's chromium, for the dashboard's headless-browser test.
+#   - Debian's chromium, for the dashboard's headless-browser test;
+#   - Debian's prometheus and promtool, for the alert-rule tests and the
+#     dashboards' proof against a real Prometheus.
 
 REPO_ROOT="${REPO_ROOT:-$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)}"
 export DEBIAN_FRONTEND=noninteractive
@@ -115,12 +117,24 @@ install_browser() {
     echo "BATON_CHROMIUM=${BATON_CHROMIUM}"
 }
 
+# Debian's prometheus (with promtool): the alert rules' unit tests
+# (promtool test rules) and tests/prometheus.rs, which evaluates every
+# dashboard query and alert expression against a real Prometheus.
+install_prometheus() {
+    if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+        echo "prometheus already installed: $(prometheus --version 2>&1 | head -n1)"
+        return 0
+    fi
+    install_apt_packages prometheus
+}
+
 install_prerequisites() {
     install_apt_packages
     install_rust_components
     install_broker
     install_python_tools
     install_browser
+    install_prometheus
     mkdir -p "$CARGO_TARGET_DIR"
     echo "CARGO_TARGET_DIR=${CARGO_TARGET_DIR}"
 }

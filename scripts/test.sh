@@ -12,7 +12,10 @@
 #   - the pinned tansu broker (scripts/broker.sh install), exported as BATON_TANSU_BIN;
 #   - the rustfmt and clippy components;
 #   - Confluent's Python client (confluent-kafka[avro]) in a venv, exported as
-#     BATON_INTEROP_PYTHON, for the Avro interop test.
+#     BATON_INTEROP_PYTHON, for the Avro interop test;
+#   - Debian's prometheus (promtool), for the alert-rule tests and
+#     tests/prometheus.rs; scripts/validate-ops.sh adds the manifest and
+#     dashboard validators.
 #
 # Environment:
 #   CARGO_TARGET_DIR       default ~/.cache/baton/target, kept outside the clone:
@@ -141,6 +144,12 @@ if [[ -f src/lib.rs ]]; then
     test_phase cargo test --doc "${LOCKED[@]}" || FAILED+=("doc tests")
     count_cargo_test
 fi
+
+# ------------------------------------------------------------------- operations
+# Alert rules (promtool check + unit tests), Kubernetes and KEDA manifests,
+# YAML lint, the compose file and the dashboards' schema: scripts/validate-ops.sh
+# installs what it needs (PyPI, npm, Debian) under ~/.cache/baton.
+phase bash scripts/validate-ops.sh || FAILED+=("operations checks")
 
 # -------------------------------------------------------------------------- fuzz
 # Every cargo-fuzz target for BATON_FUZZ_SECONDS (30) from its committed corpus

@@ -468,18 +468,24 @@ async fn heal(args: HealArgs) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::new();
     shutdown.listen_for_signals();
     // The pod's HTTP surface, of which a healer serves /metrics and /healthz.
+    let readiness = Arc::new(Readiness::default());
     let http_state = Arc::new(HttpState::new(
-        Arc::new(Readiness::default()),
+        Arc::clone(&readiness),
         Arc::new(crate::state::OpenStores::default()),
         Arc::default(),
         shutdown.clone(),
     ));
     let server = serve_http(args.http_addr, http_state).await?;
     let outcome = match crate::healer::spawn(config, topology, shutdown.clone()) {
-        Ok(healer) => match tokio::task::spawn_blocking(move || healer.join()).await {
-            Ok(Ok(result)) => result.map_err(|err| err.to_string()),
-            _ => Err("the healer thread panicked".to_string()),
-        },
+        // Running: /readyz and baton_ready say so (it owns no partitions,
+        // so BatonPodNotReady treats it like any pod).
+        Ok(healer) => {
+            readiness.set_joined(true);
+            match tokio::task::spawn_blocking(move || healer.join()).await {
+                Ok(Ok(result)) => result.map_err(|err| err.to_string()),
+                _ => Err("the healer thread panicked".to_string()),
+            }
+        }
         Err(err) => Err(err.to_string()),
     };
     shutdown.trigger();

@@ -516,7 +516,8 @@ impl Healer<'_> {
                 attempt,
                 delay_ms,
             } => {
-                tracing::info!(
+                // Per record: debug (baton_healer_decisions_total counts them).
+                tracing::debug!(
                     context_id = letter.context_id.as_deref().unwrap_or("-"),
                     action = action.as_str(),
                     %step,
@@ -534,7 +535,10 @@ impl Healer<'_> {
                 }
             }
             Decision::Park { reason, fail } => {
-                tracing::info!(
+                // Per record: debug (baton_parked_records_total and the
+                // BatonRecordsParked alert report them; `baton dlq inspect`
+                // shows each one).
+                tracing::debug!(
                     context_id = letter.context_id.as_deref().unwrap_or("-"),
                     class = letter.class.as_deref().unwrap_or("unknown"),
                     %reason,

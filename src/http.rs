@@ -253,7 +253,7 @@ pub(crate) async fn route(
             text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                metrics::render(),
+                render_metrics(state),
             ),
         ),
         "/healthz" => (
@@ -290,6 +290,23 @@ pub(crate) async fn route(
         .with_label_values(&[endpoint, response.status().as_str()])
         .inc();
     response
+}
+
+/// `/metrics`: the gauges read at scrape time (readiness, RocksDB's
+/// estimates of the open stores), then every registered metric.
+fn render_metrics(state: &HttpState) -> String {
+    let ops = &metrics::OPS;
+    ops.ready.set(i64::from(state.readiness.is_ready()));
+    for (store, keys, bytes) in state.stores.estimates() {
+        let labels = [store.as_str()];
+        ops.state_keys
+            .with_label_values(&labels)
+            .set(i64::try_from(keys).unwrap_or(i64::MAX));
+        ops.state_bytes
+            .with_label_values(&labels)
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+    metrics::render()
 }
 
 fn readyz(state: &HttpState) -> HttpResponse {

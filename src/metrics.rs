@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The registry `/metrics` serves.
@@ -484,6 +484,15 @@ impl Metrics {
         for outcome in ["applied", "skipped_uncommitted", "skipped_stale"] {
             metrics.restore_records.with_label_values(&[outcome]);
         }
+        for outcome in ["ok", "failed"] {
+            metrics.forwarded_requests.with_label_values(&[outcome]);
+        }
+        for outcome in ["accepted", "ignored"] {
+            metrics.heartbeats.with_label_values(&[outcome]);
+        }
+        for kind in ["step", "heartbeat", "deadline", "approval"] {
+            metrics.timers_fired.with_label_values(&[kind]);
+        }
         metrics
     }
 }
@@ -607,10 +616,257 @@ impl GuardMetrics {
     }
 }
 
+/// What an operator needs to tell whether baton keeps up, loses or stalls
+/// work (issue 14): lag, end-to-end latency, workflows by state, budgets,
+/// store sizes and restore progress. A third struct, like [`GuardMetrics`],
+/// so each stays one screen of definitions; all register on [`REGISTRY`].
+pub static OPS: LazyLock<OpsMetrics> = LazyLock::new(|| OpsMetrics::register(&REGISTRY));
+
+/// Buckets for latencies measured from event timestamps: a commit interval
+/// (100 ms) up to an agent thinking for minutes.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+pub struct OpsMetrics {
+    /// Records between the partition's committed offset and its high
+    /// watermark as the consumer's fetches last saw it (not ListOffsets:
+    /// BROKER.md gap 3), by topic and partition.
+    pub consumer_lag: IntGaugeVec,
+    /// Seconds since the partition's committed offset last moved while it
+    /// had records to process (0 when caught up).
+    pub committed_offset_age: GaugeVec,
+    /// From an input record's own timestamp to the commit of the
+    /// transaction that holds its outputs.
+    pub end_to_end_seconds: Histogram,
+    /// How long each agent held a context: from the input that handed it
+    /// over to the input that answered it (both record timestamps), by the
+    /// agent that held it.
+    pub agent_hop_seconds: HistogramVec,
+    /// Contexts of this pod's partitions by workflow and state, as
+    /// committed (counted on restore, moved on every commit, dropped on
+    /// release).
+    pub workflows: IntGaugeVec,
+    /// Tokens debited by committed steps, by workflow.
+    pub tokens_debited: IntCounterVec,
+    /// Contexts whose budget ran out (committed), by workflow.
+    pub budgets_exhausted: IntCounterVec,
+    /// Contexts moved to their workflow's PlanB route (committed), by workflow.
+    pub plan_b_entries: IntCounterVec,
+    /// Contexts whose workflow failed (committed), by workflow.
+    pub workflows_failed: IntCounterVec,
+    /// Keys in this pod's open store partitions, by store (RocksDB's
+    /// `estimate-num-keys`).
+    pub state_keys: IntGaugeVec,
+    /// Bytes of this pod's open store partitions, by store (RocksDB's
+    /// live-data estimate plus memtables).
+    pub state_bytes: IntGaugeVec,
+    /// Changelog records this pod's restoring partitions still have to
+    /// read (each one's fetch-side high watermark minus its position).
+    pub restore_records_remaining: IntGauge,
+    /// Schema Registry failures, by kind (unavailable, not_found,
+    /// unparseable).
+    pub registry_errors: IntCounterVec,
+    /// 1 while the pod answers /readyz with 200 (joined, nothing restoring).
+    pub ready: IntGauge,
+}
+
+impl OpsMetrics {
+    fn register(registry: &Registry) -> OpsMetrics {
+        let metrics = OpsMetrics {
+            consumer_lag: IntGaugeVec::new(
+                Opts::new(
+                    "baton_consumer_lag_records",
+                    "Records between the committed offset and the fetch-side high watermark",
+                ),
+                &["topic", "partition"],
+            )
+            .expect("valid metric"),
+            committed_offset_age: GaugeVec::new(
+                Opts::new(
+                    "baton_committed_offset_age_seconds",
+                    "Seconds since the committed offset last moved while records waited (0 when caught up)",
+                ),
+                &["topic", "partition"],
+            )
+            .expect("valid metric"),
+            end_to_end_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "baton_end_to_end_latency_seconds",
+                    "From an input record's timestamp to the commit of its outputs",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+            agent_hop_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "baton_agent_hop_seconds",
+                    "How long an agent held a context: handover input to answer, by record timestamps",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["agent"],
+            )
+            .expect("valid metric"),
+            workflows: IntGaugeVec::new(
+                Opts::new(
+                    "baton_workflows",
+                    "Contexts in this pod's partitions by workflow and state (committed)",
+                ),
+                &["workflow", "state"],
+            )
+            .expect("valid metric"),
+            tokens_debited: IntCounterVec::new(
+                Opts::new(
+                    "baton_tokens_debited_total",
+                    "Tokens debited by committed steps, by workflow",
+                ),
+                &["workflow"],
+            )
+            .expect("valid metric"),
+            budgets_exhausted: IntCounterVec::new(
+                Opts::new(
+                    "baton_budgets_exhausted_total",
+                    "Contexts whose token budget ran out, by workflow",
+                ),
+                &["workflow"],
+            )
+            .expect("valid metric"),
+            plan_b_entries: IntCounterVec::new(
+                Opts::new(
+                    "baton_plan_b_entries_total",
+                    "Contexts moved to their workflow's PlanB route, by workflow",
+                ),
+                &["workflow"],
+            )
+            .expect("valid metric"),
+            workflows_failed: IntCounterVec::new(
+                Opts::new(
+                    "baton_workflows_failed_total",
+                    "Contexts whose workflow failed, by workflow",
+                ),
+                &["workflow"],
+            )
+            .expect("valid metric"),
+            state_keys: IntGaugeVec::new(
+                Opts::new(
+                    "baton_state_keys",
+                    "Keys in this pod's open store partitions (RocksDB's estimate), by store",
+                ),
+                &["store"],
+            )
+            .expect("valid metric"),
+            state_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "baton_state_bytes",
+                    "Bytes in this pod's open store partitions (RocksDB's live-data estimate plus memtables), by store",
+                ),
+                &["store"],
+            )
+            .expect("valid metric"),
+            restore_records_remaining: IntGauge::new(
+                "baton_state_restore_records_remaining",
+                "Changelog records this pod's restoring partitions still have to read",
+            )
+            .expect("valid metric"),
+            registry_errors: IntCounterVec::new(
+                Opts::new(
+                    "baton_schema_registry_errors_total",
+                    "Schema Registry failures, by kind",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+            ready: IntGauge::new(
+                "baton_ready",
+                "1 while the pod is ready (joined its group, nothing restoring)",
+            )
+            .expect("valid metric"),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(metrics.consumer_lag.clone()),
+            Box::new(metrics.committed_offset_age.clone()),
+            Box::new(metrics.end_to_end_seconds.clone()),
+            Box::new(metrics.agent_hop_seconds.clone()),
+            Box::new(metrics.workflows.clone()),
+            Box::new(metrics.tokens_debited.clone()),
+            Box::new(metrics.budgets_exhausted.clone()),
+            Box::new(metrics.plan_b_entries.clone()),
+            Box::new(metrics.workflows_failed.clone()),
+            Box::new(metrics.state_keys.clone()),
+            Box::new(metrics.state_bytes.clone()),
+            Box::new(metrics.restore_records_remaining.clone()),
+            Box::new(metrics.registry_errors.clone()),
+            Box::new(metrics.ready.clone()),
+        ];
+        for collector in collectors {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        for kind in RegistryErrorKind::ALL {
+            metrics.registry_errors.with_label_values(&[kind.as_str()]);
+        }
+        for store in StoreFamily::ALL {
+            metrics.state_keys.with_label_values(&[store.as_str()]);
+            metrics.state_bytes.with_label_values(&[store.as_str()]);
+        }
+        metrics
+    }
+}
+
+/// The `kind` of `baton_schema_registry_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryErrorKind {
+    /// The registry did not answer, or refused baton (the partition pauses).
+    Unavailable,
+    /// The registry does not know the schema id (the record is poison).
+    NotFound,
+    /// The registered schema does not parse as Avro (the record is poison).
+    Unparseable,
+}
+
+impl RegistryErrorKind {
+    pub const ALL: [RegistryErrorKind; 3] = [
+        RegistryErrorKind::Unavailable,
+        RegistryErrorKind::NotFound,
+        RegistryErrorKind::Unparseable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegistryErrorKind::Unavailable => "unavailable",
+            RegistryErrorKind::NotFound => "not_found",
+            RegistryErrorKind::Unparseable => "unparseable",
+        }
+    }
+}
+
+/// The `store` of `baton_state_keys` and `baton_state_bytes`: the column
+/// families of a partition's RocksDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFamily {
+    /// The context records (workflow state and memory).
+    Contexts,
+    /// The timer index.
+    Timers,
+}
+
+impl StoreFamily {
+    pub const ALL: [StoreFamily; 2] = [StoreFamily::Contexts, StoreFamily::Timers];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreFamily::Contexts => "contexts",
+            StoreFamily::Timers => "timers",
+        }
+    }
+}
+
 /// Renders every registered metric in the Prometheus text format.
 pub fn render() -> String {
     LazyLock::force(&METRICS);
     LazyLock::force(&GUARDS);
+    LazyLock::force(&OPS);
     let mut buffer = Vec::new();
     // Encoding into a Vec cannot fail for well-formed metric families.
     let _ = TextEncoder::new().encode(&REGISTRY.gather(), &mut buffer);

@@ -22,6 +22,8 @@ use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 use thiserror::Error;
 
+use crate::metrics::RegistryErrorKind;
+
 /// How a record's subject is named (Confluent's `subject.name.strategy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -218,11 +220,13 @@ impl Registry {
             Ok(registered) => match Schema::parse_str(&registered.schema) {
                 Ok(schema) => WriterSchema::Found(Arc::new(schema)),
                 Err(err) => {
+                    count_error(RegistryErrorKind::Unparseable);
                     WriterSchema::Unknown(format!("schema id {id} does not parse as Avro: {err}"))
                 }
             },
             Err(err) => match RegistryError::from_converter(err) {
                 RegistryError::NotFound(reason) => {
+                    count_error(RegistryErrorKind::NotFound);
                     WriterSchema::Unknown(format!("schema id {id} is not registered: {reason}"))
                 }
                 // A refused lookup (401, 403, any 4xx but 404) says nothing
@@ -230,6 +234,7 @@ impl Registry {
                 // must pause the partition like an outage, not dead-letter
                 // every record that follows.
                 RegistryError::Rejected(reason) | RegistryError::Unavailable(reason) => {
+                    count_error(RegistryErrorKind::Unavailable);
                     return Err(RegistryError::Unavailable(format!(
                         "schema id {id}: {reason}"
                     )));
@@ -456,6 +461,14 @@ fn tls_client_builder(config: &RegistryConfig) -> Result<reqwest::ClientBuilder,
         }
     }
     Ok(builder)
+}
+
+/// Counts a failed lookup in `baton_schema_registry_errors_total`.
+fn count_error(kind: RegistryErrorKind) {
+    crate::metrics::OPS
+        .registry_errors
+        .with_label_values(&[kind.as_str()])
+        .inc();
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::lag::ConsumerLag;
 use super::task::{
     self, Control, ReopenReason, TaskFailure, TaskProgress, TaskSetup, TopicPartition,
 };
@@ -233,7 +234,10 @@ impl Engine {
             }
         }
         let (control, control_rx) = mpsc::unbounded_channel();
-        let span = tracing::info_span!("task", partition);
+        // Every line the task writes names its partition and its topics
+        // (partition N of each co-partitioned input).
+        let topics: Vec<&str> = queues.iter().map(|(tp, _)| tp.topic()).collect();
+        let span = tracing::info_span!("task", partition, topics = %topics.join(","));
         let _enter = self.runtime.enter();
         self.runtime.spawn(
             task::run_partition_task(TaskSetup {
@@ -565,15 +569,22 @@ pub fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
 /// calls. They run on the coordinator thread, inside its poll of the consumer.
 pub struct RebalanceHook {
     engine: Arc<Mutex<Engine>>,
+    lag: Arc<ConsumerLag>,
 }
 
 impl RebalanceHook {
-    pub fn new(engine: Arc<Mutex<Engine>>) -> Self {
-        RebalanceHook { engine }
+    pub fn new(engine: Arc<Mutex<Engine>>, lag: Arc<ConsumerLag>) -> Self {
+        RebalanceHook { engine, lag }
     }
 }
 
-impl ClientContext for RebalanceHook {}
+impl ClientContext for RebalanceHook {
+    /// The fetch-side high watermarks, for the lag gauges (never logged:
+    /// the default implementation writes them at info every interval).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.lag.on_statistics(&statistics);
+    }
+}
 
 impl ConsumerContext for RebalanceHook {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

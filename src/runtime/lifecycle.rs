@@ -176,10 +176,14 @@ impl Lifecycle {
         loop {
             let consumer = Arc::clone(&self.consumer);
             let tps = self.tps.clone();
-            let result = tokio::task::spawn_blocking(move || seek_blocking(&consumer, &tps))
-                .await
-                .map_err(|err| err.to_string())
-                .and_then(|r| r);
+            let span = tracing::Span::current();
+            let result = tokio::task::spawn_blocking(move || {
+                let _span = span.enter();
+                seek_blocking(&consumer, &tps)
+            })
+            .await
+            .map_err(|err| err.to_string())
+            .and_then(|r| r);
             match result {
                 Ok(()) => return Ok(()),
                 Err(err) if attempt < SEEK_ATTEMPTS => {

@@ -3,10 +3,12 @@
 
 mod engine;
 mod holds;
+mod lag;
 mod lifecycle;
 mod output;
 pub mod processor;
 mod refusals;
+mod tally;
 mod task;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -100,6 +102,8 @@ pub struct Pipeline {
     pub store_memory: state::StoreMemory,
     /// Open store partitions, readable by the HTTP surface.
     pub stores: Arc<state::OpenStores>,
+    /// Committed offsets and fetch-side high watermarks, for the lag gauges.
+    pub lag: Arc<lag::ConsumerLag>,
 }
 
 /// How snapshot URLs are signed (how long snapshots live is the plan's
@@ -152,6 +156,10 @@ impl Readiness {
         self.partitions().clone()
     }
 }
+
+/// How often librdkafka reports its statistics, the lag gauges' source: a
+/// scrape interval's worth, and parsing them costs well under a millisecond.
+const STATISTICS_INTERVAL_MS: &str = "2000";
 
 /// Runs the pod until `shutdown` fires. On shutdown the open transaction is
 /// committed, stores are flushed and the group is left.
@@ -263,6 +271,8 @@ pub async fn run(
         max_context_id_bytes: config.context_limits.max_context_id_bytes,
     };
 
+    tally::announce(&topology);
+    let consumer_lag = Arc::new(lag::ConsumerLag::default());
     let pipeline = Arc::new(Pipeline {
         topology,
         kafka: config.kafka.clone(),
@@ -287,6 +297,7 @@ pub async fn run(
         snapshots: signer.clone().map(|signer| SnapshotSettings { signer }),
         store_memory: state::StoreMemory::new(config.state_memory_bytes),
         stores: Arc::clone(&http.stores),
+        lag: Arc::clone(&consumer_lag),
     });
 
     let membership = Arc::new(
@@ -352,8 +363,10 @@ pub async fn run(
     };
     let mut consumer_config = config.kafka.eos_consumer_config(config.group_id());
     consumer_config.set("partition.assignment.strategy", strategy);
+    // The fetch-side high watermarks the lag gauges need (BROKER.md gap 3).
+    consumer_config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
     let consumer: BatonConsumer = consumer_config
-        .create_with_context(RebalanceHook::new(Arc::clone(&engine)))
+        .create_with_context(RebalanceHook::new(Arc::clone(&engine), consumer_lag))
         .map_err(|err| RunError::Consumer(err.to_string()))?;
     let consumer = Arc::new(consumer);
     engine::lock(&engine).attach_consumer(&consumer);

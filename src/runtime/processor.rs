@@ -24,6 +24,7 @@ use rdkafka::producer::DeliveryFuture;
 use super::Pipeline;
 use super::engine::RebalanceHook;
 pub use super::output::{LastChangelog, OutRecord};
+use super::tally::Tally;
 use super::task::TopicPartition;
 use crate::codec::DecodeError;
 use crate::control::ControlCommand;
@@ -111,6 +112,8 @@ pub struct PartitionProcessor {
     handovers: HashMap<String, IntCounter>,
     stages: StageTimers,
     timer_sequence: i64,
+    /// Workflows by state, budgets and latencies, published at commit.
+    tally: Tally,
 }
 
 /// Per-stage latency histograms, resolved once per task.
@@ -172,15 +175,28 @@ impl PartitionProcessor {
             let pipeline = Arc::clone(pipeline);
             let consumer = Arc::clone(consumer);
             let inputs = inputs.to_vec();
+            // The blocking thread logs in the task's span (partition, topics).
+            let span = tracing::Span::current();
             tokio::task::spawn_blocking(move || {
-                super::lifecycle::open_and_restore(
+                let _span = span.enter();
+                let opened = super::lifecycle::open_and_restore(
                     &pipeline, partition, &inputs, &consumer, &cancel,
-                )
+                )?;
+                let (counts, unreadable) = state::count_workflows(opened.0.db())
+                    .map_err(|err| format!("cannot count the restored contexts: {err}"))?;
+                if unreadable > 0 {
+                    tracing::warn!(
+                        partition,
+                        unreadable,
+                        "restored context records that do not decode are left out of baton_workflows (their next input dead-letters them)"
+                    );
+                }
+                Ok((opened, counts))
             })
         };
         let result = restoring.await;
         METRICS.partitions_restoring.dec();
-        let (store, timer_sequence) = match result {
+        let ((store, timer_sequence), counts) = match result {
             Ok(Ok(opened)) => opened,
             Ok(Err(err)) => return Err(err),
             Err(err) => return Err(format!("the restore task failed: {err}")),
@@ -194,6 +210,7 @@ impl PartitionProcessor {
             handovers: HashMap::new(),
             stages: StageTimers::new(),
             timer_sequence,
+            tally: Tally::restored(counts),
         })
     }
 
@@ -216,12 +233,21 @@ impl PartitionProcessor {
         let topic = record.identity.topic.as_str();
         if topic == self.pipeline.memory_topic {
             self.count_consumed(&record.consumed.topic);
-            return self.remember(&record, out);
+            let processed = self.remember(&record, out);
+            if matches!(processed, Processed::Done) {
+                self.tally.input(record.timestamp_ms);
+            }
+            return processed;
         }
-        if topic == self.pipeline.control_topic {
-            return self.command(&record, out);
+        let processed = if topic == self.pipeline.control_topic {
+            self.command(&record, out)
+        } else {
+            self.event(&record, out)
+        };
+        if matches!(processed, Processed::Done) {
+            self.tally.input(record.timestamp_ms);
         }
-        self.event(&record, out)
+        processed
     }
 
     /// A consumed record as the shell sees it; one from the repartition
@@ -352,7 +378,7 @@ impl PartitionProcessor {
                 duplicate: true, ..
             } => "duplicate",
             Outcome::CommandIgnored { reason, .. } => {
-                tracing::info!(context_id = %command.context_id, command_id = %command.command_id, %reason, "control command ignored");
+                tracing::debug!(context_id = %command.context_id, command_id = %command.command_id, %reason, "control command ignored");
                 "stale"
             }
             _ => "rejected",
@@ -655,6 +681,7 @@ impl PartitionProcessor {
             self.park_held(context_id, held, out);
         }
         self.count(&effects);
+        self.tally.applied(loaded.0, &effects, record.timestamp_ms);
         out.append(&mut records);
         Some(effects)
     }
@@ -845,7 +872,7 @@ impl PartitionProcessor {
             .dlq_records
             .with_label_values(&[class.as_str()])
             .inc();
-        tracing::debug!(class = class.as_str(), %reason, offset = record.identity.offset, "dead-lettered");
+        tracing::debug!(class = class.as_str(), %reason, topic = %record.identity.topic, partition = record.identity.partition, offset = record.identity.offset, "dead-lettered");
         let letter = DeadLetter {
             class,
             reason,
@@ -900,7 +927,9 @@ impl PartitionProcessor {
             }
         };
         let next = checkpoint(last_changelog.0).await;
-        self.store.commit(next).await
+        self.store.commit(next).await?;
+        self.tally.committed(super::task::wall_clock_ms());
+        Ok(())
     }
 
     /// Sets `message` aside: its dead letter of `class` goes to `out`, and
@@ -919,6 +948,7 @@ impl PartitionProcessor {
 
     pub fn on_abort(&mut self) {
         self.store.abort();
+        self.tally.aborted();
     }
 
     pub async fn close(self) {
@@ -928,7 +958,9 @@ impl PartitionProcessor {
         // The store writes no WAL: flushing on close keeps its state, so
         // the next open restores nothing.
         let partition = self.partition;
+        let span = tracing::Span::current();
         let _ = tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
             if let Err(err) = crate::state::flush(&db) {
                 tracing::warn!(partition, cause = %err, "cannot flush the store on close; the next open restores from the changelog");
             }

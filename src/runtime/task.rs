@@ -31,6 +31,7 @@ use super::holds::{
     SchemaLookup, Stalled, TransientHold, fetch_schema, resume_after_state_errors,
     state_read_failed,
 };
+use super::lag::LagTracking;
 use super::lifecycle::Lifecycle;
 use super::processor::{LastChangelog, OutRecord, PartitionProcessor, Processed};
 use super::refusals::{Grant, Refusals};
@@ -260,6 +261,7 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
         control,
     } = setup;
     let tps: Vec<TopicPartition> = queues.iter().map(|(tp, _)| tp.clone()).collect();
+    let _lag = LagTracking::start(&pipeline.lag, &tps);
     let mut life = Lifecycle {
         partition,
         tps,
@@ -355,7 +357,7 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
                 let message = match message {
                     Some(Ok(message)) => message,
                     Some(Err(err)) => {
-                        tracing::warn!(cause = %err, "partition queue error");
+                        tracing::warn!(partition, cause = %err, "partition queue error");
                         continue;
                     }
                     None => break,
@@ -458,6 +460,9 @@ async fn settle(
         Some(Control::Committed { next, solo }) => {
             life.generation = next;
             let advanced: Vec<TopicPartition> = done.positions.keys().cloned().collect();
+            for (tp, (_, next)) in &done.positions {
+                life.pipeline.lag.committed(tp, *next);
+            }
             let timers_fired = done.timer_sequence.is_some();
             if let Err(err) = processor.on_commit(done.last_changelog, timers_fired).await {
                 tracing::error!(partition = life.partition, cause = %err, "cannot write committed state locally; reopening the stores");
@@ -621,7 +626,7 @@ async fn fire_timers(work: &mut Work, processor: &mut PartitionProcessor, life: 
         )
         .await
         {
-            tracing::error!(cause = %failure, "cannot send a timer's output; the transaction will abort");
+            tracing::error!(partition = life.partition, timers_topic = %pipeline.timers_topic, cause = %failure, "cannot send a timer's output; the transaction will abort");
             work.pending.failure = Some(failure);
         }
         work.pending.timer_sequence = Some(processor.timer_sequence());
@@ -639,7 +644,7 @@ async fn fire_timers(work: &mut Work, processor: &mut PartitionProcessor, life: 
 /// The most overdue timers one round counts (the gauge saturates there).
 const OVERDUE_COUNT_LIMIT: usize = 10_000;
 
-fn wall_clock_ms() -> i64 {
+pub(super) fn wall_clock_ms() -> i64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -709,7 +714,7 @@ async fn record_outputs<M: Message>(
     if let Err(failure) =
         enqueue(transactor, generation, outputs, &mut pending.last_changelog).await
     {
-        tracing::error!(offset, cause = %failure, "cannot send an output; the transaction will abort");
+        tracing::error!(topic = message.topic(), partition = message.partition(), offset, cause = %failure, "cannot send an output; the transaction will abort");
         pending.failure = Some(failure);
     }
     pending
@@ -799,11 +804,20 @@ pub(super) async fn rewind(
         .await;
         match result {
             Ok(Ok(())) => {
-                tracing::info!(topic = tp.topic(), offset, "rewound");
+                tracing::info!(
+                    topic = tp.topic(),
+                    partition = tp.partition(),
+                    offset,
+                    "rewound"
+                );
                 return;
             }
-            Ok(Err(err)) => tracing::warn!(offset, cause = %err, "seek failed; retrying"),
-            Err(err) => tracing::warn!(offset, cause = %err, "seek task failed; retrying"),
+            Ok(Err(err)) => {
+                tracing::warn!(topic = tp.topic(), partition = tp.partition(), offset, cause = %err, "seek failed; retrying")
+            }
+            Err(err) => {
+                tracing::warn!(topic = tp.topic(), partition = tp.partition(), offset, cause = %err, "seek task failed; retrying")
+            }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));

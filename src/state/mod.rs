@@ -27,6 +27,7 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch};
 use thiserror::Error;
 
 use crate::event::SourceCoordinates;
+use crate::metrics::StoreFamily;
 use crate::workflow::timers::Timer;
 use timer_index::{DueTimer, TIMERS_FAMILY};
 
@@ -151,6 +152,40 @@ impl OpenStores {
                     .flatten()
             })
             .sum()
+    }
+
+    /// RocksDB's estimates of keys and bytes in every open partition, per
+    /// store (column family): the contexts and the timer index.
+    pub fn estimates(&self) -> Vec<(StoreFamily, u64, u64)> {
+        let stores = match self.stores.read() {
+            Ok(stores) => stores,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        StoreFamily::ALL
+            .into_iter()
+            .map(|store| {
+                let family_name = match store {
+                    StoreFamily::Contexts => rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
+                    StoreFamily::Timers => TIMERS_FAMILY,
+                };
+                let (mut keys, mut bytes) = (0, 0);
+                for db in stores.values() {
+                    let Some(family) = db.cf_handle(family_name) else {
+                        continue;
+                    };
+                    let property = |name: &str| {
+                        db.property_int_value_cf(&family, name)
+                            .ok()
+                            .flatten()
+                            .unwrap_or(0)
+                    };
+                    keys += property("rocksdb.estimate-num-keys");
+                    bytes += property("rocksdb.estimate-live-data-size")
+                        + property("rocksdb.cur-size-all-mem-tables");
+                }
+                (store, keys, bytes)
+            })
+            .collect()
     }
 
     /// Committed records after `after` (exclusive), in key order, across
@@ -541,6 +576,27 @@ fn write_batch(
 
 /// Writes every memtable of the store to disk, all families at one sequence
 /// number. Blocking.
+/// Contexts per (workflow, state).
+pub type WorkflowCounts = HashMap<(String, String), i64>;
+
+/// Contexts per (workflow, state) in a partition's committed store, read
+/// once when the partition opens; the workflow gauges start from it. Records
+/// without a workflow (memory only) or that do not decode are not counted
+/// (the second kind is returned, for the log).
+pub fn count_workflows(db: &DB) -> Result<(WorkflowCounts, u64), StateError> {
+    let mut counts = WorkflowCounts::new();
+    let mut unreadable = 0;
+    for item in db.iterator(rocksdb::IteratorMode::Start) {
+        let (_, value) = item?;
+        match record::workflow_and_state(&value) {
+            Some(key) => *counts.entry(key).or_default() += 1,
+            None if record::decode_workflow(&value).is_err() => unreadable += 1,
+            None => {}
+        }
+    }
+    Ok((counts, unreadable))
+}
+
 pub(crate) fn flush(db: &DB) -> Result<(), StateError> {
     let meta = db
         .cf_handle(META_FAMILY)

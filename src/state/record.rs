@@ -91,7 +91,20 @@ pub fn decode_workflow(bytes: &[u8]) -> Result<Option<WorkflowState>, String> {
     }
 }
 
-/// The version of a stored record, for the restore's stale check.
+/// The workflow and state a stored record's context is in, reading only
+/// those two fields; `None` for a record with no workflow yet (memory
+/// only) or one that does not decode.
+pub fn workflow_and_state(bytes: &[u8]) -> Option<(String, String)> {
+    #[derive(Deserialize)]
+    struct Where {
+        workflow: String,
+        state: String,
+    }
+    let raw = parts(bytes).ok()?.workflow?;
+    let found: Where = serde_json::from_str(raw.get()).ok()?;
+    Some((found.workflow, found.state))
+}
+
 /// The `(due_at, key)` of the timers a stored record holds; none for a
 /// record that does not decode (its index entries are then left to a
 /// firing to find stale).
@@ -109,6 +122,7 @@ pub fn timers_of(bytes: &[u8]) -> Vec<(i64, String)> {
         .unwrap_or_default()
 }
 
+/// The version of a stored record, for the restore's stale check.
 pub fn version_of(bytes: &[u8]) -> Option<u64> {
     serde_json::from_slice::<Head>(bytes)
         .ok()
@@ -156,12 +170,17 @@ mod tests {
         assert_eq!(workflow.as_ref(), Some(&state));
         assert_eq!(decoded, memory);
         assert_eq!(decode_workflow(&bytes).expect("decodes"), Some(state));
+        assert_eq!(
+            workflow_and_state(&bytes),
+            Some(("vision-research".into(), "ResearcherQueued".into()))
+        );
 
         let bare = encode(None, &Memory::new("c-2"));
         assert_eq!(version_of(&bare), Some(0));
         let (workflow, decoded) = decode(&bare).expect("decodes");
         assert!(workflow.is_none());
         assert_eq!(decoded, Memory::new("c-2"));
+        assert_eq!(workflow_and_state(&bare), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
@@ -92,10 +92,15 @@ pub fn restore(db: &DB, request: &RestoreRequest<'_>) -> Result<RestoreReport, R
         .set("auto.offset.reset", "earliest")
         .set("fetch.max.bytes", "52428800")
         .set("max.partition.fetch.bytes", "10485760")
-        .set("fetch.wait.max.ms", "50");
+        .set("fetch.wait.max.ms", "50")
+        // The fetch-side high watermark, for the records-remaining gauge.
+        .set("statistics.interval.ms", "1000");
     let consumer: BaseConsumer<RestoreContext> = config
-        .create_with_context(RestoreContext)
+        .create_with_context(RestoreContext {
+            high_watermark: AtomicI64::new(-1),
+        })
         .map_err(kafka_error)?;
+    let remaining = Remaining::new();
     let checkpoint = read_checkpoint(db)?;
     let start = checkpoint.map_or(Offset::Beginning, Offset::Offset);
     let mut assignment = TopicPartitionList::new();
@@ -127,10 +132,16 @@ pub fn restore(db: &DB, request: &RestoreRequest<'_>) -> Result<RestoreReport, R
             return Err(RestoreError::Cancelled);
         }
         match consumer.poll(Duration::from_millis(200)) {
-            None => continue,
+            None => {
+                remaining.update(consumer.context(), report.next_offset);
+                continue;
+            }
             Some(Ok(message)) => {
                 report.read += 1;
                 report.next_offset = Some(message.offset() + 1);
+                if report.read.is_multiple_of(REMAINING_EVERY) {
+                    remaining.update(consumer.context(), report.next_offset);
+                }
                 restorer.apply(&message, &mut report)?;
                 if restorer.batched >= RESTORE_BATCH {
                     restorer.flush(report.next_offset)?;
@@ -370,9 +381,26 @@ impl<'a> ChangelogMeta<'a> {
 
 /// The restore consumer's context: reaching the end of the changelog is the
 /// goal, not an error worth a log line.
-struct RestoreContext;
+struct RestoreContext {
+    /// The changelog partition's high watermark from the last fetch
+    /// (librdkafka's statistics; -1 until one is seen).
+    high_watermark: AtomicI64,
+}
 
 impl ClientContext for RestoreContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let high = statistics
+            .topics
+            .values()
+            .flat_map(|topic| topic.partitions.values())
+            .map(|partition| partition.hi_offset)
+            .max()
+            .unwrap_or(-1);
+        if high >= 0 {
+            self.high_watermark.store(high, Ordering::Relaxed);
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         match error {
             KafkaError::PartitionEOF(_)
@@ -383,6 +411,43 @@ impl ClientContext for RestoreContext {
 }
 
 impl ConsumerContext for RestoreContext {}
+
+/// How many changelog records a restore reads between updates of its
+/// records-remaining gauge.
+const REMAINING_EVERY: u64 = 1_000;
+
+/// One restoring partition's share of `baton_state_restore_records_remaining`
+/// (a pod-wide sum, so the series exists while nothing restores); the
+/// share goes when the restore ends, however it ends.
+struct Remaining {
+    share: std::cell::Cell<i64>,
+}
+
+impl Remaining {
+    fn new() -> Remaining {
+        Remaining {
+            share: std::cell::Cell::new(0),
+        }
+    }
+
+    fn update(&self, context: &RestoreContext, next_offset: Option<i64>) {
+        let high = context.high_watermark.load(Ordering::Relaxed);
+        if high >= 0 {
+            let now = (high - next_offset.unwrap_or(0)).max(0);
+            crate::metrics::OPS
+                .restore_records_remaining
+                .add(now - self.share.replace(now));
+        }
+    }
+}
+
+impl Drop for Remaining {
+    fn drop(&mut self) {
+        crate::metrics::OPS
+            .restore_records_remaining
+            .sub(self.share.get());
+    }
+}
 
 /// A cancellation flag shared between a task and its blocking restore.
 pub fn cancel_flag() -> Arc<AtomicBool> {
