@@ -129,10 +129,16 @@ fn work_handovers(records: &[Record], topic_prefix: &str) -> BTreeMap<String, Va
         .filter(|r| r.topic.starts_with(topic_prefix))
         .filter_map(json)
         .filter(|h| {
-            matches!(h["status"].as_str(), Some("queued" | "retrying" | "fallback"))
-                && h["intent"] != "plan_b_manual_review"
+            matches!(
+                h["status"].as_str(),
+                Some("queued" | "retrying" | "fallback")
+            ) && h["intent"] != "plan_b_manual_review"
         })
-        .filter_map(|h| h["handover_id"].as_str().map(|id| (id.to_owned(), h.clone())))
+        .filter_map(|h| {
+            h["handover_id"]
+                .as_str()
+                .map(|id| (id.to_owned(), h.clone()))
+        })
         .collect()
 }
 
@@ -238,10 +244,7 @@ fn the_example_agents_drive_every_context_of_the_workflow_to_an_end() {
         .filter(|a| a["tool"] == "research_enrich")
         .collect();
     assert!(!research.is_empty());
-    assert!(
-        research.iter().all(|a| a["status"] == "ok"),
-        "{research:?}"
-    );
+    assert!(research.iter().all(|a| a["status"] == "ok"), "{research:?}");
     // Failed screenshots were answered with status=error, and healed.
     assert!(
         answered

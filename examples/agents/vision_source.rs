@@ -47,7 +47,11 @@ pub struct Args {
     #[arg(long, env = "BATON_SOURCE_BUDGET_TOKENS")]
     budget_tokens: Option<u64>,
     /// Where the events go.
-    #[arg(long, env = "BATON_AGENT_OUTPUT_TOPIC", default_value = "mcp.events.all")]
+    #[arg(
+        long,
+        env = "BATON_AGENT_OUTPUT_TOPIC",
+        default_value = "mcp.events.all"
+    )]
     output_topic: String,
     /// A librdkafka property, `KEY=VALUE` (repeatable).
     #[arg(long = "kafka-prop", value_name = "KEY=VALUE")]
@@ -90,7 +94,10 @@ fn vision_event(context_id: &str, n: u64, budget: Option<u64>) -> Completion {
 
 async fn run(cli: Args, shutdown: Shutdown) -> Result<u64, String> {
     if !(cli.rate > 0.0 && cli.rate <= MAX_RATE) {
-        return Err(format!("--rate must be in (0, {MAX_RATE}], got {}", cli.rate));
+        return Err(format!(
+            "--rate must be in (0, {MAX_RATE}], got {}",
+            cli.rate
+        ));
     }
     let entries: Vec<(String, String)> = cli
         .kafka_props
@@ -123,9 +130,10 @@ async fn run(cli: Args, shutdown: Shutdown) -> Result<u64, String> {
         .producer_config()
         .create()
         .map_err(|err| format!("producer: {err}"))?;
-    let prefix = cli.context_prefix.clone().unwrap_or_else(|| {
-        format!("ctx-{}", time::OffsetDateTime::now_utc().unix_timestamp())
-    });
+    let prefix = cli
+        .context_prefix
+        .clone()
+        .unwrap_or_else(|| format!("ctx-{}", time::OffsetDateTime::now_utc().unix_timestamp()));
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / cli.rate));
     let mut sent = 0u64;
     while cli.contexts == 0 || sent < cli.contexts {

@@ -185,7 +185,10 @@ mod tests {
                 dedup.insert(&format!("h-{n}")).expect("insert");
             }
         }
-        let lines = std::fs::read_to_string(&path).expect("file").lines().count();
+        let lines = std::fs::read_to_string(&path)
+            .expect("file")
+            .lines()
+            .count();
         assert!(lines < 6, "compacted at twice the capacity: {lines} lines");
         let dedup = Dedup::persisted("test-persist", 3, &path).expect("reopen");
         assert!(dedup.contains("h-9") && dedup.contains("h-8") && dedup.contains("h-7"));

@@ -309,8 +309,9 @@ mod tests {
         let upsert = crate::memory::decode_upsert(&write.record("ctx-1")).expect("an upsert");
         assert_eq!(upsert.context_id, "ctx-1");
         assert_eq!(upsert.importance, 1.0, "clamped");
-        let beat = crate::codec::json::decode(&heartbeat_record(&handover(), 3, "half way"), &source())
-            .expect("decodes");
+        let beat =
+            crate::codec::json::decode(&heartbeat_record(&handover(), 3, "half way"), &source())
+                .expect("decodes");
         assert_eq!(beat.event, HEARTBEAT_EVENT);
         assert_eq!(beat.agent.as_deref(), Some("playwright"));
         assert_eq!(beat.progress.as_deref(), Some("half way"));

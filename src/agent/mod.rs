@@ -93,7 +93,11 @@ pub struct AgentArgs {
     #[arg(long, env = "BATON_AGENT_HANDOVER_TOPIC")]
     pub handover_topic: Option<String>,
     /// Where `ToolCompleted` events and heartbeats go (baton's input).
-    #[arg(long, env = "BATON_AGENT_OUTPUT_TOPIC", default_value = "mcp.events.all")]
+    #[arg(
+        long,
+        env = "BATON_AGENT_OUTPUT_TOPIC",
+        default_value = "mcp.events.all"
+    )]
     pub output_topic: String,
     /// Where `memory.upserted` records go.
     #[arg(long, env = "BATON_AGENT_MEMORY_TOPIC", default_value = "mcp.memory")]
@@ -107,7 +111,11 @@ pub struct AgentArgs {
     #[arg(long, env = "BATON_AGENT_WORK_MS", default_value_t = 200)]
     pub work_ms: u64,
     /// An `agent.heartbeat` this often while working.
-    #[arg(long, env = "BATON_AGENT_HEARTBEAT_INTERVAL_MS", default_value_t = 1000)]
+    #[arg(
+        long,
+        env = "BATON_AGENT_HEARTBEAT_INTERVAL_MS",
+        default_value_t = 1000
+    )]
     pub heartbeat_interval_ms: u64,
     /// Finished handover ids remembered; past it the oldest is forgotten.
     #[arg(long, env = "BATON_AGENT_DEDUP_CAPACITY", default_value_t = 10_000)]
@@ -145,7 +153,9 @@ impl AgentArgs {
         RetryPolicy {
             attempts: self.retry_attempts.max(1),
             first_backoff: Duration::from_millis(self.retry_backoff_ms),
-            max_backoff: Duration::from_millis(self.retry_max_backoff_ms.max(self.retry_backoff_ms)),
+            max_backoff: Duration::from_millis(
+                self.retry_max_backoff_ms.max(self.retry_backoff_ms),
+            ),
         }
     }
 
@@ -293,7 +303,14 @@ pub async fn run<W: Worker>(
         .map_err(|err| AgentError::Kafka(err.to_string()))?
         .map_err(|err| AgentError::Kafka(format!("init_transactions: {err}")))?,
     );
-    tracing::info!(agent, group_id, handover_topic, transactional_id, dedup_loaded = dedup.len(), "agent started");
+    tracing::info!(
+        agent,
+        group_id,
+        handover_topic,
+        transactional_id,
+        dedup_loaded = dedup.len(),
+        "agent started"
+    );
 
     let context = Context {
         agent: agent.clone(),
@@ -324,7 +341,7 @@ pub async fn run<W: Worker>(
         };
         let decision = decide(&message, &dedup);
         let handover = match decision {
-            Decision::Work(handover) => Some(handover),
+            Decision::Work(handover) => Some(*handover),
             Decision::Skip(outcome, handover_id) => {
                 AGENTS.handovers.with_label_values(&[&agent, outcome]).inc();
                 tracing::debug!(agent, outcome, handover_id, "handover skipped");
@@ -352,7 +369,9 @@ pub async fn run<W: Worker>(
         };
         let offsets = next_offset(&message)?;
         let Some(metadata) = consumer.group_metadata() else {
-            return Err(AgentError::Kafka("the consumer has no group metadata".into()));
+            return Err(AgentError::Kafka(
+                "the consumer has no group metadata".into(),
+            ));
         };
         let committed = commit(&context, &transactor, output.as_ref(), &offsets, &metadata).await;
         match committed {
@@ -391,7 +410,7 @@ struct Context {
 }
 
 enum Decision {
-    Work(Handover),
+    Work(Box<Handover>),
     Skip(&'static str, String),
 }
 
@@ -416,7 +435,7 @@ fn decide(message: &BorrowedMessage<'_>, dedup: &Dedup) -> Decision {
     if !asks_for_work(handover.status) {
         return Decision::Skip("skipped", handover.handover_id);
     }
-    Decision::Work(handover)
+    Decision::Work(Box::new(handover))
 }
 
 /// The records one answered handover writes.
@@ -574,10 +593,7 @@ async fn send_heartbeat(
         .key(handover.context_id.as_bytes())
         .payload(&payload);
     match producer.send(record, context.heartbeat_interval).await {
-        Ok(_) => AGENTS
-            .heartbeats
-            .with_label_values(&[&context.agent])
-            .inc(),
+        Ok(_) => AGENTS.heartbeats.with_label_values(&[&context.agent]).inc(),
         Err((err, _)) => {
             AGENTS
                 .retries
@@ -648,7 +664,8 @@ async fn commit(
                     .map_err(|e| (e.failure, e.to_string()))
             })
             .map_err(|(failure, cause)| {
-                if let Err(err) = tokio::task::block_in_place(|| transactor.recover(failure, &cause))
+                if let Err(err) =
+                    tokio::task::block_in_place(|| transactor.recover(failure, &cause))
                 {
                     return Attempt::Permanent(format!("{cause}; recovery failed: {err}"));
                 }
@@ -702,8 +719,9 @@ pub fn main<W: Worker>(args: AgentArgs, worker: W) -> std::process::ExitCode {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn,librdkafka=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rdkafka=warn,librdkafka=warn")
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -198,11 +198,12 @@ mod tests {
         );
 
         calls.set(0);
-        let outcome: Result<(), _> = retry(policy(4), "test-b", Dependency::Registry, "find", || {
-            calls.set(calls.get() + 1);
-            async { Err(Attempt::Permanent("rejected")) }
-        })
-        .await;
+        let outcome: Result<(), _> =
+            retry(policy(4), "test-b", Dependency::Registry, "find", || {
+                calls.set(calls.get() + 1);
+                async { Err(Attempt::Permanent("rejected")) }
+            })
+            .await;
         let gave_up = outcome.expect_err("gives up");
         assert!(!gave_up.exhausted);
         assert_eq!(calls.get(), 1);

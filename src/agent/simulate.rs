@@ -18,11 +18,54 @@ use crate::handover::Handover;
 use crate::workflow::estimate_tokens;
 
 const WORDS: &[&str] = &[
-    "the", "image", "shows", "a", "red", "bicycle", "leaning", "against", "brick", "wall",
-    "vintage", "frame", "steel", "market", "listing", "price", "condition", "evidence", "seller",
-    "photo", "brand", "model", "year", "comparable", "sales", "suggest", "range", "between",
-    "and", "with", "minor", "rust", "on", "chain", "original", "paint", "likely", "from", "1970s",
-    "source", "page", "confirms", "serial", "number", "matches", "catalogue", "entry", "notes",
+    "the",
+    "image",
+    "shows",
+    "a",
+    "red",
+    "bicycle",
+    "leaning",
+    "against",
+    "brick",
+    "wall",
+    "vintage",
+    "frame",
+    "steel",
+    "market",
+    "listing",
+    "price",
+    "condition",
+    "evidence",
+    "seller",
+    "photo",
+    "brand",
+    "model",
+    "year",
+    "comparable",
+    "sales",
+    "suggest",
+    "range",
+    "between",
+    "and",
+    "with",
+    "minor",
+    "rust",
+    "on",
+    "chain",
+    "original",
+    "paint",
+    "likely",
+    "from",
+    "1970s",
+    "source",
+    "page",
+    "confirms",
+    "serial",
+    "number",
+    "matches",
+    "catalogue",
+    "entry",
+    "notes",
 ];
 
 /// A number in `0..100` fixed by `seed` and `salt`: the same handover
@@ -118,7 +161,10 @@ impl Worker for SimulatedTool {
         let reply = simulated_reply(&job.handover.handover_id, &prompt, self.words);
         if percentile(&job.handover.handover_id, &self.tool) < self.failure_percent {
             return Outcome::Failed {
-                error: format!("simulated failure of {} ({}% of calls fail)", self.tool, self.failure_percent),
+                error: format!(
+                    "simulated failure of {} ({}% of calls fail)",
+                    self.tool, self.failure_percent
+                ),
                 usage: Usage {
                     input_tokens: reply.usage.input_tokens,
                     output_tokens: 0,
@@ -128,7 +174,10 @@ impl Worker for SimulatedTool {
         Outcome::Completed {
             result: (self.result)(job, &reply),
             usage: reply.usage,
-            memories: self.memory.map(|m| vec![m(job, &reply)]).unwrap_or_default(),
+            memories: self
+                .memory
+                .map(|m| vec![m(job, &reply)])
+                .unwrap_or_default(),
         }
     }
 }

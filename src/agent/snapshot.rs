@@ -136,7 +136,10 @@ mod tests {
         let text = "error sending request for url (http://127.0.0.1:1/contexts/c/snapshots/2?exp=9&sig=abc)";
         let cleaned = without_query(text);
         assert!(!cleaned.contains("sig=abc"), "{cleaned}");
-        assert!(cleaned.contains("/contexts/c/snapshots/2?...)"), "{cleaned}");
+        assert!(
+            cleaned.contains("/contexts/c/snapshots/2?...)"),
+            "{cleaned}"
+        );
     }
 
     #[tokio::test]
@@ -148,7 +151,9 @@ mod tests {
             .expect("port");
         // Nothing listens on the port now.
         let err = client
-            .fetch(&format!("http://127.0.0.1:{port}/contexts/c/snapshots/1?exp=1&sig=00"))
+            .fetch(&format!(
+                "http://127.0.0.1:{port}/contexts/c/snapshots/1?exp=1&sig=00"
+            ))
             .await
             .expect_err("unreachable");
         assert!(matches!(err.into_attempt(), Attempt::Retriable(_)));

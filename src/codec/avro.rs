@@ -593,7 +593,10 @@ pub fn encode_tool_completed(
         ("result".into(), Value::String(result)),
         ("token_budget".into(), optional_long(event.token_budget)),
         ("workflow".into(), optional_string(&event.workflow)),
-        ("correlation_id".into(), optional_string(&event.correlation_id)),
+        (
+            "correlation_id".into(),
+            optional_string(&event.correlation_id),
+        ),
         ("occurred_at".into(), Value::TimestampMillis(occurred_at)),
         ("status".into(), Value::Enum(status_index, status.into())),
         ("error".into(), optional_string(&event.error)),
