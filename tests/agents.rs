@@ -434,3 +434,40 @@ fn scrape(port: u16, series: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+#[test]
+fn a_canonical_event_whose_occurred_at_is_epoch_milliseconds_is_handed_over() {
+    let broker = Broker::start();
+    broker.create_baton_topics(1);
+    let pod = Baton::start(&broker, BatonOptions::new("agents-epoch-pod"));
+    common::wait_for("the pod is ready", Duration::from_secs(60), || {
+        pod.is_ready()
+    });
+    // What a JavaScript producer writes: `occurred_at: Date.now()`.
+    let event = serde_json::json!({
+        "event_id": "e-epoch-1", "context_id": "ctx-epoch", "event": "tool.vision_analyze.completed",
+        "tool": "vision_analyze", "arguments": {}, "result": {"caption": "a bicycle"},
+        "usage": {"input_tokens": 3, "output_tokens": 4}, "occurred_at": 1_764_651_600_250_i64,
+    });
+    broker.produce_raw(
+        "mcp.events.all",
+        &[common::RawRecord {
+            partition: None,
+            key: Some(b"ctx-epoch".to_vec()),
+            value: event.to_string().into_bytes(),
+            headers: vec![],
+        }],
+    );
+    let mut reader = Reader::new(&broker, &["mcp.handover.researcher", "mcp.events.dlq"]);
+    reader.wait_until(
+        "the researcher's handover",
+        Duration::from_secs(30),
+        |records| records.iter().any(|r| r.topic == "mcp.handover.researcher"),
+    );
+    reader.poll_to_end();
+    assert!(
+        reader.topic("mcp.events.dlq").is_empty(),
+        "nothing dead-lettered"
+    );
+    assert_eq!(state(&pod, "ctx-epoch").as_deref(), Some("ResearcherQueued"));
+}
