@@ -469,5 +469,8 @@ fn a_canonical_event_whose_occurred_at_is_epoch_milliseconds_is_handed_over() {
         reader.topic("mcp.events.dlq").is_empty(),
         "nothing dead-lettered"
     );
-    assert_eq!(state(&pod, "ctx-epoch").as_deref(), Some("ResearcherQueued"));
+    assert_eq!(
+        state(&pod, "ctx-epoch").as_deref(),
+        Some("ResearcherQueued")
+    );
 }

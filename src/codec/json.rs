@@ -250,7 +250,10 @@ mod tests {
         let event = decode(text, &source()).expect("decodes");
         assert_eq!(event.occurred_at.as_deref(), Some("2026-11-24T10:00:00Z"));
         let absent = br#"{"event":"tool.x.completed","context_id":"c","occurred_at":null}"#;
-        assert_eq!(decode(absent, &source()).expect("decodes").occurred_at, None);
+        assert_eq!(
+            decode(absent, &source()).expect("decodes").occurred_at,
+            None
+        );
     }
 
     #[test]
