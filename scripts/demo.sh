@@ -58,9 +58,6 @@ fi
 
 install_prerequisites
 command -v python3 >/dev/null 2>&1 || install_apt_packages python3
-if [[ "$RESEARCHER" == ts ]] && ! command -v npm >/dev/null 2>&1; then
-    install_apt_packages nodejs npm
-fi
 
 echo "==> building baton and the example agents (the first build compiles RocksDB and librdkafka)"
 # The same targets and features as the test build, so the two share one build.

@@ -8,7 +8,8 @@
 #   - the rustfmt and clippy components;
 #   - the pinned tansu broker (scripts/broker.sh install);
 #   - Confluent's Python client in a venv, for the Avro interop tests;
-#   - Debian's chromium, for the dashboard's headless-browser test.
+#   - Debian's chromium, for the dashboard's headless-browser test;
+#   - node and npm, for the TypeScript example agent.
 
 REPO_ROOT="${REPO_ROOT:-$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)}"
 export DEBIAN_FRONTEND=noninteractive
@@ -115,8 +116,19 @@ install_browser() {
     echo "BATON_CHROMIUM=${BATON_CHROMIUM}"
 }
 
+# Node and npm, for the TypeScript example agent (examples/typescript/researcher)
+# and its broker test; any node >= 18 on PATH will do.
+install_node() {
+    if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+        echo "node already installed: $(node --version)"
+        return 0
+    fi
+    install_apt_packages nodejs npm
+}
+
 install_prerequisites() {
     install_apt_packages
+    install_node
     install_rust_components
     install_broker
     install_python_tools

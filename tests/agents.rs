@@ -474,3 +474,152 @@ fn a_canonical_event_whose_occurred_at_is_epoch_milliseconds_is_handed_over() {
         Some("ResearcherQueued")
     );
 }
+
+/// Node and npm, if installed (scripts/prereqs.sh installs them with apt).
+fn node_and_npm() -> Option<(PathBuf, PathBuf)> {
+    let find = |name: &str| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|candidate| candidate.is_file())
+        })
+    };
+    Some((find("node")?, find("npm")?))
+}
+
+/// A `node` process, SIGKILLed on drop (its log is printed if the test fails).
+struct NodeAgent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- typescript researcher log ---\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_typescript_researcher_completes_50_contexts() {
+    let Some((node, npm)) = node_and_npm() else {
+        eprintln!(
+            "SKIPPED: node and npm are not installed (scripts/prereqs.sh installs them: apt-get install nodejs npm)"
+        );
+        return;
+    };
+    let dir = Path::new(REPO).join("examples/typescript/researcher");
+    for step in [
+        &["ci", "--no-audit", "--no-fund", "--loglevel=error"][..],
+        &["run", "build"],
+    ] {
+        let status = Command::new(&npm)
+            .args(step)
+            .current_dir(&dir)
+            .status()
+            .expect("npm runs");
+        assert!(status.success(), "npm {step:?} in {}", dir.display());
+    }
+    let broker = Broker::start();
+    broker.create_baton_topics(3);
+    let pod = Baton::start(&broker, BatonOptions::new("agents-ts-pod"));
+    common::wait_for("the pod is ready", Duration::from_secs(60), || {
+        pod.is_ready()
+    });
+    let log = std::env::temp_dir().join(format!(
+        "baton-agent-ts-{}-{}.log",
+        std::process::id(),
+        common::free_port()
+    ));
+    let log_file = std::fs::File::create(&log).expect("log");
+    let child = Command::new(&node)
+        .arg(dir.join("dist/researcher.js"))
+        .args(["--bootstrap-servers", &broker.bootstrap])
+        .args(["--work-ms", "10", "--heartbeat-interval-ms", "50"])
+        .env("KAFKAJS_NO_PARTITIONER_WARNING", "1")
+        .stdout(log_file.try_clone().expect("log"))
+        .stderr(log_file)
+        .spawn()
+        .expect("node starts");
+    let _researcher = NodeAgent { child, log };
+    let contexts = 50;
+    let _source = Agent::start(
+        &broker,
+        "vision-source",
+        &[
+            "--contexts",
+            "50",
+            "--rate",
+            "100",
+            "--context-prefix",
+            "ts",
+            "--small-budget-percent",
+            "0",
+        ],
+    );
+    let mut reader = Reader::new(
+        &broker,
+        &[
+            "mcp.events.all",
+            "mcp.memory",
+            "mcp.handover.researcher",
+            "mcp.events.dlq",
+        ],
+    );
+    let researched = |records: &[Record]| -> BTreeSet<String> {
+        answers(records)
+            .values()
+            .flatten()
+            .filter(|a| a["tool"] == "research_enrich")
+            .filter_map(|a| a["context_id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    reader.wait_until(
+        "50 contexts researched by the TypeScript agent",
+        Duration::from_secs(120),
+        |records| researched(records).len() >= contexts,
+    );
+    let ids: Vec<String> = (0..contexts).map(|n| format!("ts-{n}")).collect();
+    common::wait_for(
+        "every context past the research step",
+        Duration::from_secs(60),
+        || {
+            ids.iter()
+                .all(|id| state(&pod, id).as_deref() == Some("DownstreamQueued"))
+        },
+    );
+    reader.poll_to_end();
+    let asked = work_handovers(&reader.records, "mcp.handover.researcher");
+    let answered = answers(&reader.records);
+    assert_eq!(asked.len(), contexts);
+    for (id, answers) in &answered {
+        assert!(asked.contains_key(id), "answers only handovers: {id}");
+        assert_eq!(answers.len(), 1, "handover {id} answered {answers:?}");
+        let answer = &answers[0];
+        assert_eq!(answer["status"], "ok");
+        assert_eq!(answer["result"]["written_in"], "typescript");
+        assert!(
+            answer["occurred_at"].is_u64(),
+            "Date.now(), as JavaScript writes it: {answer}"
+        );
+        assert!(answer["usage"]["input_tokens"].as_u64().unwrap_or(0) > 0);
+    }
+    assert!(
+        reader.topic("mcp.events.dlq").is_empty(),
+        "epoch-millisecond times are accepted: nothing dead-lettered"
+    );
+    let memories = reader
+        .topic("mcp.memory")
+        .iter()
+        .filter_map(|r| json(r))
+        .filter(|m| m["key"] == "research_summary")
+        .count();
+    assert_eq!(memories, contexts);
+    assert!(pod.metric("baton_heartbeats_total{outcome=\"accepted\"}") > 0.0);
+}
