@@ -191,6 +191,35 @@ fn the_example_agents_drive_every_context_of_the_workflow_to_an_end() {
     );
 
     let ids: Vec<String> = (0..contexts).map(|n| format!("run1-{n}")).collect();
+    let ended = |pod: &Baton| {
+        ids.iter()
+            .filter(|id| state(pod, id).is_some_and(|s| ENDS.contains(&s.as_str())))
+            .count()
+    };
+    // For people: the dashboard while the agents work (README.md shows it;
+    // BATON_UPDATE_SCREENSHOT=1 writes it to docs/dashboard-demo.png).
+    if let Some(chromium) = common::browser::chromium() {
+        common::wait_for(
+            "a third of the contexts ended",
+            Duration::from_secs(150),
+            || ended(&pod) >= contexts / 3,
+        );
+        let url = format!(
+            "http://127.0.0.1:{}/#token={}",
+            pod.http_port,
+            common::HTTP_TOKEN
+        );
+        let png = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-demo.png");
+        common::browser::screenshot(&chromium, &url, Duration::from_secs(3), (1440, 900), &png);
+        let bytes = std::fs::read(&png).expect("the screenshot");
+        assert!(bytes.starts_with(b"\x89PNG"), "a PNG");
+        if std::env::var_os("BATON_UPDATE_SCREENSHOT").is_some() {
+            std::fs::copy(&png, Path::new(REPO).join("docs/dashboard-demo.png")).expect("copy");
+        }
+        eprintln!("dashboard screenshot: {}", png.display());
+    } else {
+        eprintln!("no chromium: the dashboard screenshot is skipped");
+    }
     common::wait_for(
         "every context at an end state",
         Duration::from_secs(150),

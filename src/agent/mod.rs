@@ -512,7 +512,11 @@ async fn work_one<W: Worker>(
                     },
                     _ = ticker.tick() => {
                         beats += 1;
-                        let progress = format!("{} working on {} ({} ms)", agent, handover.intent, started.elapsed().as_millis());
+                        let progress = format!(
+                            "working on {} ({} ms)",
+                            handover.intent,
+                            started.elapsed().as_millis()
+                        );
                         send_heartbeat(context, heartbeats, &handover, beats, &progress).await;
                     }
                 }

@@ -342,7 +342,7 @@ async function main() {
       let beats = 0;
       await beat(handover, beats, "started");
       const ticker = setInterval(() => {
-        void beat(handover, ++beats, `researcher (ts) working on ${handover.intent} (${Date.now() - started} ms)`);
+        void beat(handover, ++beats, `working on ${handover.intent} (typescript) (${Date.now() - started} ms)`);
         void heartbeat();
       }, opts.heartbeatIntervalMs);
       const records: { topic: string; key: string; value: string }[] = [];
