@@ -171,8 +171,21 @@ impl Encoding {
         agent: &str,
         policy: RetryPolicy,
     ) -> Result<Encoding, String> {
+        Ok(Encoding::connect(registry_url, topic, agent, policy)
+            .await?
+            .0)
+    }
+
+    /// [`Encoding::resolve`], and the registry it registered with (to read
+    /// Avro handovers).
+    pub async fn connect(
+        registry_url: Option<&str>,
+        topic: &str,
+        agent: &str,
+        policy: RetryPolicy,
+    ) -> Result<(Encoding, Option<Arc<Registry>>), String> {
         let Some(url) = registry_url else {
-            return Ok(Encoding::Json);
+            return Ok((Encoding::Json, None));
         };
         let registry = Arc::new(
             Registry::connect(RegistryConfig {
@@ -227,7 +240,7 @@ impl Encoding {
             )
         })?;
         tracing::info!(agent, subject, schema_id, "completions are written as Avro");
-        Ok(Encoding::Avro { schema_id })
+        Ok((Encoding::Avro { schema_id }, Some(registry)))
     }
 
     pub fn encode(&self, completion: &Completion) -> Result<Vec<u8>, String> {

@@ -263,7 +263,7 @@ pub async fn run<W: Worker>(
             .await
             .map_err(|err| AgentError::Config(format!("metrics_addr {addr}: {err}")))?;
     }
-    let encoding = Encoding::resolve(
+    let (encoding, registry) = Encoding::connect(
         args.schema_registry_url.as_deref(),
         &args.output_topic,
         &agent,
@@ -339,7 +339,8 @@ pub async fn run<W: Worker>(
                 continue;
             }
         };
-        let decision = decide(&message, &dedup);
+        let parsed = parse_handover(&agent, policy, registry.as_deref(), &message).await?;
+        let decision = decide(&message, parsed, &dedup);
         let handover = match decision {
             Decision::Work(handover) => Some(*handover),
             Decision::Skip(outcome, handover_id) => {
@@ -414,17 +415,69 @@ enum Decision {
     Skip(&'static str, String),
 }
 
-fn decide(message: &BorrowedMessage<'_>, dedup: &Dedup) -> Decision {
+/// The handover in a record: JSON, or Avro in the Confluent wire format
+/// (what baton writes when a registry is configured) read with its writer's
+/// schema. A registry outage is retried within the policy and then stops
+/// the agent (nothing committed); bytes that are no handover are `Err`.
+async fn parse_handover(
+    agent: &str,
+    policy: RetryPolicy,
+    registry: Option<&crate::registry::Registry>,
+    message: &BorrowedMessage<'_>,
+) -> Result<Result<Handover, String>, AgentError> {
     let bytes = message.payload().unwrap_or_default();
-    let handover: Handover = match serde_json::from_slice(bytes) {
+    let (Some(registry), Some(&crate::codec::avro::MAGIC_BYTE)) = (registry, bytes.first()) else {
+        return Ok(serde_json::from_slice(bytes).map_err(|err| err.to_string()));
+    };
+    let (schema_id, datum) = match crate::codec::avro::split_frame(bytes) {
+        Ok(frame) => frame,
+        Err(err) => return Ok(Err(err.to_string())),
+    };
+    let writer = retry::retry(
+        policy,
+        agent,
+        Dependency::Registry,
+        "fetch the handover's schema",
+        || async {
+            registry.fetch(schema_id).await.map_err(|err| {
+                if err.is_transient() {
+                    Attempt::Retriable(err)
+                } else {
+                    Attempt::Permanent(err)
+                }
+            })
+        },
+    )
+    .await;
+    match writer {
+        Ok(crate::registry::WriterSchema::Found(schema)) => Ok(
+            crate::codec::avro::decode_handover(schema_id, &schema, datum),
+        ),
+        Ok(crate::registry::WriterSchema::Unknown(reason)) => {
+            Ok(Err(format!("unknown schema {schema_id}: {reason}")))
+        }
+        Err(gave_up) if gave_up.exhausted => Err(AgentError::Registry(format!(
+            "schema {schema_id} after {} attempts: {}",
+            gave_up.attempts, gave_up.error
+        ))),
+        Err(gave_up) => Ok(Err(gave_up.error.to_string())),
+    }
+}
+
+fn decide(
+    message: &BorrowedMessage<'_>,
+    parsed: Result<Handover, String>,
+    dedup: &Dedup,
+) -> Decision {
+    let handover = match parsed {
         Ok(handover) => handover,
-        Err(err) => {
+        Err(cause) => {
             tracing::error!(
                 topic = message.topic(),
                 partition = message.partition(),
                 offset = message.offset(),
-                cause = %err,
-                "not a JSON handover; skipped (baton's step timeout heals the step)"
+                cause,
+                "not a handover; skipped (baton's step timeout heals the step)"
             );
             return Decision::Skip("unreadable", String::new());
         }

@@ -538,6 +538,41 @@ pub fn encode_handover(schema_id: u32, handover: &Handover) -> Result<Vec<u8>, S
     Ok(bytes)
 }
 
+/// Decodes a `HandoverEvent` datum written with `writer` (what baton writes
+/// when a registry is configured), for agents: fields are taken by name, so
+/// any compatible version of the schema reads. The error says what is wrong.
+pub fn decode_handover(schema_id: u32, writer: &Schema, datum: &[u8]) -> Result<Handover, String> {
+    check_writer_schema(schema_id, writer, super::DEFAULT_MAX_SCHEMA_DEPTH)
+        .map_err(|err| err.to_string())?;
+    let reader = GenericDatumReader::builder(writer)
+        .build()
+        .map_err(|err| format!("writer schema {schema_id} cannot be used: {err}"))?;
+    let written = reader
+        .read_value(&mut Cursor::new(datum))
+        .map_err(|err| format!("does not decode with writer schema {schema_id}: {err}"))?;
+    let Value::Record(fields) = written else {
+        return Err(format!("writer schema {schema_id} is not a record"));
+    };
+    let mut object = serde_json::Map::new();
+    for (name, value) in fields {
+        let value = unwrap_union(value);
+        let json = match (name.as_str(), value) {
+            ("last_tool_output", Value::String(text)) => serde_json::from_str(&text)
+                .map_err(|err| format!("`last_tool_output` is not JSON: {err}"))?,
+            ("produced_at" | "deadline_at", value) => match long(&value) {
+                Some(millis) => rfc3339_from_millis(millis).map_or(Json::Null, Json::String),
+                None => Json::Null,
+            },
+            (_, Value::String(text) | Value::Enum(_, text)) => Json::String(text),
+            (_, Value::Long(n)) => Json::from(n),
+            (_, Value::Int(n)) => Json::from(n),
+            _ => Json::Null,
+        };
+        object.insert(name, json);
+    }
+    serde_json::from_value(Json::Object(object)).map_err(|err| format!("not a handover: {err}"))
+}
+
 /// Encodes a tool event as a `ToolCompleted` (v2) record in the wire format,
 /// as an agent writes its result when a registry is configured. The record
 /// is built field by field in the schema's order (a unit test decodes it
@@ -752,6 +787,31 @@ mod tests {
         );
         let writer = GenericDatumWriter::builder(schema).build().expect("writer");
         writer.write_value_to_vec(record).expect("valid record")
+    }
+
+    #[test]
+    fn an_encoded_handover_decodes_back_for_agents() {
+        let handover = Handover {
+            handover_id: "h-9".into(),
+            context_id: "ctx-9".into(),
+            intent: "enrich_reasoning".into(),
+            agent: "researcher".into(),
+            workflow: "vision-research".into(),
+            status: HandoverStatus::Retrying,
+            last_tool_output: serde_json::json!({"caption": "a bicycle"}),
+            memory_snapshot_url: Some("http://pod/contexts/ctx-9/snapshots/2?exp=1&sig=00".into()),
+            token_budget: Some(1200),
+            correlation_id: None,
+            causation_id: "e-1".into(),
+            produced_at: "2026-12-02T05:00:00.5Z".into(),
+            attempt: 2,
+            deadline_at: Some("2026-12-02T05:01:00Z".into()),
+        };
+        let bytes = encode_handover(3, &handover).expect("encodes");
+        let (id, datum) = split_frame(&bytes).expect("framed");
+        let decoded = decode_handover(id, &HANDOVER_EVENT.parsed, datum).expect("decodes");
+        assert_eq!(decoded, handover);
+        assert!(decode_handover(id, &HANDOVER_EVENT.parsed, &datum[..datum.len() / 2]).is_err());
     }
 
     #[test]
