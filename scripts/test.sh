@@ -19,8 +19,10 @@
 #                          RocksDB alone takes ~13 min to compile on 2 cores.
 #   BATON_TANSU_BIN        use this broker binary instead of the pinned one.
 #
-# fmt and clippy are gates: the first failure stops the run. The test phases all
-# run, and the script fails at the end if any of them failed.
+# fmt and clippy are gates: the first failure stops the run. The test phases (and the
+# 60 s demo, scripts/demo.sh --duration 60) all run, and the script fails at the end if
+# any of them failed. Dependencies get line tables only (Cargo.toml), so clippy and
+# the test build share one build of RocksDB and librdkafka.
 set -euo pipefail
 
 REPO_ROOT="$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"

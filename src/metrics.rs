@@ -613,7 +613,7 @@ pub static AGENTS: LazyLock<AgentMetrics> = LazyLock::new(|| AgentMetrics::regis
 
 pub struct AgentMetrics {
     /// Handovers an agent took from its topic, by agent and outcome
-    /// (completed, failed, duplicate, skipped, unreadable).
+    /// (completed, failed, noted, duplicate, skipped, unreadable).
     pub handovers: IntCounterVec,
     /// Calls to a dependency repeated after a retriable error, by agent and
     /// dependency (broker, snapshot, registry).
