@@ -177,8 +177,8 @@ DASHBOARD="http://127.0.0.1:$HTTP_PORT/#token=$BATON_HTTP_AUTH_TOKEN"
 summary() {
     local states dlq parked
     states="$("$BATON" context list --pod-url "http://127.0.0.1:$HTTP_PORT" --max 100000 --format json)"
-    dlq="$("$BATON" dlq inspect --bootstrap-servers "$BOOTSTRAP" --topic dlq --format json)"
-    parked="$("$BATON" dlq inspect --bootstrap-servers "$BOOTSTRAP" --topic parked --format json)"
+    dlq="$("$BATON" dlq inspect --bootstrap-servers "$BOOTSTRAP" --topic dlq --format json --timeout-ms 15000)"
+    parked="$("$BATON" dlq inspect --bootstrap-servers "$BOOTSTRAP" --topic parked --format json --timeout-ms 15000)"
     STATES="$states" DLQ="$dlq" PARKED="$parked" python3 - <<'EOF'
 import json, os
 def records(text):
@@ -219,7 +219,10 @@ if [[ -z "$DURATION" ]]; then
     echo "Vision source: $RATE new contexts per second. Ctrl-C stops everything."
     while true; do
         sleep 15
-        summary || true
+        for pid in "${PIDS[@]}"; do
+            kill -0 "$pid" 2>/dev/null || die "a demo process stopped (pid $pid); logs in $LOGS"
+        done
+        summary 2>/dev/null || true
     done
 fi
 
