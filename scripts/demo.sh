@@ -175,27 +175,28 @@ DASHBOARD="http://127.0.0.1:$HTTP_PORT/#token=$BATON_HTTP_AUTH_TOKEN"
 # Counts from what Kafka and the pods hold, never from the agents' own counters:
 # contexts by state from `baton context list`, records on the DLQ and its parked topic.
 summary() {
-    local states dlq parked
-    states="$("$BATON" context list --pod-url "http://127.0.0.1:$HTTP_PORT" --max 100000 --format json)"
-    dlq="$("$BATON" dlq inspect --bootstrap-servers "$BOOTSTRAP" --topic dlq --format json --timeout-ms 15000)"
-    parked="$("$BATON" dlq inspect --bootstrap-servers "$BOOTSTRAP" --topic parked --format json --timeout-ms 15000)"
-    STATES="$states" DLQ="$dlq" PARKED="$parked" python3 - <<'EOF'
-import json, os
-def records(text):
-    text = text.strip()
+    "$BATON" context list --pod-url "http://127.0.0.1:$HTTP_PORT" --max 100000 --format json >"$WORK_DIR/states.json"
+    "$BATON" dlq inspect --bootstrap-servers "$BOOTSTRAP" --topic dlq --format json --timeout-ms 15000 >"$WORK_DIR/dlq.json"
+    "$BATON" dlq inspect --bootstrap-servers "$BOOTSTRAP" --topic parked --format json --timeout-ms 15000 >"$WORK_DIR/parked.json"
+    python3 - "$WORK_DIR" <<'EOF'
+import json, os, sys
+def records(path):
+    with open(path) as f:
+        text = f.read().strip()
     if not text:
         return []
     if text.startswith("["):
         return json.loads(text)
     return [json.loads(line) for line in text.splitlines() if line.strip()]
-contexts = json.loads(os.environ["STATES"])
+work = sys.argv[1]
 by_state = {}
-for context in contexts:
+for context in records(os.path.join(work, "states.json")):
     by_state[context["state"]] = by_state.get(context["state"], 0) + 1
 print(
     "summary: completed={} plan_b={} budget_exhausted={} failed={} dlq={} parked={}".format(
         by_state.get("Completed", 0), by_state.get("PlanB", 0), by_state.get("BudgetExhausted", 0),
-        by_state.get("Failed", 0), len(records(os.environ["DLQ"])), len(records(os.environ["PARKED"])),
+        by_state.get("Failed", 0), len(records(os.path.join(work, "dlq.json"))),
+        len(records(os.path.join(work, "parked.json"))),
     )
 )
 EOF
