@@ -11,6 +11,7 @@
 #   - Debian's chromium, for the dashboard's headless-browser test;
 #   - Debian's prometheus and promtool, for the alert-rule tests and the
 #     dashboards' proof against a real Prometheus.
+#   - node and npm, for the TypeScript example agent.
 
 REPO_ROOT="${REPO_ROOT:-$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)}"
 export DEBIAN_FRONTEND=noninteractive
@@ -128,8 +129,19 @@ install_prometheus() {
     install_apt_packages prometheus
 }
 
+# Node and npm, for the TypeScript example agent (examples/typescript/researcher)
+# and its broker test; any node >= 18 on PATH will do.
+install_node() {
+    if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+        echo "node already installed: $(node --version)"
+        return 0
+    fi
+    install_apt_packages nodejs npm
+}
+
 install_prerequisites() {
     install_apt_packages
+    install_node
     install_rust_components
     install_broker
     install_python_tools

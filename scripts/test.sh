@@ -22,8 +22,10 @@
 #                          RocksDB alone takes ~13 min to compile on 2 cores.
 #   BATON_TANSU_BIN        use this broker binary instead of the pinned one.
 #
-# fmt and clippy are gates: the first failure stops the run. The test phases all
-# run, and the script fails at the end if any of them failed.
+# fmt and clippy are gates: the first failure stops the run. The test phases (and the
+# 60 s demo, scripts/demo.sh --duration 60) all run, and the script fails at the end if
+# any of them failed. Dependencies get line tables only (Cargo.toml), so clippy and
+# the test build share one build of RocksDB and librdkafka.
 set -euo pipefail
 
 REPO_ROOT="$(cd -P -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -151,6 +153,26 @@ fi
 # installs what it needs (PyPI, npm, Debian) under ~/.cache/baton.
 phase bash scripts/validate-ops.sh || FAILED+=("operations checks")
 
+# -------------------------------------------------------------------------- demo
+# The whole workflow for 60 s (scripts/demo.sh --duration 60): two pods, the healer,
+# the example agents. It must print exactly one summary line, counted from the topics
+# and the pods' state, with completed, PlanB and budget-exhausted contexts all seen.
+# BATON_DEMO_SECONDS=0 skips it.
+if [[ "${BATON_DEMO_SECONDS:-60}" != 0 ]]; then
+    section "demo (scripts/demo.sh --duration ${BATON_DEMO_SECONDS:-60})"
+    if bash scripts/demo.sh --duration "${BATON_DEMO_SECONDS:-60}" >"$RUN_LOG"; then
+        cat "$RUN_LOG"
+        if [[ "$(grep -c '^summary: completed=[0-9]* plan_b=[0-9]* budget_exhausted=[0-9]* failed=[0-9]* dlq=[0-9]* parked=[0-9]*$' "$RUN_LOG")" != 1 ||
+            "$(wc -l <"$RUN_LOG")" != 1 ]]; then
+            echo "demo: stdout is not exactly one summary line" >&2
+            FAILED+=("demo")
+        fi
+    else
+        cat "$RUN_LOG"
+        FAILED+=("demo")
+    fi
+fi
+
 # -------------------------------------------------------------------------- fuzz
 # Every cargo-fuzz target for BATON_FUZZ_SECONDS (30) from its committed corpus
 # (fuzz/README.md). The sanitizer build links the RocksDB this run already
@@ -179,7 +201,7 @@ printf '\n'
 if [[ ${#FAILED[@]} -gt 0 ]]; then
     printf '%sFAILED%s: %s (total %ss)\n' "$RED" "$RESET" "${FAILED[*]}" "$((SECONDS - SCRIPT_START))"
 else
-    printf '%sOK%s: fmt, clippy, tests and doc tests passed (total %ss)\n' "$GREEN" "$RESET" "$((SECONDS - SCRIPT_START))"
+    printf '%sOK%s: fmt, clippy, tests, doc tests and the demo passed (total %ss)\n' "$GREEN" "$RESET" "$((SECONDS - SCRIPT_START))"
 fi
 # One closing line over every test phase (unit, integration, doc tests).
 printf 'total: %d passed, %d failed, %d skipped\n' "$PASSED_N" "$FAILED_N" "$SKIPPED_N"

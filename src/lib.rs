@@ -5,6 +5,7 @@
 //!
 //! Each module is one room; a record travels through them in this order.
 //!
+//! - [`agent`]: the agent library the examples are built on: consume handovers, fetch snapshots, heartbeat, answer exactly once.
 //! - [`cli`]: the command line (`baton run`, `topology`, `state`, `dlq`, ...), parsed with clap.
 //! - [`config`]: run configuration from flags, `BATON_*` variables and an optional TOML file, validated in one place.
 //! - [`event`]: [`event::ToolEvent`], the one shape every input format decodes into.
@@ -29,6 +30,7 @@
 //! - [`secret`]: secret values that never print, and which Kafka properties hold one.
 //! - [`shutdown`]: the one shutdown signal every task listens to.
 
+pub mod agent;
 pub mod cli;
 pub mod codec;
 pub mod config;

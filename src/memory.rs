@@ -178,7 +178,7 @@ fn decode_context_id(fields: &Map<String, Value>) -> Result<String, String> {
 
 /// A value short enough to quote in an error: records come from outside and
 /// a reason must not grow with them.
-fn preview(value: &Value) -> String {
+pub(crate) fn preview(value: &Value) -> String {
     const LIMIT: usize = 64;
     let text = value.to_string();
     if text.len() <= LIMIT {

@@ -862,11 +862,93 @@ impl StoreFamily {
     }
 }
 
+/// The agent library's metrics ([`crate::agent`]), registered on first use:
+/// every example agent reports its handovers, retries and heartbeats here.
+pub static AGENTS: LazyLock<AgentMetrics> = LazyLock::new(|| AgentMetrics::register(&REGISTRY));
+
+pub struct AgentMetrics {
+    /// Handovers an agent took from its topic, by agent and outcome
+    /// (completed, failed, noted, duplicate, skipped, unreadable).
+    pub handovers: IntCounterVec,
+    /// Calls to a dependency repeated after a retriable error, by agent and
+    /// dependency (broker, snapshot, registry).
+    pub retries: IntCounterVec,
+    /// Dependencies that stayed down past the retry bound, by agent and
+    /// dependency: the policy at the bound then applies (a failed tool call,
+    /// or the agent exits without committing).
+    pub retries_exhausted: IntCounterVec,
+    /// `agent.heartbeat` records sent while working, by agent.
+    pub heartbeats: IntCounterVec,
+    /// Handover ids forgotten by the bounded duplicate filter, by agent.
+    pub dedup_evicted: IntCounterVec,
+}
+
+impl AgentMetrics {
+    fn register(registry: &Registry) -> AgentMetrics {
+        let metrics = AgentMetrics {
+            handovers: IntCounterVec::new(
+                Opts::new(
+                    "baton_agent_handovers_total",
+                    "Handovers an agent consumed, by outcome",
+                ),
+                &["agent", "outcome"],
+            )
+            .expect("valid metric"),
+            retries: IntCounterVec::new(
+                Opts::new(
+                    "baton_agent_retries_total",
+                    "Dependency calls an agent repeated after a retriable error",
+                ),
+                &["agent", "dependency"],
+            )
+            .expect("valid metric"),
+            retries_exhausted: IntCounterVec::new(
+                Opts::new(
+                    "baton_agent_retries_exhausted_total",
+                    "Dependency calls an agent gave up on at the retry bound",
+                ),
+                &["agent", "dependency"],
+            )
+            .expect("valid metric"),
+            heartbeats: IntCounterVec::new(
+                Opts::new(
+                    "baton_agent_heartbeats_total",
+                    "agent.heartbeat records an agent sent while working",
+                ),
+                &["agent"],
+            )
+            .expect("valid metric"),
+            dedup_evicted: IntCounterVec::new(
+                Opts::new(
+                    "baton_agent_dedup_evicted_total",
+                    "Handover ids the bounded duplicate filter forgot (oldest first)",
+                ),
+                &["agent"],
+            )
+            .expect("valid metric"),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(metrics.handovers.clone()),
+            Box::new(metrics.retries.clone()),
+            Box::new(metrics.retries_exhausted.clone()),
+            Box::new(metrics.heartbeats.clone()),
+            Box::new(metrics.dedup_evicted.clone()),
+        ];
+        for collector in collectors {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        metrics
+    }
+}
+
 /// Renders every registered metric in the Prometheus text format.
 pub fn render() -> String {
     LazyLock::force(&METRICS);
     LazyLock::force(&GUARDS);
     LazyLock::force(&OPS);
+    LazyLock::force(&AGENTS);
     let mut buffer = Vec::new();
     // Encoding into a Vec cannot fail for well-formed metric families.
     let _ = TextEncoder::new().encode(&REGISTRY.gather(), &mut buffer);

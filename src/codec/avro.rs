@@ -538,6 +538,122 @@ pub fn encode_handover(schema_id: u32, handover: &Handover) -> Result<Vec<u8>, S
     Ok(bytes)
 }
 
+/// Decodes a `HandoverEvent` datum written with `writer` (what baton writes
+/// when a registry is configured), for agents: fields are taken by name, so
+/// any compatible version of the schema reads. The error says what is wrong.
+pub fn decode_handover(schema_id: u32, writer: &Schema, datum: &[u8]) -> Result<Handover, String> {
+    check_writer_schema(schema_id, writer, super::DEFAULT_MAX_SCHEMA_DEPTH)
+        .map_err(|err| err.to_string())?;
+    let reader = GenericDatumReader::builder(writer)
+        .build()
+        .map_err(|err| format!("writer schema {schema_id} cannot be used: {err}"))?;
+    let written = reader
+        .read_value(&mut Cursor::new(datum))
+        .map_err(|err| format!("does not decode with writer schema {schema_id}: {err}"))?;
+    let Value::Record(fields) = written else {
+        return Err(format!("writer schema {schema_id} is not a record"));
+    };
+    let mut object = serde_json::Map::new();
+    for (name, value) in fields {
+        let value = unwrap_union(value);
+        let json = match (name.as_str(), value) {
+            ("last_tool_output", Value::String(text)) => serde_json::from_str(&text)
+                .map_err(|err| format!("`last_tool_output` is not JSON: {err}"))?,
+            ("produced_at" | "deadline_at", value) => match long(&value) {
+                Some(millis) => rfc3339_from_millis(millis).map_or(Json::Null, Json::String),
+                None => Json::Null,
+            },
+            (_, Value::String(text) | Value::Enum(_, text)) => Json::String(text),
+            (_, Value::Long(n)) => Json::from(n),
+            (_, Value::Int(n)) => Json::from(n),
+            _ => Json::Null,
+        };
+        object.insert(name, json);
+    }
+    serde_json::from_value(Json::Object(object)).map_err(|err| format!("not a handover: {err}"))
+}
+
+/// Encodes a tool event as a `ToolCompleted` (v2) record in the wire format,
+/// as an agent writes its result when a registry is configured. The record
+/// is built field by field in the schema's order (a unit test decodes it
+/// back through [`decode_tool_completed`]).
+pub fn encode_tool_completed(
+    schema_id: u32,
+    event: &ToolEvent,
+    latency_ms: Option<u64>,
+) -> Result<Vec<u8>, String> {
+    let optional_string = |value: &Option<String>| match value {
+        Some(text) => Value::Union(1, Box::new(Value::String(text.clone()))),
+        None => Value::Union(0, Box::new(Value::Null)),
+    };
+    let optional_long = |value: Option<u64>| match value {
+        Some(n) => Value::Union(1, Box::new(Value::Long(n.min(i64::MAX as u64) as i64))),
+        None => Value::Union(0, Box::new(Value::Null)),
+    };
+    let occurred_at = event
+        .occurred_at
+        .as_deref()
+        .map(millis_from_rfc3339)
+        .unwrap_or(0);
+    let (status_index, status) = match event.status {
+        ToolStatus::Ok => (0, "ok"),
+        ToolStatus::Error => (1, "error"),
+    };
+    let arguments = event.arguments.to_string();
+    let result = event.result.to_string();
+    let size = 256 + arguments.len() + result.len();
+    let usage = match event.usage {
+        Some(usage) => Value::Union(
+            1,
+            Box::new(Value::Record(vec![
+                (
+                    "input_tokens".into(),
+                    Value::Long(usage.input_tokens.min(i64::MAX as u64) as i64),
+                ),
+                (
+                    "output_tokens".into(),
+                    Value::Long(usage.output_tokens.min(i64::MAX as u64) as i64),
+                ),
+            ])),
+        ),
+        None => Value::Union(0, Box::new(Value::Null)),
+    };
+    let record = Value::Record(vec![
+        ("event_id".into(), Value::String(event.event_id.clone())),
+        ("context_id".into(), Value::String(event.context_id.clone())),
+        ("event".into(), Value::String(event.event.clone())),
+        ("server_id".into(), optional_string(&event.server_id)),
+        ("tool".into(), optional_string(&event.tool)),
+        ("arguments".into(), Value::String(arguments)),
+        ("result".into(), Value::String(result)),
+        ("token_budget".into(), optional_long(event.token_budget)),
+        ("workflow".into(), optional_string(&event.workflow)),
+        (
+            "correlation_id".into(),
+            optional_string(&event.correlation_id),
+        ),
+        ("occurred_at".into(), Value::TimestampMillis(occurred_at)),
+        ("status".into(), Value::Enum(status_index, status.into())),
+        ("error".into(), optional_string(&event.error)),
+        ("latency_ms".into(), optional_long(latency_ms)),
+        ("usage".into(), usage),
+    ]);
+    let mut bytes = frame(schema_id, size);
+    TOOL_COMPLETED_WRITER
+        .as_ref()
+        .map_err(|err| format!("ToolCompleted writer: {err}"))?
+        .write_value_ref(&mut bytes, &record)
+        .map_err(|err| err.to_string())?;
+    Ok(bytes)
+}
+
+static TOOL_COMPLETED_WRITER: LazyLock<Result<GenericDatumWriter<'static>, apache_avro::Error>> =
+    LazyLock::new(|| {
+        GenericDatumWriter::builder(&TOOL_COMPLETED.parsed)
+            .validate(false)
+            .build()
+    });
+
 /// Built once: building a writer resolves the schema's names, which cost
 /// more than encoding a record. The record is built field by field from the
 /// schema above (a unit test decodes it back), so per-record validation,
@@ -671,6 +787,70 @@ mod tests {
         );
         let writer = GenericDatumWriter::builder(schema).build().expect("writer");
         writer.write_value_to_vec(record).expect("valid record")
+    }
+
+    #[test]
+    fn an_encoded_handover_decodes_back_for_agents() {
+        let handover = Handover {
+            handover_id: "h-9".into(),
+            context_id: "ctx-9".into(),
+            intent: "enrich_reasoning".into(),
+            agent: "researcher".into(),
+            workflow: "vision-research".into(),
+            status: HandoverStatus::Retrying,
+            last_tool_output: serde_json::json!({"caption": "a bicycle"}),
+            memory_snapshot_url: Some("http://pod/contexts/ctx-9/snapshots/2?exp=1&sig=00".into()),
+            token_budget: Some(1200),
+            correlation_id: None,
+            causation_id: "e-1".into(),
+            produced_at: "2026-12-02T05:00:00.5Z".into(),
+            attempt: 2,
+            deadline_at: Some("2026-12-02T05:01:00Z".into()),
+        };
+        let bytes = encode_handover(3, &handover).expect("encodes");
+        let (id, datum) = split_frame(&bytes).expect("framed");
+        let decoded = decode_handover(id, &HANDOVER_EVENT.parsed, datum).expect("decodes");
+        assert_eq!(decoded, handover);
+        assert!(decode_handover(id, &HANDOVER_EVENT.parsed, &datum[..datum.len() / 2]).is_err());
+    }
+
+    #[test]
+    fn an_encoded_tool_completed_decodes_back_to_the_same_event() {
+        let event = ToolEvent {
+            event_id: "h-1.research_enrich".into(),
+            context_id: "ctx-7".into(),
+            event: "tool.research_enrich.completed".into(),
+            server_id: Some("researcher".into()),
+            tool: Some("research_enrich".into()),
+            arguments: serde_json::json!({"intent": "enrich_reasoning"}),
+            result: serde_json::json!({"summary": "a red bicycle"}),
+            usage: Some(Usage {
+                input_tokens: 120,
+                output_tokens: 40,
+            }),
+            occurred_at: Some("2026-12-02T05:00:00.250Z".into()),
+            correlation_id: Some("corr-1".into()),
+            status: ToolStatus::Error,
+            error: Some("model unavailable".into()),
+            ..ToolEvent::default()
+        };
+        let bytes = encode_tool_completed(5, &event, Some(812)).expect("encodes");
+        let (id, datum) = split_frame(&bytes).expect("framed");
+        assert_eq!(id, 5);
+        let decoded =
+            decode_tool_completed(id, &TOOL_COMPLETED.parsed, datum, &source()).expect("decodes");
+        assert_eq!(decoded.event_id, event.event_id);
+        assert_eq!(decoded.context_id, event.context_id);
+        assert_eq!(decoded.result, event.result);
+        assert_eq!(decoded.arguments, event.arguments);
+        assert_eq!(decoded.usage, event.usage);
+        assert_eq!(decoded.status, ToolStatus::Error);
+        assert_eq!(decoded.error, event.error);
+        assert_eq!(decoded.correlation_id, event.correlation_id);
+        assert_eq!(
+            decoded.occurred_at.as_deref(),
+            Some("2026-12-02T05:00:00.25Z")
+        );
     }
 
     fn v1_record() -> Vec<(&'static str, Value)> {

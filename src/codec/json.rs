@@ -32,7 +32,7 @@ struct WireEvent {
     #[serde(default, alias = "tokenBudget")]
     token_budget: Option<u64>,
     #[serde(default, alias = "occurredAt")]
-    occurred_at: Option<String>,
+    occurred_at: Option<WireTime>,
     #[serde(default, alias = "correlationId")]
     correlation_id: Option<String>,
     #[serde(default)]
@@ -55,6 +55,50 @@ struct WireEvent {
     /// Legacy events nest the call under `payload`.
     #[serde(default)]
     payload: Option<LegacyPayload>,
+}
+
+/// `occurred_at` as producers write it: an RFC 3339 string, or epoch
+/// milliseconds as a JSON integer (what JavaScript's `Date.now()` gives).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WireTime {
+    Text(String),
+    Millis(i64),
+    /// Anything else (a fraction, a number past i64, an object), refused
+    /// with a reason rather than lost to a shape error.
+    Other(Value),
+}
+
+impl WireTime {
+    /// The time as RFC 3339 (UTC). Strings are kept as written.
+    fn into_rfc3339(self) -> Result<String, DecodeError> {
+        match self {
+            WireTime::Text(text) => Ok(text),
+            WireTime::Millis(millis) => time::OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(millis) * 1_000_000,
+            )
+            .ok()
+            .and_then(|at| {
+                at.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .ok_or_else(|| {
+                DecodeError::poison(
+                    ErrorClass::UnrecognizedFormat,
+                    format!(
+                        "`occurred_at` {millis}: epoch milliseconds outside what RFC 3339 can write (years 0 to 9999)"
+                    ),
+                )
+            }),
+            WireTime::Other(value) => Err(DecodeError::poison(
+                ErrorClass::UnrecognizedFormat,
+                format!(
+                    "`occurred_at` must be an RFC 3339 string or integer epoch milliseconds, got {}",
+                    crate::memory::preview(&value)
+                ),
+            )),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -129,7 +173,7 @@ pub fn decode(bytes: &[u8], source: &SourceCoordinates) -> Result<ToolEvent, Dec
         result,
         usage: wire.usage,
         token_budget: wire.token_budget,
-        occurred_at: wire.occurred_at,
+        occurred_at: wire.occurred_at.map(WireTime::into_rfc3339).transpose()?,
         correlation_id: wire.correlation_id,
         workflow: wire.workflow,
         status,
@@ -188,6 +232,46 @@ mod tests {
             })
         );
         assert_eq!(event.token_budget, Some(5000));
+    }
+
+    #[test]
+    fn occurred_at_may_be_epoch_milliseconds_or_rfc3339() {
+        // What JavaScript writes: `JSON.stringify({..., occurred_at: Date.now()})`.
+        let millis = br#"{"event":"tool.vision_analyze.completed","context_id":"c","occurred_at":1764651600250}"#;
+        let event = decode(millis, &source()).expect("epoch milliseconds decode");
+        assert_eq!(
+            event.occurred_at.as_deref(),
+            Some("2025-12-02T05:00:00.25Z")
+        );
+        let camel = br#"{"event":"tool.x.completed","conversationId":"c","occurredAt":0}"#;
+        let event = decode(camel, &source()).expect("decodes");
+        assert_eq!(event.occurred_at.as_deref(), Some("1970-01-01T00:00:00Z"));
+        let text = br#"{"event":"tool.x.completed","context_id":"c","occurred_at":"2026-11-24T10:00:00Z"}"#;
+        let event = decode(text, &source()).expect("decodes");
+        assert_eq!(event.occurred_at.as_deref(), Some("2026-11-24T10:00:00Z"));
+        let absent = br#"{"event":"tool.x.completed","context_id":"c","occurred_at":null}"#;
+        assert_eq!(
+            decode(absent, &source()).expect("decodes").occurred_at,
+            None
+        );
+    }
+
+    #[test]
+    fn an_unusable_occurred_at_is_refused_with_its_reason() {
+        for bytes in [
+            &br#"{"event":"tool.x.completed","context_id":"c","occurred_at":1.5}"#[..],
+            br#"{"event":"tool.x.completed","context_id":"c","occurred_at":99999999999999999}"#,
+            br#"{"event":"tool.x.completed","context_id":"c","occurred_at":18446744073709551615}"#,
+            br#"{"event":"tool.x.completed","context_id":"c","occurred_at":{"ms":1}}"#,
+        ] {
+            match decode(bytes, &source()) {
+                Err(DecodeError::Poison { class, reason }) => {
+                    assert_eq!(class, ErrorClass::UnrecognizedFormat);
+                    assert!(reason.contains("occurred_at"), "{reason}");
+                }
+                other => panic!("expected poison, got {other:?}"),
+            }
+        }
     }
 
     #[test]
