@@ -227,4 +227,13 @@ fn a_partition_whose_stores_cannot_open_at_first_is_processed_once_they_can() {
     std::fs::remove_file(&blocker).expect("unblock");
 
     assert_exact(&broker, &mut reader, &pod, &expected, &inputs);
+    assert!(
+        pod.metric("baton_partition_reopens_total{reason=\"state_open\"}") >= 1.0,
+        "the failed open is counted"
+    );
+    assert!(
+        pod.log()
+            .contains("cannot restore the stores; trying again"),
+        "the failed open is logged with its retry"
+    );
 }
