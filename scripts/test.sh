@@ -142,6 +142,13 @@ if [[ -f src/lib.rs ]]; then
     count_cargo_test
 fi
 
+# ------------------------------------------------------------------------- chaos
+# The chaos suite's two-minute version (tests/chaos; docs/benchmarks.md,
+# "Reliability"): every fault once, pods SIGKILLed ten times, an exact verdict.
+# Its seed is printed; `scripts/chaos.sh --ci --seed N` replays a failure.
+test_phase bash scripts/chaos.sh --ci || FAILED+=("chaos suite (--ci)")
+count_cargo_test
+
 # -------------------------------------------------------------------------- fuzz
 # Every cargo-fuzz target for 30 s from its committed corpus (fuzz/README.md),
 # when BATON_FUZZ=1. Opt-in for now: the first build compiles RocksDB and

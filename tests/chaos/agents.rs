@@ -69,6 +69,13 @@ pub struct Log {
     pub hop_p99_s: f64,
 }
 
+fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
@@ -84,6 +91,8 @@ struct Agents<'a> {
     inputs: BTreeMap<String, Vec<Sent>>,
     events_sent: usize,
     seen: HashSet<String>,
+    /// Contexts whose valuation or playwright call (one of the pair) came.
+    asked: HashSet<String>,
     settled: HashSet<String>,
     last_sent: HashMap<String, Instant>,
     slowest_hop_s: f64,
@@ -93,10 +102,18 @@ struct Agents<'a> {
 }
 
 impl Agents<'_> {
-    fn send(&mut self, context: &str, value: Vec<u8>, sent: Sent) {
+    /// Sends one record keyed by `context`, stamped with the wall clock
+    /// (the model folds it at that time: timers count from it).
+    fn send(&mut self, context: &str, value: Vec<u8>, event: Option<ToolEvent>) {
+        let timestamp_ms = wall_clock_ms();
+        let sent = match event {
+            Some(event) => Sent::Event(Box::new(event), timestamp_ms),
+            None => Sent::Poison,
+        };
         let mut pending = BaseRecord::<[u8], [u8]>::to(INPUT)
             .key(context.as_bytes())
-            .payload(&value);
+            .payload(&value)
+            .timestamp(timestamp_ms);
         loop {
             match self.producer.send(pending) {
                 Ok(()) => break,
@@ -118,7 +135,7 @@ impl Agents<'_> {
     fn send_json(&mut self, context: &str, value: Value) {
         let bytes = value.to_string().into_bytes();
         let event = decode_json(&bytes);
-        self.send(context, bytes, Sent::Event(Box::new(event)));
+        self.send(context, bytes, Some(event));
     }
 
     /// A tool's completion in Avro (ToolCompleted v2, through the registry).
@@ -154,7 +171,7 @@ impl Agents<'_> {
         };
         let bytes = avro_bytes(&event, Version::V2, self.schema_id);
         let decoded = decode_avro(&bytes);
-        self.send(&plan.id, bytes, Sent::Event(Box::new(decoded)));
+        self.send(&plan.id, bytes, Some(decoded));
         self.shared.counts.answers.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -166,7 +183,7 @@ impl Agents<'_> {
         } else {
             self.send_json(&plan.id, plan::first_event(plan));
             if plan.kind == Kind::Poisoned {
-                self.send(&plan.id, plan::poison_for(plan), Sent::Poison);
+                self.send(&plan.id, plan::poison_for(plan), None);
             }
         }
         self.shared.counts.started.fetch_add(1, Ordering::Relaxed);
@@ -228,9 +245,23 @@ impl Agents<'_> {
                 return;
             }
         }
+        let pair = status == "queued" && text("workflow") == "vision-research";
         match agent.as_str() {
             "reporter" => self.settle(&context),
             "researcher" => self.research(plan, attempt),
+            // Valuation and playwright are handed the context in one
+            // transaction: both answer once both are asked, valuation first,
+            // so no answer reaches the context while it waits on the healer
+            // for a failed screenshot (it would be held, a state change the
+            // model need not guess at).
+            "valuation" | "playwright" if pair => {
+                if self.asked.remove(&context) {
+                    self.send_tool(plan, "valuation", attempt);
+                    self.send_tool(plan, "playwright", attempt);
+                } else {
+                    self.asked.insert(context);
+                }
+            }
             "valuation" | "playwright" | "fetcher" => self.send_tool(plan, &agent, attempt),
             _ => {}
         }
@@ -428,6 +459,7 @@ pub fn run(
         inputs: BTreeMap::new(),
         events_sent: 0,
         seen: HashSet::new(),
+        asked: HashSet::new(),
         settled: HashSet::new(),
         last_sent: HashMap::new(),
         slowest_hop_s: 0.0,

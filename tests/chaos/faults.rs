@@ -116,6 +116,8 @@ pub struct Zombie {
     pub before: BTreeMap<&'static str, f64>,
     pub after: BTreeMap<&'static str, f64>,
     pub lost_partitions_after: f64,
+    pub revoked_partitions_after: f64,
+    pub partitions_held_before: f64,
 }
 
 const OUTCOMES: [&str; 4] = ["committed", "aborted", "fenced", "outcome_unknown"];
@@ -287,11 +289,27 @@ impl<'a> Cluster<'a> {
                 }
             }
             Fault::FreezePod { pick, for_ } => {
-                if let Some(index) = self.target(*pick, false) {
+                // A pod that holds partitions, so it has something to be a
+                // zombie about.
+                let holding: Vec<usize> = (0..self.pods.len())
+                    .filter(|i| *i != DISK_POD && !self.spared.contains(i))
+                    .filter(|i| {
+                        self.pods[*i]
+                            .as_ref()
+                            .is_some_and(|p| p.metric("baton_assigned_partitions") > 0.0)
+                    })
+                    .collect();
+                let chosen = if holding.is_empty() {
+                    self.target(*pick, false)
+                } else {
+                    Some(holding[(*pick % holding.len() as u64) as usize])
+                };
+                if let Some(index) = chosen {
                     let pod = self.pods[index].as_ref().expect("running");
                     self.zombie = Some(Zombie {
                         pod: index,
                         frozen_for: *for_,
+                        partitions_held_before: pod.metric("baton_assigned_partitions"),
                         before: transactions(pod),
                         ..Zombie::default()
                     });
@@ -384,6 +402,8 @@ impl<'a> Cluster<'a> {
                     zombie.after = transactions(baton);
                     zombie.lost_partitions_after =
                         baton.metric("baton_rebalances_total{kind=\"lost\"}");
+                    zombie.revoked_partitions_after =
+                        baton.metric("baton_rebalances_total{kind=\"revoke\"}");
                 }
                 self.spared.remove(&pod);
             }

@@ -258,7 +258,7 @@ fn chaos() {
         let mut pending: Vec<(Duration, faults::Undo)> = Vec::new();
         let mut schedule = schedule.into_iter().peekable();
         let mut kills = 0;
-        let drain_limit = settings.step_timeout * 4 + Duration::from_secs(120);
+        let drain_limit = settings.step_timeout * 2 + Duration::from_secs(60);
         let mut fed_at: Option<Instant> = None;
         loop {
             let now = run_began.elapsed();
@@ -327,12 +327,12 @@ fn chaos() {
     expected.parked.extend(burst_letters.iter().cloned());
     let mut progress = verdict::Progress::new(&broker);
     let wait_began = Instant::now();
-    while !progress.complete(&expected) && wait_began.elapsed() < Duration::from_secs(180) {
+    while !progress.complete(&expected) && wait_began.elapsed() < Duration::from_secs(90) {
         cluster.watch();
         std::thread::sleep(Duration::from_millis(500));
     }
     // The last timers (approval gates nobody answers) change state only.
-    let states_deadline = Instant::now() + settings.step_timeout + Duration::from_secs(60);
+    let states_deadline = Instant::now() + settings.step_timeout + Duration::from_secs(30);
     while Instant::now() < states_deadline
         && !verdict::states_settled(&cluster.running(), &expected)
     {
@@ -398,13 +398,15 @@ fn chaos() {
     );
     if let Some(zombie) = &cluster.zombie {
         println!(
-            "zombie: pod {} frozen {:.1} s (session timeout 6 s), its partitions held by the others after {:?}; its transactions before {:?}, 10 s after SIGCONT {:?}; lost-partition callbacks {}",
+            "zombie: pod {} (holding {} partitions) frozen {:.1} s (session timeout 6 s), its partitions held by the others after {:?}; its transactions before {:?}, 10 s after SIGCONT {:?}; rebalance callbacks after SIGCONT: lost {}, revoke {}",
             zombie.pod,
+            zombie.partitions_held_before,
             zombie.frozen_for.as_secs_f64(),
             zombie.partitions_moved_after,
             zombie.before,
             zombie.after,
-            zombie.lost_partitions_after
+            zombie.lost_partitions_after,
+            zombie.revoked_partitions_after
         );
     }
     for note in &cluster.notes {
@@ -426,8 +428,8 @@ fn chaos() {
     println!("parked: {}", findings.parked.line());
     println!("final states: {}", findings.states.line());
     println!(
-        "whole records (version included): compared {}, differing {}",
-        findings.records_compared, findings.records_differing
+        "whole records (version included): compared {}, differing {}, not compared in time {}",
+        findings.records_compared, findings.records_differing, findings.records_not_compared
     );
     println!(
         "left overdue: {}; left waiting on an agent: {}",

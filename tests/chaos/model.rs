@@ -23,8 +23,9 @@ use serde_json::Value;
 /// One input of a context, as its agents (or the lack of them) made it.
 #[derive(Debug, Clone)]
 pub enum Sent {
-    /// A record, decoded exactly as a pod decodes its bytes.
-    Event(Box<ToolEvent>),
+    /// A record, decoded exactly as a pod decodes its bytes, and its
+    /// timestamp (epoch milliseconds).
+    Event(Box<ToolEvent>, i64),
     /// A record no decoder accepts: poison.
     Poison,
     /// The agent handed this call never answered: the step's timer fires.
@@ -65,6 +66,8 @@ struct Fold<'t> {
     context: String,
     state: Option<WorkflowState>,
     memory: Memory,
+    /// The time of the latest input (commands are applied then).
+    now: i64,
 }
 
 impl Fold<'_> {
@@ -166,8 +169,13 @@ impl Fold<'_> {
             not_before: None,
             reason: None,
         };
-        let effects =
-            workflow::apply_command(self.context(), &command, self.topology, &self.policy, 0);
+        let effects = workflow::apply_command(
+            self.context(),
+            &command,
+            self.topology,
+            &self.policy,
+            self.now,
+        );
         if let workflow::Outcome::CommandIgnored { reason, .. } = &effects.outcome {
             panic!(
                 "{}: the reference's own command was ignored: {reason}",
@@ -177,7 +185,8 @@ impl Fold<'_> {
         self.absorb(expected, &effects);
     }
 
-    fn event(&mut self, expected: &mut Expected, event: &ToolEvent, offset: i64) {
+    fn event(&mut self, expected: &mut Expected, event: &ToolEvent, offset: i64, at: i64) {
+        self.now = at;
         let source = SourceCoordinates {
             topic: "mcp.events.all".into(),
             partition: 0,
@@ -188,13 +197,13 @@ impl Fold<'_> {
             event,
             Input {
                 source: &source,
-                timestamp_ms: 0,
+                timestamp_ms: at,
                 key: None,
                 value: None,
             },
             self.topology,
             &self.policy,
-            0,
+            at,
         );
         self.absorb(expected, &effects);
         if let Some(letter) = &effects.dead_letter {
@@ -208,6 +217,7 @@ impl Fold<'_> {
             .as_ref()
             .and_then(|state| state.timers.iter().find(|t| t.kind == kind).cloned())
             .unwrap_or_else(|| panic!("{}: no {kind:?} timer to fire", self.context));
+        self.now = self.now.max(timer.due_at);
         let effects = workflow::fire(self.context(), &timer, self.topology, &self.policy);
         self.absorb(expected, &effects);
         if let Some(letter) = &effects.dead_letter {
@@ -227,10 +237,11 @@ pub fn expected(topology: &Path, inputs: &BTreeMap<String, Vec<Sent>>) -> Expect
             context: context.clone(),
             state: None,
             memory: Memory::new(context),
+            now: 0,
         };
         for (offset, input) in sent.iter().enumerate() {
             match input {
-                Sent::Event(event) => fold.event(&mut expected, event, offset as i64),
+                Sent::Event(event, at) => fold.event(&mut expected, event, offset as i64, *at),
                 Sent::Poison => {
                     let letter = Letter {
                         context: context.clone(),
