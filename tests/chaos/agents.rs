@@ -41,6 +41,8 @@ pub struct Shared {
     pub stop: AtomicBool,
     /// HTTP ports of the pods now running (for snapshot fetches).
     pub pod_ports: Mutex<Vec<u16>>,
+    /// The first few snapshot URLs no pod served, with what each answered.
+    pub snapshot_failures: Mutex<Vec<String>>,
     pub counts: Counts,
 }
 
@@ -383,6 +385,7 @@ fn snapshot_fetcher(shared: Arc<Shared>, urls: std::sync::mpsc::Receiver<String>
             .rsplit_once(':')
             .and_then(|(_, port)| port.parse::<u16>().ok());
         let mut ok = false;
+        let mut statuses = Vec::new();
         for round in 0..5 {
             let mut ports: Vec<u16> = own.into_iter().collect();
             ports.extend(
@@ -392,10 +395,11 @@ fn snapshot_fetcher(shared: Arc<Shared>, urls: std::sync::mpsc::Receiver<String>
                     .map(|p| p.clone())
                     .unwrap_or_default(),
             );
-            if ports
+            statuses = ports
                 .iter()
-                .any(|port| http_status(*port, &path) == Some(200))
-            {
+                .map(|port| http_status(*port, &path))
+                .collect::<Vec<_>>();
+            if statuses.contains(&Some(200)) {
                 ok = true;
                 break;
             }
@@ -404,6 +408,11 @@ fn snapshot_fetcher(shared: Arc<Shared>, urls: std::sync::mpsc::Receiver<String>
         let counter = if ok {
             &shared.counts.snapshots_fetched
         } else {
+            if let Ok(mut failures) = shared.snapshot_failures.lock()
+                && failures.len() < 5
+            {
+                failures.push(format!("{path}: {statuses:?}"));
+            }
             &shared.counts.snapshots_failed
         };
         counter.fetch_add(1, Ordering::Relaxed);

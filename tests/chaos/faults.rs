@@ -153,6 +153,7 @@ pub struct Cluster<'a> {
     pub exited_by_themselves: Vec<String>,
     pub registry_refusals: f64,
     pub state_write_reopens: f64,
+    pub state_open_retries: f64,
     pub disk_bytes_filled: u64,
 }
 
@@ -163,6 +164,7 @@ pub enum Undo {
     RegistryBack,
     StallEnds,
     FreeDisk,
+    DiskReport,
     Unspare { pod: usize },
 }
 
@@ -192,6 +194,7 @@ impl<'a> Cluster<'a> {
             exited_by_themselves: Vec::new(),
             registry_refusals: 0.0,
             state_write_reopens: 0.0,
+            state_open_retries: 0.0,
             disk_bytes_filled: 0,
         }
     }
@@ -291,14 +294,22 @@ impl<'a> Cluster<'a> {
             Fault::FreezePod { pick, for_ } => {
                 // A pod that holds partitions, so it has something to be a
                 // zombie about.
-                let holding: Vec<usize> = (0..self.pods.len())
-                    .filter(|i| *i != DISK_POD && !self.spared.contains(i))
-                    .filter(|i| {
-                        self.pods[*i]
-                            .as_ref()
-                            .is_some_and(|p| p.metric("baton_assigned_partitions") > 0.0)
-                    })
-                    .collect();
+                // Pods restart all the time here: wait up to 15 s for one.
+                let mut holding: Vec<usize> = Vec::new();
+                let waited = Instant::now();
+                while holding.is_empty() && waited.elapsed() < Duration::from_secs(15) {
+                    holding = (0..self.pods.len())
+                        .filter(|i| *i != DISK_POD && !self.spared.contains(i))
+                        .filter(|i| {
+                            self.pods[*i]
+                                .as_ref()
+                                .is_some_and(|p| p.metric("baton_assigned_partitions") > 0.0)
+                        })
+                        .collect();
+                    if holding.is_empty() {
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                }
                 let chosen = if holding.is_empty() {
                     self.target(*pick, false)
                 } else {
@@ -419,22 +430,14 @@ impl<'a> Cluster<'a> {
                         p.metric("baton_transient_errors_total{dependency=\"schema_registry\"}")
                     })
                     .sum();
-                let mut seen = Vec::new();
-                for pod in self.running() {
-                    if let Some((_, body)) = pod.http_get("/metrics") {
-                        seen.extend(
-                            body.lines()
-                                .filter(|l| {
-                                    !l.starts_with('#')
-                                        && (l.contains("schema") || l.contains("paused"))
-                                })
-                                .map(|l| format!("{}: {l}", pod.instance_id)),
-                        );
-                    }
-                }
+                let paused: f64 = self
+                    .running()
+                    .iter()
+                    .map(|p| p.metric("baton_partitions_paused"))
+                    .sum();
                 self.notes.push(format!(
-                    "at the end of the registry outage: {}",
-                    seen.join("; ")
+                    "at the end of the registry outage: {} partitions paused waiting for it, {} refused lookups (baton_transient_errors_total{{dependency=\"schema_registry\"}})",
+                    paused, self.registry_refusals
                 ));
                 self.registry.resume();
             }
@@ -457,6 +460,16 @@ impl<'a> Cluster<'a> {
                     ));
                 }
                 self.disk.free();
+                later.push((Duration::from_secs(10), Undo::DiskReport));
+            }
+            Undo::DiskReport => {
+                if let Some(pod) = self.pods[DISK_POD].as_ref() {
+                    self.state_open_retries =
+                        pod.metric("baton_partition_reopens_total{reason=\"state_open\"}");
+                    self.state_write_reopens = self
+                        .state_write_reopens
+                        .max(pod.metric("baton_partition_reopens_total{reason=\"state_write\"}"));
+                }
                 self.spared.remove(&DISK_POD);
             }
         }

@@ -380,7 +380,7 @@ fn chaos() {
         settings.step_timeout.as_secs(),
     );
     println!(
-        "faults: pod SIGKILLs {kills_done}, pods added {}, removed {}, SIGSTOP {}, cut {}, black-holed {}, malformed bursts {}, registry outages {} (pods' refused lookups {}), healer SIGKILLs {}, researcher stalls {}, state disk filled {} ({} bytes; state-write reopens {}; {})",
+        "faults: pod SIGKILLs {kills_done}, pods added {}, removed {}, SIGSTOP {}, cut {}, black-holed {}, malformed bursts {}, registry outages {} (pods' refused lookups {}), healer SIGKILLs {}, researcher stalls {}, state disk filled {} ({} bytes; on the disk pod: {} stores opened again after failing, {} reopens after a failed state write; {})",
         n("add_pod"),
         n("remove_pod"),
         n("sigstop_pod"),
@@ -393,6 +393,7 @@ fn chaos() {
         n("stall_researcher"),
         n("fill_state_disk"),
         cluster.disk_bytes_filled,
+        cluster.state_open_retries,
         cluster.state_write_reopens,
         cluster.disk.describe(),
     );
@@ -408,6 +409,14 @@ fn chaos() {
             zombie.lost_partitions_after,
             zombie.revoked_partitions_after
         );
+    }
+    for failure in shared
+        .snapshot_failures
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default()
+    {
+        println!("snapshot not served (last answers per pod): {failure}");
     }
     for note in &cluster.notes {
         println!("note: {note}");
