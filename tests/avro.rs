@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use baton::codec::avro::{self as wire, schemas};
+use baton::codec::avro::schemas;
 use baton::event::{SourceCoordinates, ToolEvent, ToolStatus};
 use baton::sample::{self, SampleRecord};
 use common::avro_events::{Version, avro_bytes, millis};

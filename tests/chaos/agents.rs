@@ -226,7 +226,7 @@ impl Agents<'_> {
         let attempt = fields["attempt"].as_u64().unwrap_or(1) as u32;
         if let Some(url) = fields["memory_snapshot_url"].as_str() {
             let n = self.shared.counts.handovers_seen.load(Ordering::Relaxed);
-            if n % self.snapshot_every == 0 {
+            if n.is_multiple_of(self.snapshot_every) {
                 match self.snapshots.try_send(url.to_owned()) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
