@@ -476,6 +476,16 @@ impl<'a> Cluster<'a> {
         later
     }
 
+    /// Whether the running pods hold every partition between them.
+    pub fn group_settled(&self) -> bool {
+        let held: f64 = self
+            .running()
+            .iter()
+            .map(|p| p.metric("baton_assigned_partitions"))
+            .sum();
+        held >= crate::PARTITIONS as f64
+    }
+
     /// Waits until the running pods other than `frozen` hold every partition.
     fn wait_partitions_moved(&self, frozen: usize, timeout: Duration) -> Option<Duration> {
         let began = Instant::now();
