@@ -14,6 +14,10 @@ use crate::common::registry::SchemaRegistry;
 use crate::common::{Baton, BatonOptions, Broker, Healer};
 use crate::plan::Fault;
 
+/// Topic-partitions the group holds when every partition is owned: each
+/// task reads its input partition and the co-partitioned control topic's.
+const HELD_WHEN_SETTLED: f64 = (crate::PARTITIONS * 2) as f64;
+
 /// The pod whose state directory is a small filesystem of its own.
 pub const DISK_POD: usize = 2;
 
@@ -483,7 +487,7 @@ impl<'a> Cluster<'a> {
             .iter()
             .map(|p| p.metric("baton_assigned_partitions"))
             .sum();
-        held >= crate::PARTITIONS as f64
+        held >= HELD_WHEN_SETTLED
     }
 
     /// Waits until the running pods other than `frozen` hold every partition.
@@ -495,7 +499,7 @@ impl<'a> Cluster<'a> {
                 .filter_map(|i| self.pods[i].as_ref())
                 .map(|p| p.metric("baton_assigned_partitions"))
                 .sum();
-            if held >= crate::PARTITIONS as f64 {
+            if held >= HELD_WHEN_SETTLED {
                 return Some(began.elapsed());
             }
             std::thread::sleep(Duration::from_millis(200));
