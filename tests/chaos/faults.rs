@@ -14,10 +14,6 @@ use crate::common::registry::SchemaRegistry;
 use crate::common::{Baton, BatonOptions, Broker, Healer};
 use crate::plan::Fault;
 
-/// Topic-partitions the group holds when every partition is owned: each
-/// task reads its input partition and the co-partitioned control topic's.
-const HELD_WHEN_SETTLED: f64 = (crate::PARTITIONS * 2) as f64;
-
 /// The pod whose state directory is a small filesystem of its own.
 pub const DISK_POD: usize = 2;
 
@@ -159,6 +155,10 @@ pub struct Cluster<'a> {
     pub state_write_reopens: f64,
     pub state_open_retries: f64,
     pub disk_bytes_filled: u64,
+    /// Topic-partitions the pods hold between them when the group is
+    /// settled (each task reads its input partition and the co-partitioned
+    /// topics'), measured once the first pods are up.
+    pub held_when_settled: f64,
 }
 
 /// A pending end of a fault: (when, what to undo).
@@ -200,6 +200,7 @@ impl<'a> Cluster<'a> {
             state_write_reopens: 0.0,
             state_open_retries: 0.0,
             disk_bytes_filled: 0,
+            held_when_settled: f64::INFINITY,
         }
     }
 
@@ -480,6 +481,29 @@ impl<'a> Cluster<'a> {
         later
     }
 
+    /// Measures [`Cluster::held_when_settled`]: the pods' total once it has
+    /// stayed the same for 3 s (up to a minute).
+    pub fn measure_settled(&mut self) {
+        let mut last = -1.0;
+        let mut same = 0;
+        let began = Instant::now();
+        while same < 3 && began.elapsed() < Duration::from_secs(60) {
+            let held: f64 = self
+                .running()
+                .iter()
+                .map(|p| p.metric("baton_assigned_partitions"))
+                .sum();
+            if held > 0.0 && held == last {
+                same += 1;
+            } else {
+                same = 0;
+            }
+            last = held;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        self.held_when_settled = last.max(crate::PARTITIONS as f64);
+    }
+
     /// Whether the running pods hold every partition between them.
     pub fn group_settled(&self) -> bool {
         let held: f64 = self
@@ -487,7 +511,7 @@ impl<'a> Cluster<'a> {
             .iter()
             .map(|p| p.metric("baton_assigned_partitions"))
             .sum();
-        held >= HELD_WHEN_SETTLED
+        held >= self.held_when_settled
     }
 
     /// Waits until the running pods other than `frozen` hold every partition.
@@ -499,7 +523,7 @@ impl<'a> Cluster<'a> {
                 .filter_map(|i| self.pods[i].as_ref())
                 .map(|p| p.metric("baton_assigned_partitions"))
                 .sum();
-            if held >= HELD_WHEN_SETTLED {
+            if held >= self.held_when_settled {
                 return Some(began.elapsed());
             }
             std::thread::sleep(Duration::from_millis(200));

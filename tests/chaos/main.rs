@@ -245,6 +245,11 @@ fn chaos() {
     common::wait_for("three pods ready", Duration::from_secs(120), || {
         cluster.running().iter().all(|p| p.is_ready())
     });
+    cluster.measure_settled();
+    println!(
+        "chaos: a settled group holds {} topic-partitions",
+        cluster.held_when_settled
+    );
 
     let (burst_records, burst_letters) = burst(&settings);
     let run_began = Instant::now();
