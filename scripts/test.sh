@@ -173,6 +173,13 @@ if [[ "${BATON_DEMO_SECONDS:-60}" != 0 ]]; then
     fi
 fi
 
+# ------------------------------------------------------------------------- chaos
+# The chaos suite's two-minute version (tests/chaos; docs/benchmarks.md,
+# "Reliability"): every fault once, pods SIGKILLed ten times, an exact verdict.
+# Its seed is printed; `scripts/chaos.sh --ci --seed N` replays a failure.
+test_phase bash scripts/chaos.sh --ci || FAILED+=("chaos suite (--ci)")
+count_cargo_test
+
 # -------------------------------------------------------------------------- fuzz
 # Every cargo-fuzz target for BATON_FUZZ_SECONDS (30) from its committed corpus
 # (fuzz/README.md). The sanitizer build links the RocksDB this run already

@@ -456,6 +456,7 @@ impl Metrics {
             "state_write",
             "missed_barrier",
             "state_read",
+            "state_open",
         ] {
             metrics.partition_reopens.with_label_values(&[reason]);
         }

@@ -9,8 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use apache_avro::types::Value;
-use baton::codec::avro::{self as wire, schemas};
+use baton::codec::avro::schemas;
 use baton::event::{SourceCoordinates, ToolEvent, ToolStatus};
 use baton::sample::{self, SampleRecord};
 use common::avro_events::{Version, avro_bytes, millis};
@@ -66,47 +65,11 @@ fn record(event: &ToolEvent, value: Vec<u8>) -> SampleRecord {
     }
 }
 
-/// A handover record read back with baton's schema, in the JSON shape the
-/// reference uses (no `produced_at`).
-fn handover_json(value: &[u8]) -> serde_json::Value {
-    let (_, datum) = wire::split_frame(value).expect("wire format");
-    let schema = &wire::HANDOVER_EVENT.parsed;
-    let decoded = apache_avro::reader::datum::GenericDatumReader::builder(schema)
-        .build()
-        .and_then(|reader| reader.read_value(&mut std::io::Cursor::new(datum)))
-        .expect("handover decodes with HandoverEvent");
-    let Value::Record(fields) = decoded else {
-        panic!("handover is a record")
-    };
-    let mut object = serde_json::Map::new();
-    for (name, value) in fields {
-        let value = match value {
-            Value::Union(_, inner) => *inner,
-            other => other,
-        };
-        let json = match (name.as_str(), value) {
-            ("produced_at", _) | ("deadline_at", _) => continue,
-            ("last_tool_output", Value::String(text)) => {
-                serde_json::from_str(&text).expect("last_tool_output is JSON")
-            }
-            (_, Value::String(text)) | (_, Value::Enum(_, text)) => serde_json::json!(text),
-            (_, Value::Long(n)) => serde_json::json!(n),
-            (_, Value::Int(n)) => serde_json::json!(n),
-            (_, Value::Null) => serde_json::Value::Null,
-            (field, other) => panic!("unexpected {field}: {other:?}"),
-        };
-        object.insert(name, json);
-    }
-    let mut value = serde_json::Value::Object(object);
-    common::normalize_handover(&mut value);
-    value
-}
-
 fn avro_handovers(records: &[common::Record]) -> Vec<(String, serde_json::Value)> {
     common::handover_records(records)
         .into_iter()
         .map(|record| {
-            let value = handover_json(&record.value);
+            let value = common::avro_events::handover_json(&record.value);
             let id = value["handover_id"].as_str().expect("id").to_string();
             (id, value)
         })

@@ -194,3 +194,46 @@ fn a_commit_whose_outcome_is_unknown_reopens_from_the_broker_and_stays_exact() {
 
     assert_exact(&broker, &mut reader, &pod, &expected, &inputs);
 }
+
+/// Found by the chaos suite (a pod's state disk filled while a rebalance
+/// gave it a partition): when a partition's stores cannot be opened at
+/// first, the pod must try again once they can, not hold the partition
+/// unprocessed until some later rebalance (a quiet group never has one).
+/// Here the store's directory is blocked by a file until the inputs wait.
+#[test]
+fn a_partition_whose_stores_cannot_open_at_first_is_processed_once_they_can() {
+    let broker = Broker::start();
+    broker.create_baton_topics(1);
+    let inputs = sample::vision_research_traffic(20, 0.0, 37);
+    let expected = reference(&inputs);
+    let state_dir = tempfile::tempdir().expect("state dir");
+    let blocker = baton::state::store_path(state_dir.path(), "baton-test", "context", 0);
+    std::fs::create_dir_all(blocker.parent().expect("parent")).expect("app dir");
+    std::fs::write(&blocker, b"not a store").expect("blocker");
+    let pod = Baton::start(
+        &broker,
+        BatonOptions {
+            state_dir: Some(state_dir),
+            ..BatonOptions::new("pod-blocked-store")
+        },
+    );
+    let mut reader = common::outputs_reader(&broker);
+    broker.produce("mcp.events.all", &inputs);
+    common::wait_for(
+        "the pod to fail opening its stores",
+        Duration::from_secs(60),
+        || pod.log().contains("cannot restore the stores"),
+    );
+    std::fs::remove_file(&blocker).expect("unblock");
+
+    assert_exact(&broker, &mut reader, &pod, &expected, &inputs);
+    assert!(
+        pod.metric("baton_partition_reopens_total{reason=\"state_open\"}") >= 1.0,
+        "the failed open is counted"
+    );
+    assert!(
+        pod.log()
+            .contains("cannot restore the stores; trying again"),
+        "the failed open is logged with its retry"
+    );
+}

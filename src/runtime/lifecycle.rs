@@ -33,6 +33,12 @@ use crate::transactor::{Generation, Transactor};
 const SEEK_ATTEMPTS: u32 = 10;
 const SEEK_BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const SEEK_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Attempts to open (restore) a partition's stores, and the backoff between
+/// them (about three minutes in all), before it is held unprocessed until
+/// it is released.
+const OPEN_ATTEMPTS: u32 = 12;
+const OPEN_BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const OPEN_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long one committed-offsets request or seek may take.
 const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,7 +59,39 @@ impl Lifecycle {
     /// Opens and restores the partition's stores. While restoring, barriers
     /// get an empty report and outcomes only move the generation on; a stop
     /// ends the restore. `None` when stopped (or the engine went away).
+    ///
+    /// An open that fails (a full disk, an unreadable store directory) is
+    /// tried again with backoff, [`OPEN_ATTEMPTS`] times in all, while the
+    /// partition stays assigned: without it the partition would sit
+    /// assigned and unprocessed until the next rebalance, which a quiet
+    /// group may never have. Past the bound it is held unprocessed until
+    /// released, as before, and says so.
     pub async fn open(&mut self) -> Option<PartitionProcessor> {
+        let mut backoff = OPEN_BACKOFF_FIRST;
+        for attempt in 1..=OPEN_ATTEMPTS {
+            let err = match self.try_open().await {
+                Ok(opened) => return opened,
+                Err(err) => err,
+            };
+            if attempt == OPEN_ATTEMPTS {
+                tracing::error!(partition = self.partition, attempts = attempt, cause = %err, "cannot restore the stores; the partition stays unprocessed until it is released");
+                return self.wait_for_stop().await;
+            }
+            METRICS
+                .partition_reopens
+                .with_label_values(&[ReopenReason::StateOpen.label()])
+                .inc();
+            tracing::warn!(partition = self.partition, attempt, retry_in_ms = backoff.as_millis() as u64, cause = %err, "cannot restore the stores; trying again");
+            if !self.pause(backoff).await {
+                return None;
+            }
+            backoff = (backoff * 2).min(OPEN_BACKOFF_MAX);
+        }
+        None
+    }
+
+    /// One attempt at [`Lifecycle::open`]: `Ok(None)` when stopped meanwhile.
+    async fn try_open(&mut self) -> Result<Option<PartitionProcessor>, String> {
         self.readiness.partition_restoring(self.partition);
         let cancel = restore::cancel_flag();
         // The restore borrows its own handles, so `self` stays free to
@@ -82,13 +120,13 @@ impl Lifecycle {
                                 cancel.store(true, Ordering::Relaxed);
                                 close_if_opened((&mut opening).await).await;
                                 let _ = reply.send(());
-                                return None;
+                                return Ok(None);
                             }
                             Some(command) => self.follow(&command),
                             None => {
                                 cancel.store(true, Ordering::Relaxed);
                                 close_if_opened((&mut opening).await).await;
-                                return None;
+                                return Ok(None);
                             }
                         }
                     }
@@ -96,26 +134,43 @@ impl Lifecycle {
                         cancel.store(true, Ordering::Relaxed);
                         close_if_opened((&mut opening).await).await;
                         let _ = reply.send(());
-                        return None;
+                        return Ok(None);
                     }
                     Some(command) => self.follow(&command),
                     None => {
                         cancel.store(true, Ordering::Relaxed);
                         close_if_opened((&mut opening).await).await;
-                        return None;
+                        return Ok(None);
                     }
                 },
                 opened = &mut opening => break opened,
             }
         };
-        match opened {
-            Ok(processor) => {
-                self.readiness.partition_ready(self.partition);
-                Some(processor)
-            }
-            Err(err) => {
-                tracing::error!(partition = self.partition, cause = %err, "cannot restore the stores; the partition stays unprocessed");
-                self.wait_for_stop().await
+        let processor = opened?;
+        self.readiness.partition_ready(self.partition);
+        Ok(Some(processor))
+    }
+
+    /// Waits `delay`, answering the engine meanwhile; `false` when told to
+    /// stop (or the engine went away).
+    async fn pause(&mut self, delay: Duration) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                biased;
+                command = self.control.recv() => match command {
+                    Some(Control::Barrier { reply }) => {
+                        let _ = reply.send(TaskProgress::idle(self.partition));
+                    }
+                    Some(Control::Stop { reply }) => {
+                        let _ = reply.send(());
+                        return false;
+                    }
+                    Some(command) => self.follow(&command),
+                    None => return false,
+                },
+                () = &mut sleep => return true,
             }
         }
     }

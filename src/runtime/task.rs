@@ -111,6 +111,8 @@ pub enum ReopenReason {
     MissedBarrier,
     /// Reading state kept failing.
     StateRead,
+    /// Opening (restoring) the stores failed, and is tried again.
+    StateOpen,
 }
 
 impl ReopenReason {
@@ -121,6 +123,7 @@ impl ReopenReason {
             ReopenReason::StateWrite => "state_write",
             ReopenReason::MissedBarrier => "missed_barrier",
             ReopenReason::StateRead => "state_read",
+            ReopenReason::StateOpen => "state_open",
         }
     }
 }

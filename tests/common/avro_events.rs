@@ -93,3 +93,46 @@ pub fn avro_bytes(event: &ToolEvent, version: Version, schema_id: u32) -> Vec<u8
         .expect("valid record");
     bytes
 }
+
+/// A handover record read back with baton's schema, in the JSON shape the
+/// reference uses (normalized as [`super::normalize_handover`] does).
+pub fn handover_json(value: &[u8]) -> serde_json::Value {
+    let mut value = handover_fields(value);
+    super::normalize_handover(&mut value);
+    value
+}
+
+/// A handover record's fields as JSON, as written (`produced_at` and
+/// `deadline_at` left out: they are wall-clock time).
+pub fn handover_fields(value: &[u8]) -> serde_json::Value {
+    use baton::codec::avro as wire;
+    let (_, datum) = wire::split_frame(value).expect("wire format");
+    let schema = &wire::HANDOVER_EVENT.parsed;
+    let decoded = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+        .build()
+        .and_then(|reader| reader.read_value(&mut std::io::Cursor::new(datum)))
+        .expect("handover decodes with HandoverEvent");
+    let Value::Record(fields) = decoded else {
+        panic!("handover is a record")
+    };
+    let mut object = serde_json::Map::new();
+    for (name, value) in fields {
+        let value = match value {
+            Value::Union(_, inner) => *inner,
+            other => other,
+        };
+        let json = match (name.as_str(), value) {
+            ("produced_at", _) | ("deadline_at", _) => continue,
+            ("last_tool_output", Value::String(text)) => {
+                serde_json::from_str(&text).expect("last_tool_output is JSON")
+            }
+            (_, Value::String(text)) | (_, Value::Enum(_, text)) => serde_json::json!(text),
+            (_, Value::Long(n)) => serde_json::json!(n),
+            (_, Value::Int(n)) => serde_json::json!(n),
+            (_, Value::Null) => serde_json::Value::Null,
+            (field, other) => panic!("unexpected {field}: {other:?}"),
+        };
+        object.insert(name, json);
+    }
+    serde_json::Value::Object(object)
+}
