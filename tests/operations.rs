@@ -157,7 +157,10 @@ fn every_metric_is_catalogued_and_read_by_a_panel_or_an_alert() {
         if !readme.lines().any(|line| line.starts_with(&row)) {
             problems.push(format!("{name}: no row in the README's metrics catalogue"));
         }
-        if !readers.contains(name.as_str()) {
+        // The example agents' metrics are served by the agents themselves
+        // (src/agent, `--metrics-addr`), which the shipped Prometheus config
+        // does not scrape; tests/agents.rs reads them.
+        if !name.starts_with("baton_agent_") && !readers.contains(name.as_str()) {
             problems.push(format!("{name}: no dashboard panel or alert reads it"));
         }
     }
