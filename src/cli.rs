@@ -519,14 +519,8 @@ async fn state_get(args: StateGetArgs) -> anyhow::Result<ExitCode> {
             percent_encoding::NON_ALPHANUMERIC,
         );
         let target = format!("{}/contexts/{encoded}", url.trim_end_matches('/'));
-        let authorization = args
-            .token
-            .as_ref()
-            .map(|token| format!("Bearer {}", token.expose()));
-        let headers: Vec<(&str, &str)> = authorization
-            .iter()
-            .map(|value| ("authorization", value.as_str()))
-            .collect();
+        let authorization = crate::http::bearer(args.token.as_ref());
+        let headers = crate::http::authorization_headers(&authorization);
         let (status, _, body) = http::get_with_headers(&target, &headers).await?;
         println!("{body}");
         return Ok(if status == 200 {

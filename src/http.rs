@@ -852,6 +852,19 @@ pub async fn get(url: &str) -> Result<(u16, String), HttpClientError> {
         .map(|(status, _, body)| (status, body))
 }
 
+/// The `Authorization` value for a bearer token, when there is one.
+pub fn bearer(token: Option<&crate::secret::Secret>) -> Option<String> {
+    token.map(|token| format!("Bearer {}", token.expose()))
+}
+
+/// The headers of a request carrying `authorization`, when there is one.
+pub fn authorization_headers(authorization: &Option<String>) -> Vec<(&'static str, &str)> {
+    authorization
+        .iter()
+        .map(|value| ("authorization", value.as_str()))
+        .collect()
+}
+
 /// A GET with extra headers, for forwarding between pods.
 pub async fn get_with_headers(
     url: &str,

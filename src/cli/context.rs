@@ -130,14 +130,8 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         limit: args.max.clamp(1, crate::http::MAX_CONTEXTS_PAGE),
         after: None,
     };
-    let authorization = args
-        .token
-        .as_ref()
-        .map(|token| format!("Bearer {}", token.expose()));
-    let headers: Vec<(&str, &str)> = authorization
-        .iter()
-        .map(|value| ("authorization", value.as_str()))
-        .collect();
+    let authorization = crate::http::bearer(args.token.as_ref());
+    let headers = crate::http::authorization_headers(&authorization);
     let mut contexts = Vec::new();
     for _ in 0..MAX_PAGES {
         let url = format!("{base}/api/contexts?{}", query.to_query_string());
