@@ -451,6 +451,67 @@ fn timers_fire_on_a_partition_that_receives_no_input_at_all() {
     assert!(pod.metric("baton_timer_lateness_seconds_count") >= 1.0);
 }
 
+/// The researcher answers while the pod is down, and the pod comes back
+/// after the researcher's timer came due. The answer waits in Kafka: it,
+/// not the wall clock, decides. A task fires by the wall clock only once
+/// its inputs are read to their end; before that fix the first round after
+/// the start fired the timer before the answer was fetched.
+#[test]
+fn an_answer_waiting_when_a_pod_comes_back_cancels_the_timer_it_outlived() {
+    let broker = Broker::start();
+    broker.create_baton_topics(3);
+    // 4 s: room for the kill and the answer inside the researcher's time.
+    let topology = fast_timers(&[(
+        "vision-research.toml",
+        "timeout = \"2s\"",
+        "timeout = \"4s\"",
+    )]);
+    let mut options = BatonOptions::new("pod-t8");
+    options.topology = topology.path().to_path_buf();
+    let mut pod = Baton::start(&broker, options);
+    let mut reader = reader(&broker);
+
+    broker.produce(INPUT, &[tool("ctx-outlived", "vision", "vision_analyze")]);
+    reader.wait_until("the researcher's handover", Duration::from_secs(60), |r| {
+        has_handover(r, "ctx-outlived", "researcher", "queued", 1)
+    });
+    let handed_over = Instant::now();
+    pod.kill();
+    // The answer, timestamped well inside the researcher's 4 s.
+    broker.produce(
+        INPUT,
+        &[tool("ctx-outlived", "research", "research_enrich")],
+    );
+    // The condition is the wall clock itself: the timer must be overdue
+    // before the pod comes back.
+    common::wait_for(
+        "the researcher's timer to come due",
+        Duration::from_secs(10),
+        || handed_over.elapsed() > Duration::from_secs(5),
+    );
+    let pod = pod.restart(&broker);
+    wait_for_state(&[&pod], "ctx-outlived", "DownstreamQueued");
+    reader.wait_until("the downstream handovers", Duration::from_secs(30), |r| {
+        has_handover(r, "ctx-outlived", "valuation", "queued", 1)
+            && has_handover(r, "ctx-outlived", "playwright", "queued", 1)
+    });
+    reader.poll_to_end();
+    assert_eq!(
+        letters(&reader, DLQ, "ctx-outlived", "step_timed_out"),
+        BTreeSet::new(),
+        "the answer came before the timer's due time, so the timer never fires"
+    );
+    assert_eq!(
+        handovers_of(&reader, "ctx-outlived"),
+        [
+            ("researcher".to_owned(), "queued".to_owned(), 1),
+            ("valuation".to_owned(), "queued".to_owned(), 1),
+            ("playwright".to_owned(), "queued".to_owned(), 1),
+        ]
+    );
+    assert_eq!(pod.metric("baton_timers_fired_total{kind=\"step\"}"), 0.0);
+}
+
 #[test]
 fn a_silent_playwright_falls_back_to_the_fetcher_and_a_silent_fetcher_to_plan_b() {
     let broker = Broker::start();

@@ -56,6 +56,11 @@ pub(super) struct Lifecycle {
 }
 
 impl Lifecycle {
+    /// The index of `tp` among the task's inputs (its queues' order).
+    pub fn input_index(&self, tp: &TopicPartition) -> Option<usize> {
+        self.tps.iter().position(|input| input == tp)
+    }
+
     /// Opens and restores the partition's stores. While restoring, barriers
     /// get an empty report and outcomes only move the generation on; a stop
     /// ends the restore. `None` when stopped (or the engine went away).
@@ -225,7 +230,7 @@ impl Lifecycle {
     /// Seeks every input of the task to the group's committed offset (the
     /// start of the partition where none is committed, as
     /// `auto.offset.reset=earliest` would). Bounded retries.
-    async fn seek_to_committed(&self) -> Result<(), String> {
+    pub async fn seek_to_committed(&self) -> Result<(), String> {
         let mut backoff = SEEK_BACKOFF_FIRST;
         let mut attempt = 1;
         loop {

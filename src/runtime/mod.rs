@@ -365,6 +365,9 @@ pub async fn run(
     consumer_config.set("partition.assignment.strategy", strategy);
     // The fetch-side high watermarks the lag gauges need (BROKER.md gap 3).
     consumer_config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+    // Tasks fire timers by the wall clock only once their inputs are read
+    // to the end (task.rs, `InputClock`).
+    consumer_config.set("enable.partition.eof", "true");
     let consumer: BatonConsumer = consumer_config
         .create_with_context(RebalanceHook::new(Arc::clone(&engine), consumer_lag))
         .map_err(|err| RunError::Consumer(err.to_string()))?;
@@ -490,6 +493,12 @@ fn coordinate(
                         use rdkafka::Message;
                         tracing::error!(topic = message.topic(), partition = message.partition(), offset = message.offset(), "record on the main queue; rewinding");
                         let _ = consumer.seek(message.topic(), message.partition(), rdkafka::Offset::Offset(message.offset()), Duration::from_secs(5));
+                    }
+                    // Ends of partitions belong to the tasks' queues; one here
+                    // came before its queue was split, and the task's seek at
+                    // start reports it again on the queue.
+                    Err(rdkafka::error::KafkaError::PartitionEOF(partition)) => {
+                        tracing::debug!(partition, "partition end on the main queue");
                     }
                     Err(err) => tracing::warn!(cause = %err, "consumer error"),
                 },

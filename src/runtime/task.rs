@@ -11,7 +11,7 @@
 //! live in [`super::lifecycle`]; isolating a record the broker keeps
 //! refusing lives in [`super::refusals`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -22,6 +22,7 @@ use rdkafka::Message;
 use rdkafka::Offset;
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureRecord;
 use tokio::sync::mpsc;
@@ -226,8 +227,49 @@ pub(super) struct Work {
 pub(super) struct InputClock {
     /// The newest timestamp of an input record applied.
     pub stream_time_ms: i64,
-    /// Input records taken since the last timer round (0: caught up).
-    pub records_since_round: u64,
+    /// Stream time as of the last commit: an abort rewinds the records that
+    /// moved it since, so it falls back here until they are applied again.
+    committed_stream_time_ms: i64,
+    /// The inputs (by queue index) read to their end: librdkafka reported
+    /// the partition's end (`enable.partition.eof`) and no record came
+    /// after it. A seek clears an input's mark, and librdkafka reports the
+    /// end again once the fetch from the new position reaches it.
+    at_end: BTreeSet<usize>,
+}
+
+impl InputClock {
+    /// Up to when timers are due. By the wall clock only once every input
+    /// has been read to its end: before that (a task just opened, a
+    /// backlog, a rewind) a record not yet read, timestamped before a
+    /// timer's due time, may be the answer that cancels it. Until then,
+    /// only up to the newest input applied.
+    fn cutoff_ms(&self, inputs: usize, now_ms: i64) -> i64 {
+        if self.at_end.len() == inputs {
+            now_ms
+        } else {
+            now_ms.min(self.stream_time_ms)
+        }
+    }
+
+    fn took_record(&mut self, input: usize) {
+        self.at_end.remove(&input);
+    }
+
+    fn reached_end(&mut self, input: usize) {
+        self.at_end.insert(input);
+    }
+
+    fn committed(&mut self) {
+        self.committed_stream_time_ms = self.stream_time_ms;
+    }
+
+    /// The inputs at `rewound` were sought back: their records come again.
+    fn rewound(&mut self, rewound: impl IntoIterator<Item = usize>) {
+        self.stream_time_ms = self.committed_stream_time_ms;
+        for input in rewound {
+            self.at_end.remove(&input);
+        }
+    }
 }
 
 impl Work {
@@ -279,8 +321,22 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
         life.readiness.partition_released(partition);
         return;
     };
+    // The partition's end is reported on its own queue only once the queue
+    // is split; one reported before (on the main queue) would be missed and
+    // timers would wait for input. Seeking restarts the fetch, so the end is
+    // reported again, here.
+    if let Err(err) = life.seek_to_committed().await {
+        tracing::warn!(partition, cause = %err, "cannot seek to the committed offsets at start; due timers wait for input until the partition's end is reported");
+    }
 
-    let mut records = futures::stream::select_all(queues.iter().map(|(_, queue)| queue.stream()));
+    // Each record or end-of-partition comes tagged with its input's index:
+    // librdkafka's end report names the partition, not the topic.
+    let mut records = futures::stream::select_all(
+        queues
+            .iter()
+            .enumerate()
+            .map(|(input, (_, queue))| queue.stream().map(move |fetched| (input, fetched))),
+    );
     let mut work = Work::default();
     // An Avro record whose writer schema is being fetched. While it waits,
     // no later record of this task is taken: per-partition order holds.
@@ -358,8 +414,15 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
             }
             message = records.next(), if takes => {
                 let message = match message {
-                    Some(Ok(message)) => message,
-                    Some(Err(err)) => {
+                    Some((input, Ok(message))) => {
+                        work.clock.took_record(input);
+                        message
+                    }
+                    Some((input, Err(KafkaError::PartitionEOF(_)))) => {
+                        work.clock.reached_end(input);
+                        continue;
+                    }
+                    Some((_, Err(err))) => {
                         tracing::warn!(partition, cause = %err, "partition queue error");
                         continue;
                     }
@@ -462,6 +525,7 @@ async fn settle(
     match outcome {
         Some(Control::Committed { next, solo }) => {
             life.generation = next;
+            work.clock.committed();
             let advanced: Vec<TopicPartition> = done.positions.keys().cloned().collect();
             for (tp, (_, next)) in &done.positions {
                 life.pipeline.lag.committed(tp, *next);
@@ -496,6 +560,8 @@ async fn settle(
             for (tp, first) in &firsts {
                 rewind(&life.consumer, tp, *first).await;
             }
+            work.clock
+                .rewound(firsts.iter().filter_map(|(tp, _)| life.input_index(tp)));
             work.rewound = firsts.iter().map(|(tp, _)| tp.clone()).collect();
             work.refusals.aborted(&firsts, refused.as_deref());
             grant(solo, work, processor, life).await;
@@ -532,6 +598,7 @@ async fn grant(
     );
     let tp = TopicPartition::new(message.topic(), message.partition());
     rewind(&life.consumer, &tp, message.offset() + 1).await;
+    work.clock.rewound(life.input_index(&tp));
     record_outputs(
         &life.transactor,
         life.generation,
@@ -562,7 +629,6 @@ async fn handle<M: Message>(
             if let Some(at) = message.timestamp().to_millis() {
                 work.clock.stream_time_ms = work.clock.stream_time_ms.max(at);
             }
-            work.clock.records_since_round += 1;
             record_outputs(
                 &life.transactor,
                 life.generation,
@@ -582,18 +648,12 @@ async fn handle<M: Message>(
 /// firing's outputs are sent like an input's, and the transaction commits
 /// the partition's timer sequence with its offsets.
 ///
-/// Due means due by the wall clock, but while the task works through a
-/// backlog only up to the newest input it has applied (stream time): a
-/// record still queued, timestamped before a timer's due time, may be the
-/// answer that cancels it (a completion, a heartbeat).
+/// Due means due by the wall clock once every input is read to its end,
+/// and until then only up to the newest input applied (stream time; see
+/// [`InputClock::cutoff_ms`]).
 async fn fire_timers(work: &mut Work, processor: &mut PartitionProcessor, life: &Lifecycle) {
     let now_ms = wall_clock_ms();
-    let cutoff_ms = if work.clock.records_since_round == 0 {
-        now_ms
-    } else {
-        now_ms.min(work.clock.stream_time_ms)
-    };
-    work.clock.records_since_round = 0;
+    let cutoff_ms = work.clock.cutoff_ms(life.tps.len(), now_ms);
     let pipeline = &life.pipeline;
     work.outputs.clear();
     let report = match processor.fire_due(
@@ -824,5 +884,40 @@ pub(super) async fn rewind(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InputClock;
+
+    #[test]
+    fn the_wall_clock_decides_only_once_every_input_is_read_to_its_end() {
+        let mut clock = InputClock::default();
+        // A task just opened: nothing applied, nothing read to its end.
+        assert_eq!(clock.cutoff_ms(2, 10_000), 0);
+        clock.stream_time_ms = 4_000;
+        clock.reached_end(0);
+        assert_eq!(
+            clock.cutoff_ms(2, 10_000),
+            4_000,
+            "one input still has a backlog"
+        );
+        clock.reached_end(1);
+        assert_eq!(clock.cutoff_ms(2, 10_000), 10_000);
+        clock.took_record(1);
+        assert_eq!(
+            clock.cutoff_ms(2, 10_000),
+            4_000,
+            "a record came after the end"
+        );
+        clock.reached_end(1);
+        clock.committed();
+        clock.stream_time_ms = 7_000;
+        // An abort rewinds input 0: stream time falls back to the commit's.
+        clock.rewound([0]);
+        assert_eq!(clock.cutoff_ms(2, 10_000), 4_000);
+        clock.reached_end(0);
+        assert_eq!(clock.cutoff_ms(2, 10_000), 10_000);
     }
 }
