@@ -98,6 +98,15 @@ pub struct HealArgs {
     /// How long start-up tries to reach Kafka before failing.
     #[arg(long, env = "BATON_STARTUP_TIMEOUT_MS", default_value_t = 30_000)]
     pub startup_timeout_ms: u64,
+    /// How long one commit may take end to end, recovery included, in
+    /// milliseconds (at least the start-up timeout, at most 240000); past it
+    /// the healer exits, since the same thread polls its consumer group.
+    #[arg(
+        long,
+        env = "BATON_TRANSACTION_RECOVERY_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub transaction_recovery_timeout_ms: u64,
     /// Metrics and health: `/metrics`, `/healthz`.
     #[arg(long, env = "BATON_HTTP_ADDR", default_value = "0.0.0.0:8081")]
     pub http_addr: std::net::SocketAddr,
@@ -198,6 +207,14 @@ pub struct RunArgs {
     /// partition reopens from the offsets the broker has committed.
     #[arg(long, env = "BATON_TRANSACTION_CALL_TIMEOUT_MS")]
     pub transaction_call_timeout_ms: Option<u64>,
+    /// How long one commit may take end to end, in milliseconds: its
+    /// repeats, an abort, a producer rebuild and the next begin included
+    /// (default 60000, from the call timeout up to 240000, and below the
+    /// consumer's max.poll.interval.ms). Past it the pod exits so that its
+    /// partitions move: the committing thread also runs the rebalances, and
+    /// the whole group's rebalance waits for it.
+    #[arg(long, env = "BATON_TRANSACTION_RECOVERY_TIMEOUT_MS")]
+    pub transaction_recovery_timeout_ms: Option<u64>,
     /// How long start-up tries to reach Kafka before failing.
     #[arg(long, env = "BATON_STARTUP_TIMEOUT_MS")]
     pub startup_timeout_ms: Option<u64>,
@@ -439,6 +456,13 @@ async fn heal(args: HealArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(2));
     }
+    if !(args.startup_timeout_ms..=240_000).contains(&args.transaction_recovery_timeout_ms) {
+        eprintln!(
+            "invalid configuration: transaction_recovery_timeout_ms: {} is outside {}..=240000 (at least the start-up timeout, and below the consumer's max.poll.interval.ms)",
+            args.transaction_recovery_timeout_ms, args.startup_timeout_ms
+        );
+        return Ok(ExitCode::from(2));
+    }
     let Some(instance_id) = args
         .instance_id
         .clone()
@@ -463,6 +487,9 @@ async fn heal(args: HealArgs) -> anyhow::Result<ExitCode> {
         retry_topic: args.retry_topic.clone(),
         commit_interval: std::time::Duration::from_millis(args.commit_interval_ms),
         startup_timeout: std::time::Duration::from_millis(args.startup_timeout_ms),
+        transaction_recovery_timeout: std::time::Duration::from_millis(
+            args.transaction_recovery_timeout_ms,
+        ),
         max_pending_retries: args.max_pending_retries.max(1),
     };
     let shutdown = Shutdown::new();

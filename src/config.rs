@@ -45,6 +45,7 @@ pub struct FileConfig {
     pub state_memory_bytes: Option<usize>,
     pub max_timers_per_round: Option<usize>,
     pub transaction_call_timeout_ms: Option<u64>,
+    pub transaction_recovery_timeout_ms: Option<u64>,
     pub startup_timeout_ms: Option<u64>,
     /// Per input topic: `avro`, `json` or `auto` (the default).
     #[serde(default)]
@@ -107,6 +108,9 @@ pub struct RunConfig {
     pub max_timers_per_round: usize,
     /// How long one transactional call may block before it counts as failed.
     pub transaction_call_timeout: Duration,
+    /// How long one commit cycle, recovery included, may block the thread
+    /// that also runs rebalances; past it the pod exits.
+    pub transaction_recovery_timeout: Duration,
     /// How long start-up keeps trying to reach the brokers before giving up.
     pub startup_timeout: Duration,
     /// Per input topic; topics not named are `auto`.
@@ -428,6 +432,18 @@ impl RunConfig {
             ));
         }
 
+        let transaction_recovery_timeout_ms = args
+            .transaction_recovery_timeout_ms
+            .or(file.transaction_recovery_timeout_ms)
+            .unwrap_or(crate::transactor::RECOVERY_DEADLINE.as_millis() as u64);
+        if !(transaction_call_timeout_ms..=240_000).contains(&transaction_recovery_timeout_ms) {
+            problems.push(format!(
+                "transaction_recovery_timeout_ms: {transaction_recovery_timeout_ms} is outside \
+                 {transaction_call_timeout_ms}..=240000 (at least one call's timeout, and below \
+                 the consumer's max.poll.interval.ms)"
+            ));
+        }
+
         let startup_timeout_ms = args
             .startup_timeout_ms
             .or(file.startup_timeout_ms)
@@ -651,6 +667,15 @@ impl RunConfig {
         }
         let mut properties = kafka::parse_properties(&file_properties, &mut problems);
         properties.extend(args.kafka.collect(&mut problems));
+        if let Some(poll_interval_ms) = kafka::consumer_max_poll_interval_ms(&properties)
+            && transaction_recovery_timeout_ms >= poll_interval_ms
+        {
+            problems.push(format!(
+                "transaction_recovery_timeout_ms: {transaction_recovery_timeout_ms} must be below \
+                 the consumer's max.poll.interval.ms ({poll_interval_ms}): a commit that blocks \
+                 longer makes the group's rebalances wait for this pod"
+            ));
+        }
 
         if !problems.is_empty() {
             return Err(ConfigError { problems });
@@ -678,6 +703,7 @@ impl RunConfig {
             state_memory_bytes,
             max_timers_per_round,
             transaction_call_timeout: Duration::from_millis(transaction_call_timeout_ms),
+            transaction_recovery_timeout: Duration::from_millis(transaction_recovery_timeout_ms),
             startup_timeout: Duration::from_millis(startup_timeout_ms),
             input_formats,
             schema_registry,
@@ -1092,6 +1118,43 @@ mod tests {
         assert_eq!(config.input_topics, vec!["mcp.events.all".to_string()]);
         assert_eq!(config.commit_interval, Duration::from_millis(100));
         assert_eq!(config.transactional_id(), "baton-pod-0");
+        assert_eq!(config.transaction_recovery_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_commit_may_not_block_as_long_as_the_poll_interval() {
+        let base = ["--bootstrap-servers", "k:9092", "--instance-id", "pod-0"];
+        let problems = |extra: &[&str]| -> String {
+            resolve(&[&base[..], extra].concat())
+                .expect_err("invalid")
+                .to_string()
+        };
+        let text = problems(&[
+            "--transaction-call-timeout-ms",
+            "30000",
+            "--transaction-recovery-timeout-ms",
+            "20000",
+        ]);
+        assert!(text.contains("outside 30000..=240000"), "{text}");
+        let text = problems(&["--kafka-prop", "consumer.max.poll.interval.ms=45000"]);
+        assert!(
+            text.contains("below the consumer's max.poll.interval.ms (45000)"),
+            "{text}"
+        );
+        let config = resolve(
+            &[
+                &base[..],
+                &[
+                    "--kafka-prop",
+                    "max.poll.interval.ms=45000",
+                    "--transaction-recovery-timeout-ms",
+                    "40000",
+                ],
+            ]
+            .concat(),
+        )
+        .expect("valid");
+        assert_eq!(config.transaction_recovery_timeout, Duration::from_secs(40));
     }
 
     #[test]

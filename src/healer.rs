@@ -215,6 +215,9 @@ pub struct HealerConfig {
     pub retry_topic: String,
     pub commit_interval: Duration,
     pub startup_timeout: Duration,
+    /// How long one commit cycle, recovery included, may block the thread
+    /// that polls the consumer; past it the healer exits.
+    pub transaction_recovery_timeout: Duration,
     /// Retries held in memory until due; at the bound the retry topic pauses.
     pub max_pending_retries: usize,
 }
@@ -299,7 +302,8 @@ pub fn run(
             .transactional_producer_config(&config.transactional_id()),
         &config.transactional_id(),
         config.startup_timeout,
-    )?;
+    )?
+    .with_recovery_deadline(config.transaction_recovery_timeout);
     let max_bytes = transactor.max_message_bytes().map_err(HealError::Config)?;
     tracing::info!(
         group = %config.group_id(),

@@ -165,6 +165,32 @@ fn strip_role_prefix(key: &str) -> Option<(ClientRole, &str)> {
     .find_map(|role| key.strip_prefix(role.prefix()).map(|rest| (role, rest)))
 }
 
+/// Whether a client error is only the end of a partition, which a consumer
+/// with `enable.partition.eof` reports on its queues as an event and
+/// librdkafka's error callback repeats as a "global error" (not worth a log
+/// line).
+pub fn is_partition_eof(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::PartitionEOF(_)
+            | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+    )
+}
+
+/// The consumer's `max.poll.interval.ms` when the user set it (bare or with
+/// the `consumer.` prefix; the last one given wins, as in the client).
+pub fn consumer_max_poll_interval_ms(properties: &[(String, String)]) -> Option<u64> {
+    properties
+        .iter()
+        .filter(|(key, _)| match strip_role_prefix(key) {
+            None => key == "max.poll.interval.ms",
+            Some((ClientRole::Consumer, rest)) => rest == "max.poll.interval.ms",
+            Some(_) => false,
+        })
+        .filter_map(|(_, value)| value.parse().ok())
+        .next_back()
+}
+
 /// Applies every property of `top` over `base`; user settings win.
 fn overlay(mut base: ClientConfig, top: ClientConfig) -> ClientConfig {
     for (key, value) in top.config_map() {
@@ -302,6 +328,24 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         }
+    }
+
+    #[test]
+    fn the_consumers_poll_interval_is_read_bare_or_prefixed() {
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(consumer_max_poll_interval_ms(&pairs(&[])), None);
+        assert_eq!(
+            consumer_max_poll_interval_ms(&pairs(&[
+                ("max.poll.interval.ms", "100000"),
+                ("producer.max.poll.interval.ms", "1"),
+                ("consumer.max.poll.interval.ms", "50000"),
+            ])),
+            Some(50000)
+        );
     }
 
     #[test]

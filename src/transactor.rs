@@ -40,10 +40,18 @@ pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CALL_RETRIES: u32 = 3;
 
 /// Policy for rebuilding the producer: up to this many attempts, backing off
-/// from 100 ms doubling to 5 s (about 80 s in all). After that the caller
-/// gives up and exits; a restarted process settles everything with its own
-/// `init_transactions`.
+/// from 100 ms doubling to 5 s, all within the recovery deadline. After that
+/// the caller gives up and exits; a restarted process settles everything
+/// with its own `init_transactions`.
 pub const REBUILD_ATTEMPTS: u32 = 20;
+
+/// How long one commit may take from its seal to the next begin, repeats,
+/// abort and rebuild included, unless configured otherwise. The thread that
+/// commits is the one that polls the consumer and runs its rebalances: while
+/// it is blocked, every rebalance of the group waits for this member, up to
+/// `max.poll.interval.ms` (300 s by default). Past the deadline the caller
+/// exits instead, so its partitions move and the group goes on.
+pub const RECOVERY_DEADLINE: Duration = Duration::from_secs(60);
 const REBUILD_BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const REBUILD_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -210,6 +218,9 @@ struct Current {
     generation: u64,
     /// A transaction is open and accepts sends of `generation`.
     open: bool,
+    /// When the commit cycle under way began (the first seal since the last
+    /// begin); its blocking calls end by this plus the recovery deadline.
+    cycle_began: Option<Instant>,
 }
 
 /// The transactional producer of one `transactional.id`.
@@ -217,13 +228,15 @@ pub struct Transactor {
     config: ClientConfig,
     transactional_id: String,
     timeout: Duration,
+    recovery_deadline: Duration,
     current: RwLock<Current>,
 }
 
 impl Transactor {
     /// Creates the producer and initialises transactions, which fences any
     /// earlier producer of the same id and settles what it left open.
-    /// Blocking.
+    /// Blocking. Each call blocks at most `timeout`; a commit cycle, at most
+    /// [`RECOVERY_DEADLINE`] (see [`Transactor::with_recovery_deadline`]).
     pub fn init(
         config: ClientConfig,
         transactional_id: &str,
@@ -234,12 +247,44 @@ impl Transactor {
             config,
             transactional_id: transactional_id.to_string(),
             timeout,
+            recovery_deadline: RECOVERY_DEADLINE.max(timeout),
             current: RwLock::new(Current {
                 producer,
                 generation: 0,
                 open: false,
+                cycle_began: None,
             }),
         })
+    }
+
+    /// Bounds one commit cycle, from its seal to the next begin, by
+    /// `deadline` (never below one call's timeout).
+    pub fn with_recovery_deadline(mut self, deadline: Duration) -> Transactor {
+        self.recovery_deadline = deadline.max(self.timeout);
+        self
+    }
+
+    /// The timeout for the next blocking call: the call timeout, cut to
+    /// what is left of the commit cycle's deadline. `None` once it passed.
+    fn call_timeout(&self) -> Option<Duration> {
+        match self.read().cycle_began {
+            None => Some(self.timeout),
+            Some(began) => {
+                let left = self.recovery_deadline.checked_sub(began.elapsed())?;
+                (!left.is_zero()).then(|| left.min(self.timeout))
+            }
+        }
+    }
+
+    fn past_deadline(&self, op: Op, last: &str) -> TxnError {
+        TxnError {
+            op,
+            failure: Failure::Fatal,
+            cause: format!(
+                "gave up: the commit did not recover within its {:?} deadline (last: {last})",
+                self.recovery_deadline
+            ),
+        }
     }
 
     pub fn transactional_id(&self) -> &str {
@@ -281,20 +326,26 @@ impl Transactor {
             .map_err(|err| txn_error(Op::Begin, &err))?;
         current.generation += 1;
         current.open = true;
+        current.cycle_began = None;
         Ok(Generation(current.generation))
     }
 
     /// Closes the open transaction to further sends: from now on every send
-    /// is refused until the next `begin`.
+    /// is refused until the next `begin`. The first seal since the last
+    /// begin starts the commit cycle's deadline.
     pub fn seal(&self) {
-        self.write().open = false;
+        let mut current = self.write();
+        current.open = false;
+        current.cycle_began.get_or_insert_with(Instant::now);
     }
 
     /// Accepts sends of the sealed transaction again: for a barrier that
     /// found nothing to commit (and so nothing was sent), where the same
     /// transaction simply goes on.
     pub fn unseal(&self) {
-        self.write().open = true;
+        let mut current = self.write();
+        current.open = true;
+        current.cycle_began = None;
     }
 
     /// Enqueues one record in the open transaction, if `generation` is the
@@ -367,8 +418,8 @@ impl Transactor {
         metadata: &ConsumerGroupMetadata,
     ) -> Result<(), TxnError> {
         let producer = self.producer();
-        self.retrying(Op::SendOffsets, || {
-            producer.send_offsets_to_transaction(offsets, metadata, self.timeout)
+        self.retrying(Op::SendOffsets, |timeout| {
+            producer.send_offsets_to_transaction(offsets, metadata, timeout)
         })
     }
 
@@ -377,7 +428,7 @@ impl Transactor {
     pub fn commit(&self) -> Result<(), TxnError> {
         self.seal();
         let producer = self.producer();
-        self.retrying(Op::Commit, || producer.commit_transaction(self.timeout))
+        self.retrying(Op::Commit, |timeout| producer.commit_transaction(timeout))
     }
 
     /// Sends the offsets, then commits.
@@ -395,22 +446,28 @@ impl Transactor {
     pub fn abort(&self) -> Result<(), TxnError> {
         self.seal();
         let producer = self.producer();
-        self.retrying(Op::Abort, || producer.abort_transaction(self.timeout))
+        self.retrying(Op::Abort, |timeout| producer.abort_transaction(timeout))
     }
 
-    /// Repeats a call while librdkafka calls its error retriable, bounded.
+    /// Repeats a call while librdkafka calls its error retriable, bounded by
+    /// [`CALL_RETRIES`] and by the commit cycle's deadline.
     fn retrying(
         &self,
         op: Op,
-        mut call: impl FnMut() -> Result<(), KafkaError>,
+        mut call: impl FnMut(Duration) -> Result<(), KafkaError>,
     ) -> Result<(), TxnError> {
         let mut attempt = 0;
+        let mut last = String::from("no call made");
         loop {
-            match call() {
+            let Some(timeout) = self.call_timeout() else {
+                return Err(self.past_deadline(op, &last));
+            };
+            match call(timeout) {
                 Ok(()) => return Ok(()),
                 Err(err) if ErrorTraits::of(&err).retriable && attempt < CALL_RETRIES => {
                     attempt += 1;
                     tracing::warn!(?op, attempt, cause = %err, "transactional call failed retriably; repeating it");
+                    last = err.to_string();
                 }
                 Err(err) => return Err(txn_error(op, &err)),
             }
@@ -440,7 +497,8 @@ impl Transactor {
 
     /// Replaces the producer with a new one of the same `transactional.id`,
     /// whose `init_transactions` fences the old one and completes or aborts
-    /// whatever it left open. Bounded by [`REBUILD_ATTEMPTS`].
+    /// whatever it left open. Bounded by [`REBUILD_ATTEMPTS`] and by the
+    /// commit cycle's deadline.
     pub fn rebuild(&self, reason: &str) -> Result<(), TxnError> {
         self.seal();
         METRICS.producer_rebuilds.inc();
@@ -451,17 +509,22 @@ impl Transactor {
         );
         let mut backoff = REBUILD_BACKOFF_FIRST;
         let mut attempt = 1;
+        let mut last = reason.to_string();
         loop {
-            match create_producer(&self.config, self.timeout) {
+            let Some(timeout) = self.call_timeout() else {
+                return Err(self.past_deadline(Op::Init, &last));
+            };
+            match create_producer(&self.config, timeout) {
                 Ok(producer) => {
                     self.write().producer = producer;
                     return Ok(());
                 }
                 Err(err) if attempt < REBUILD_ATTEMPTS => {
                     tracing::error!(attempt, cause = %err, "cannot rebuild the producer yet");
-                    std::thread::sleep(backoff);
+                    std::thread::sleep(backoff.min(self.call_timeout().unwrap_or_default()));
                     backoff = (backoff * 2).min(REBUILD_BACKOFF_MAX);
                     attempt += 1;
+                    last = err.to_string();
                 }
                 Err(err) => return Err(err),
             }
@@ -574,10 +637,12 @@ mod tests {
             config,
             transactional_id: "offline".into(),
             timeout: Duration::from_millis(100),
+            recovery_deadline: Duration::from_millis(300),
             current: RwLock::new(Current {
                 producer,
                 generation: 0,
                 open: false,
+                cycle_began: None,
             }),
         }
     }
@@ -629,5 +694,43 @@ mod tests {
             refused.as_ref().err()
         );
         assert_eq!(transactor.generation(), Generation(3));
+    }
+
+    #[test]
+    fn a_commit_cycle_blocks_no_longer_than_its_deadline() {
+        let transactor = offline();
+        assert_eq!(transactor.call_timeout(), Some(Duration::from_millis(100)));
+        transactor.seal();
+        std::thread::sleep(Duration::from_millis(250));
+        let left = transactor.call_timeout().expect("time left");
+        assert!(left <= Duration::from_millis(50), "{left:?}");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(transactor.call_timeout(), None);
+        // A barrier with nothing to commit goes on with the same
+        // transaction: its cycle is over.
+        transactor.unseal();
+        assert_eq!(transactor.call_timeout(), Some(Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn a_rebuild_against_an_unreachable_broker_gives_up_at_the_deadline() {
+        let mut transactor = offline();
+        transactor
+            .config
+            .set("transactional.id", "offline")
+            .set("transaction.timeout.ms", "1000");
+        let transactor = transactor.with_recovery_deadline(Duration::from_millis(800));
+        let began = Instant::now();
+        let err = transactor
+            .rebuild("a test")
+            .expect_err("no broker to rebuild against");
+        // Twenty attempts of 100 ms with their back-off would take over 60 s.
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            began.elapsed()
+        );
+        assert_eq!(err.failure, Failure::Fatal);
+        assert!(err.cause.contains("deadline"), "{}", err.cause);
     }
 }

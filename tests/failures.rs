@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use baton::sample;
 use common::{
@@ -22,7 +22,7 @@ const PARTITIONS: i32 = 3;
 fn assert_exact(
     broker: &Broker,
     reader: &mut common::Reader,
-    pod: &Baton,
+    pods: &[&Baton],
     expected: &common::Reference,
     inputs: &[sample::SampleRecord],
 ) {
@@ -39,7 +39,7 @@ fn assert_exact(
         eprintln!("duplicates (aborted records this broker shows): {duplicates}");
     }
     assert!(reader.topic("mcp.events.dlq").is_empty(), "no dead letters");
-    assert_states_match(&[pod], &expected_states(inputs));
+    assert_states_match(pods, &expected_states(inputs));
 }
 
 #[test]
@@ -82,7 +82,7 @@ fn state_writes_failing_mid_run_reopen_the_partition_and_stay_exact() {
     std::fs::remove_file(&switch).expect("fault switch off");
     broker.produce("mcp.events.all", third);
 
-    assert_exact(&broker, &mut reader, &pod, &expected, &inputs);
+    assert_exact(&broker, &mut reader, &[&pod], &expected, &inputs);
 
     let log = pod.log();
     assert!(
@@ -130,7 +130,7 @@ fn losing_the_reply_of_commits_mid_run_duplicates_nothing_and_stays_exact() {
     );
     broker.produce("mcp.events.all", third);
 
-    assert_exact(&broker, &mut reader, &pod, &expected, &inputs);
+    assert_exact(&broker, &mut reader, &[&pod], &expected, &inputs);
     eprintln!(
         "lost commit replies: {}; EndTxn requests during the run: {}; transactions committed {}, aborted {}, outcome unknown {}; reopens after an unknown outcome {}",
         proxy.fired(),
@@ -192,7 +192,84 @@ fn a_commit_whose_outcome_is_unknown_reopens_from_the_broker_and_stays_exact() {
     );
     broker.produce("mcp.events.all", third);
 
-    assert_exact(&broker, &mut reader, &pod, &expected, &inputs);
+    assert_exact(&broker, &mut reader, &[&pod], &expected, &inputs);
+}
+
+/// Found by the chaos suite: a pod whose frames stopped arriving mid-commit
+/// spent minutes recovering, each call repeat and each of 20 producer
+/// rebuilds waiting out a full call timeout, on the thread that also runs
+/// its rebalances, so every rebalance of the group waited for it. A whole
+/// commit is now bounded by `--transaction-recovery-timeout-ms`; past it
+/// the pod exits, the group moves its partitions, and a restarted pod
+/// finishes exactly.
+#[test]
+fn a_pod_whose_commit_cannot_recover_exits_at_its_deadline_and_the_group_goes_on() {
+    let (broker, proxy) = Broker::start_behind_proxy();
+    broker.create_baton_topics(PARTITIONS);
+    let inputs = sample::vision_research_traffic(300, 0.0, 41);
+    let expected = reference(&inputs);
+    let total = expected.handovers.len();
+    let mut options = BatonOptions::new("pod-stuck");
+    options.extra_args = [
+        "--transaction-call-timeout-ms",
+        "1000",
+        "--transaction-recovery-timeout-ms",
+        "4000",
+        "--kafka-prop",
+        "client.id=pod-stuck",
+        // Slowed heartbeats must not end its membership: it keeps its
+        // partitions, so it keeps committing.
+        "--kafka-prop",
+        "consumer.session.timeout.ms=30000",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut stuck = Baton::start(&broker, options);
+    let peer = Baton::start(&broker, BatonOptions::new("pod-peer"));
+    let mut reader = common::outputs_reader(&broker);
+
+    let (first, rest) = inputs.split_at(inputs.len() / 3);
+    let (second, third) = rest.split_at(rest.len() / 2);
+    broker.produce("mcp.events.all", first);
+    common::wait_for(
+        "both pods to hold partitions",
+        Duration::from_secs(120),
+        || {
+            stuck.metric("baton_assigned_partitions") >= 1.0
+                && peer.metric("baton_assigned_partitions") >= 1.0
+        },
+    );
+    reader.wait_until("a tenth of the handovers", Duration::from_secs(120), |r| {
+        common::unique_handover_count(r) >= total / 10
+    });
+    // Every frame to and from this pod now takes 3 s each way: its fetches
+    // still deliver records, but no transactional call answers within its
+    // 1 s timeout, and neither does a rebuilt producer's init.
+    proxy.only("pod-stuck").delay(Duration::from_secs(3));
+    let slowed = Instant::now();
+    broker.produce("mcp.events.all", second);
+    // Without the deadline: four 1 s commit calls, an abort, then 20
+    // rebuilds of 1 s each with their back-off, over 100 s in all.
+    let status = stuck
+        .wait_for_exit(Duration::from_secs(60))
+        .expect("the slowed pod gives up by itself");
+    eprintln!(
+        "the slowed pod exited with {status} {:?} after its frames slowed down",
+        slowed.elapsed()
+    );
+    assert!(!status.success(), "a pod that gave up exits non-zero");
+    assert!(
+        stuck.log().contains("did not recover within its"),
+        "the pod says why it stopped"
+    );
+    // Its orchestrator restarts it; the restarted producer's
+    // `init_transactions` aborts what the old one left open (this broker
+    // has no transaction timeout of its own, BROKER.md).
+    proxy.heal();
+    let stuck = stuck.restart(&broker);
+    broker.produce("mcp.events.all", third);
+
+    assert_exact(&broker, &mut reader, &[&peer, &stuck], &expected, &inputs);
 }
 
 /// Found by the chaos suite (a pod's state disk filled while a rebalance
@@ -226,7 +303,7 @@ fn a_partition_whose_stores_cannot_open_at_first_is_processed_once_they_can() {
     );
     std::fs::remove_file(&blocker).expect("unblock");
 
-    assert_exact(&broker, &mut reader, &pod, &expected, &inputs);
+    assert_exact(&broker, &mut reader, &[&pod], &expected, &inputs);
     assert!(
         pod.metric("baton_partition_reopens_total{reason=\"state_open\"}") >= 1.0,
         "the failed open is counted"

@@ -142,15 +142,16 @@ impl Engine {
         pipeline: Arc<Pipeline>,
         producer_config: ClientConfig,
         transactional_id: String,
-        call_timeout: Duration,
+        timeouts: TransactionTimeouts,
         runtime: tokio::runtime::Handle,
         readiness: Arc<Readiness>,
     ) -> Result<Engine, EngineError> {
-        let transactor = Transactor::init(producer_config, &transactional_id, call_timeout)
+        let transactor = Transactor::init(producer_config, &transactional_id, timeouts.call)
             .map_err(|source| EngineError::InitTransactions {
                 transactional_id: transactional_id.clone(),
                 source,
-            })?;
+            })?
+            .with_recovery_deadline(timeouts.recovery);
         let generation = transactor.generation();
         Ok(Engine {
             pipeline,
@@ -530,6 +531,14 @@ impl Engine {
     }
 }
 
+/// How long the engine's transactional calls may block: one call, and one
+/// commit cycle with its recovery.
+#[derive(Debug, Clone, Copy)]
+pub struct TransactionTimeouts {
+    pub call: Duration,
+    pub recovery: Duration,
+}
+
 /// The first failure a task reported, as an abort cause.
 fn task_failure(progress: &[TaskProgress]) -> Option<AbortCause> {
     progress.iter().find_map(|p| {
@@ -583,6 +592,14 @@ impl ClientContext for RebalanceHook {
     /// the default implementation writes them at info every interval).
     fn stats(&self, statistics: rdkafka::Statistics) {
         self.lag.on_statistics(&statistics);
+    }
+
+    /// Ends of partitions (the timers' cutoff needs them) arrive on the
+    /// tasks' queues; the error callback's copy of each is dropped.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if !crate::kafka::is_partition_eof(&error) {
+            tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}");
+        }
     }
 }
 

@@ -332,13 +332,16 @@ pub async fn run(
     let transactional_id = config.transactional_id();
     let runtime = tokio::runtime::Handle::current();
     let engine_readiness = Arc::clone(&readiness);
-    let call_timeout = config.transaction_call_timeout;
+    let timeouts = engine::TransactionTimeouts {
+        call: config.transaction_call_timeout,
+        recovery: config.transaction_recovery_timeout,
+    };
     let engine = tokio::task::spawn_blocking(move || {
         Engine::new(
             pipeline,
             producer_config,
             transactional_id,
-            call_timeout,
+            timeouts,
             runtime,
             engine_readiness,
         )

@@ -402,10 +402,8 @@ impl ClientContext for RestoreContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        match error {
-            KafkaError::PartitionEOF(_)
-            | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {}
-            other => tracing::warn!(cause = %other, reason, "changelog reader error"),
+        if !crate::kafka::is_partition_eof(&error) {
+            tracing::warn!(cause = %error, reason, "changelog reader error");
         }
     }
 }

@@ -243,10 +243,8 @@ struct QuietEof;
 
 impl ClientContext for QuietEof {
     fn error(&self, error: KafkaError, reason: &str) {
-        match error {
-            KafkaError::PartitionEOF(_)
-            | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {}
-            other => tracing::warn!(cause = %other, reason, "DLQ reader error"),
+        if !crate::kafka::is_partition_eof(&error) {
+            tracing::warn!(cause = %error, reason, "DLQ reader error");
         }
     }
 }
