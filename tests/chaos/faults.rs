@@ -514,6 +514,17 @@ impl<'a> Cluster<'a> {
         held >= self.held_when_settled
     }
 
+    /// Every running pod holds partitions and together they hold them all:
+    /// every pod is a member of one formed generation, and no join is due.
+    pub fn group_formed(&self) -> bool {
+        let held: Vec<f64> = self
+            .running()
+            .iter()
+            .map(|p| p.metric("baton_assigned_partitions"))
+            .collect();
+        held.iter().all(|h| *h > 0.0) && held.iter().sum::<f64>() >= self.held_when_settled
+    }
+
     /// Waits until the running pods other than `frozen` hold every partition.
     fn wait_partitions_moved(&self, frozen: usize, timeout: Duration) -> Option<Duration> {
         let began = Instant::now();

@@ -39,6 +39,8 @@ use plan::{Fault, Mode, Settings};
 pub const PARTITIONS: i32 = 6;
 /// Records larger than this are poison (`record_too_large`) for the pods.
 const MAX_RECORD_BYTES: usize = 64 * 1024;
+/// The longest a pod removal waits for a formed group (see the main loop).
+const REMOVAL_WAIT_LIMIT: Duration = Duration::from_secs(120);
 
 /// Both shipped workflows, with the run's timeouts: every step, heartbeat
 /// and approval timeout set to `timeout`, and the healer's backoff short.
@@ -266,6 +268,7 @@ fn chaos() {
         let mut kills_deferred = 0;
         let drain_limit = settings.step_timeout * 2 + Duration::from_secs(60);
         let mut fed_at: Option<Instant> = None;
+        let mut removal_waiting_since: Option<Instant> = None;
         loop {
             let now = run_began.elapsed();
             cluster.watch();
@@ -280,10 +283,36 @@ fn chaos() {
             if fed && fed_at.is_none() {
                 fed_at = Some(Instant::now());
             }
+            // A pod is removed (SIGTERM, so it sends LeaveGroup) only from a
+            // formed group: tansu keeps a leader that leaves mid-rebalance as
+            // the leader of the next generation, which then never forms
+            // (docs/benchmarks.md, "Reliability"). Bounded: past the wait it
+            // is removed anyway, and the run says so.
+            let removal_waits = matches!(schedule.peek(), Some((at, Fault::RemovePod { .. })) if *at <= now)
+                && !cluster.group_formed()
+                && removal_waiting_since
+                    .get_or_insert_with(Instant::now)
+                    .elapsed()
+                    < REMOVAL_WAIT_LIMIT;
             if let Some((at, _)) = schedule.peek()
                 && *at <= now
+                && !removal_waits
             {
                 let (_, fault) = schedule.next().expect("peeked");
+                if let (Fault::RemovePod { .. }, Some(since)) =
+                    (&fault, removal_waiting_since.take())
+                {
+                    if cluster.group_formed() {
+                        println!(
+                            "chaos: the pod removal waited {:?} for a formed group",
+                            since.elapsed()
+                        );
+                    } else {
+                        println!(
+                            "chaos: no formed group after {REMOVAL_WAIT_LIMIT:?}; removing a pod anyway"
+                        );
+                    }
+                }
                 let is_kill = matches!(fault, Fault::KillPod { .. });
                 // Past the feed, kills stop once there were enough.
                 if is_kill && fed && kills >= settings.min_kills {
