@@ -457,6 +457,7 @@ impl Metrics {
             "missed_barrier",
             "state_read",
             "state_open",
+            "seek_failed",
         ] {
             metrics.partition_reopens.with_label_values(&[reason]);
         }

@@ -114,6 +114,9 @@ pub enum ReopenReason {
     StateRead,
     /// Opening (restoring) the stores failed, and is tried again.
     StateOpen,
+    /// Rewinding an input after an abort or a dead letter kept failing; the
+    /// reopen seeks to the committed offsets afresh.
+    SeekFailed,
 }
 
 impl ReopenReason {
@@ -125,6 +128,7 @@ impl ReopenReason {
             ReopenReason::MissedBarrier => "missed_barrier",
             ReopenReason::StateRead => "state_read",
             ReopenReason::StateOpen => "state_open",
+            ReopenReason::SeekFailed => "seek_failed",
         }
     }
 }
@@ -539,8 +543,10 @@ async fn settle(
             if let Some(reason) = work.reopen.take() {
                 return Next::Reopen(reason);
             }
-            grant(solo, work, processor, life).await;
-            Next::Continue
+            match grant(solo, work, processor, life).await {
+                Ok(()) => Next::Continue,
+                Err(reason) => Next::Reopen(reason),
+            }
         }
         Some(Control::Aborted {
             next,
@@ -558,14 +564,18 @@ async fn settle(
                 .map(|(tp, (first, _))| (tp.clone(), *first))
                 .collect();
             for (tp, first) in &firsts {
-                rewind(&life.consumer, tp, *first).await;
+                if rewind(&life.consumer, tp, *first).await.is_err() {
+                    return Next::Reopen(ReopenReason::SeekFailed);
+                }
             }
             work.clock
                 .rewound(firsts.iter().filter_map(|(tp, _)| life.input_index(tp)));
             work.rewound = firsts.iter().map(|(tp, _)| tp.clone()).collect();
             work.refusals.aborted(&firsts, refused.as_deref());
-            grant(solo, work, processor, life).await;
-            Next::Continue
+            match grant(solo, work, processor, life).await {
+                Ok(()) => Next::Continue,
+                Err(reason) => Next::Reopen(reason),
+            }
         }
         Some(Control::Reopen { next, reason }) => {
             life.generation = next;
@@ -578,16 +588,18 @@ async fn settle(
 
 /// Acts on the engine's choice of solo task: when it is this task and a
 /// record is to be dead-lettered, writes the dead letter as the
-/// transaction's only output and moves past the record.
+/// transaction's only output and moves past the record. When the input
+/// cannot be moved past it, nothing is written and the partition reopens
+/// (the record is read again, refused again and granted again).
 async fn grant(
     solo: Option<i32>,
     work: &mut Work,
     processor: &mut PartitionProcessor,
     life: &mut Lifecycle,
-) {
+) -> Result<(), ReopenReason> {
     let Grant::WriteDeadLetter { message, cause } = work.refusals.granted(solo, life.partition)
     else {
-        return;
+        return Ok(());
     };
     work.outputs.clear();
     processor.dead_letter_input(
@@ -597,7 +609,13 @@ async fn grant(
         &mut work.outputs,
     );
     let tp = TopicPartition::new(message.topic(), message.partition());
-    rewind(&life.consumer, &tp, message.offset() + 1).await;
+    if rewind(&life.consumer, &tp, message.offset() + 1)
+        .await
+        .is_err()
+    {
+        work.outputs.clear();
+        return Err(ReopenReason::SeekFailed);
+    }
     work.clock.rewound(life.input_index(&tp));
     record_outputs(
         &life.transactor,
@@ -607,6 +625,7 @@ async fn grant(
         &mut work.pending,
     )
     .await;
+    Ok(())
 }
 
 /// What became of one record in the task's hands.
@@ -843,16 +862,22 @@ async fn enqueue(
     Ok(())
 }
 
+/// How often a rewind's seek is tried (50 ms back-off doubling to 2 s, each
+/// seek up to 10 s) before the partition is reopened instead.
+const REWIND_ATTEMPTS: u32 = 8;
+
 /// Seeks the partition to `offset`. librdkafka discards whatever it had
 /// already fetched past it. A failed seek must not be skipped (records would
-/// be lost or repeated), so it is retried until it succeeds.
+/// be lost or repeated), so it is retried, [`REWIND_ATTEMPTS`] times; after
+/// that the caller reopens the partition, which seeks to the committed
+/// offsets afresh (and is bounded in its turn).
 pub(super) async fn rewind(
     consumer: &Arc<StreamConsumer<RebalanceHook>>,
     tp: &TopicPartition,
     offset: i64,
-) {
+) -> Result<(), ()> {
     let mut backoff = Duration::from_millis(50);
-    loop {
+    for attempt in 1..=REWIND_ATTEMPTS {
         let consumer = Arc::clone(consumer);
         let topic = tp.topic().to_string();
         let partition = tp.partition();
@@ -873,7 +898,7 @@ pub(super) async fn rewind(
                     offset,
                     "rewound"
                 );
-                return;
+                return Ok(());
             }
             Ok(Err(err)) => {
                 tracing::warn!(topic = tp.topic(), partition = tp.partition(), offset, cause = %err, "seek failed; retrying")
@@ -882,9 +907,19 @@ pub(super) async fn rewind(
                 tracing::warn!(topic = tp.topic(), partition = tp.partition(), offset, cause = %err, "seek task failed; retrying")
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        if attempt < REWIND_ATTEMPTS {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
     }
+    tracing::error!(
+        topic = tp.topic(),
+        partition = tp.partition(),
+        offset,
+        attempts = REWIND_ATTEMPTS,
+        "cannot rewind the input; reopening the partition"
+    );
+    Err(())
 }
 
 #[cfg(test)]
