@@ -6,6 +6,10 @@
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #
+# BATON_FUZZ_BUILD=dev builds the targets without optimisation (cargo fuzz
+# --dev): about half the cold build time, for a short smoke run from the
+# corpora (scripts/test.sh). The default, release, is for long runs.
+#
 # Needs a nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`).
 set -euo pipefail
 
@@ -61,13 +65,21 @@ if [[ -n "$prebuilt" && -z "${ROCKSDB_LIB_DIR:-}" ]]; then
 elif [[ -z "${ROCKSDB_LIB_DIR:-}" ]]; then
     echo "fuzz: no prebuilt RocksDB $rocksdb_version under $MAIN_TARGET_DIR; compiling it (slow)"
 fi
+case "${BATON_FUZZ_BUILD:-release}" in
+release) PROFILE=() ;;
+dev) PROFILE=(--dev) ;;
+*)
+    echo "BATON_FUZZ_BUILD must be dev or release, not '${BATON_FUZZ_BUILD}'" >&2
+    exit 2
+    ;;
+esac
 # One build for every target, so its output comes before the runs.
-cargo +nightly fuzz build
+cargo +nightly fuzz build "${PROFILE[@]}"
 failed=()
 for target in "${TARGETS[@]}"; do
     mkdir -p "$SCRATCH/$target" "fuzz/corpus/$target"
     printf -- '--- fuzz %s (%ss)\n' "$target" "$SECONDS_EACH"
-    if ! cargo +nightly fuzz run "$target" "$SCRATCH/$target" "fuzz/corpus/$target" -- \
+    if ! cargo +nightly fuzz run "${PROFILE[@]}" "$target" "$SCRATCH/$target" "fuzz/corpus/$target" -- \
         "${LIMITS[@]}" -max_total_time="$SECONDS_EACH" -print_final_stats=1 \
         -artifact_prefix="$SCRATCH/$target-" >"$SCRATCH/$target.log" 2>&1; then
         tail -n 40 "$SCRATCH/$target.log"
@@ -85,4 +97,4 @@ if [[ ${#failed[@]} -gt 0 ]]; then
     echo "fuzz failed: ${failed[*]}"
     exit 1
 fi
-echo "fuzz: ${#TARGETS[@]} target(s) ran ${SECONDS_EACH}s each without a crash"
+echo "fuzz: ${#TARGETS[@]} target(s) ran ${SECONDS_EACH}s each without a crash (${BATON_FUZZ_BUILD:-release} build)"

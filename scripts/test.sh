@@ -181,10 +181,13 @@ test_phase bash scripts/chaos.sh --ci || FAILED+=("chaos suite (--ci)")
 count_cargo_test
 
 # -------------------------------------------------------------------------- fuzz
-# Every cargo-fuzz target for BATON_FUZZ_SECONDS (30) from its committed corpus
-# (fuzz/README.md). The sanitizer build links the RocksDB this run already
+# Every cargo-fuzz target for BATON_FUZZ_SECONDS (10) from its committed corpus
+# (fuzz/README.md): a smoke run that replays the corpora and mutates them a
+# little; the long runs are `scripts/fuzz.sh 600`. The sanitizer build is
+# unoptimised (BATON_FUZZ_BUILD=dev: a smoke run needs no speed, and a cold
+# build takes about half as long), links the RocksDB this run already
 # compiled and keeps its own target directory under CARGO_TARGET_DIR, so only
-# the first run on a machine pays for it (about 6 minutes on two cores).
+# the first run on a machine pays for it.
 # BATON_FUZZ=0 skips the phase; without a nightly toolchain it is skipped,
 # saying so, since no registry here serves one.
 if [[ -d fuzz && "${BATON_FUZZ:-1}" != 0 ]]; then
@@ -193,7 +196,8 @@ if [[ -d fuzz && "${BATON_FUZZ:-1}" != 0 ]]; then
             section "install cargo-fuzz"
             cargo install --locked cargo-fuzz || FAILED+=("install cargo-fuzz")
         fi
-        phase bash scripts/fuzz.sh "${BATON_FUZZ_SECONDS:-30}" || FAILED+=("fuzz")
+        BATON_FUZZ_BUILD="${BATON_FUZZ_BUILD:-dev}" \
+            phase bash scripts/fuzz.sh "${BATON_FUZZ_SECONDS:-10}" || FAILED+=("fuzz")
     else
         finish_phase
         printf '\n%s==> fuzz: SKIPPED%s (needs a nightly toolchain: `rustup toolchain install nightly`)\n' "$BOLD" "$RESET"
