@@ -159,8 +159,15 @@ impl Lifecycle {
     /// Waits `delay`, answering the engine meanwhile; `false` when told to
     /// stop (or the engine went away).
     async fn pause(&mut self, delay: Duration) -> bool {
-        let sleep = tokio::time::sleep(delay);
-        tokio::pin!(sleep);
+        self.answering(tokio::time::sleep(delay)).await.is_some()
+    }
+
+    /// Awaits `work` while answering the engine: barriers get an empty
+    /// report (nothing is processed meanwhile) and outcomes only move the
+    /// generation on. `None` when told to stop (or the engine went away): a
+    /// pod shutting down must not wait for a retry loop to run its course.
+    async fn answering<T>(&mut self, work: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::pin!(work);
         loop {
             tokio::select! {
                 biased;
@@ -170,12 +177,12 @@ impl Lifecycle {
                     }
                     Some(Control::Stop { reply }) => {
                         let _ = reply.send(());
-                        return false;
+                        return None;
                     }
                     Some(command) => self.follow(&command),
-                    None => return false,
+                    None => return None,
                 },
-                () = &mut sleep => return true,
+                done = &mut work => return Some(done),
             }
         }
     }
@@ -211,10 +218,14 @@ impl Lifecycle {
         let mut processor = processor;
         processor.on_abort();
         processor.close().await;
-        if let Err(err) = self.seek_to_committed().await {
-            tracing::error!(partition = self.partition, cause = %err, "cannot seek to the committed offsets; the partition stays unprocessed");
-            self.readiness.partition_restoring(self.partition);
-            return self.wait_for_stop().await;
+        match self.seek_to_committed().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(err) => {
+                tracing::error!(partition = self.partition, cause = %err, "cannot seek to the committed offsets; the partition stays unprocessed");
+                self.readiness.partition_restoring(self.partition);
+                return self.wait_for_stop().await;
+            }
         }
         let reopened = self.open().await;
         if reopened.is_some() {
@@ -229,26 +240,29 @@ impl Lifecycle {
 
     /// Seeks every input of the task to the group's committed offset (the
     /// start of the partition where none is committed, as
-    /// `auto.offset.reset=earliest` would). Bounded retries.
-    pub async fn seek_to_committed(&self) -> Result<(), String> {
+    /// `auto.offset.reset=earliest` would). Bounded retries, answering the
+    /// engine throughout: `Ok(false)` when told to stop meanwhile.
+    pub async fn seek_to_committed(&mut self) -> Result<bool, String> {
         let mut backoff = SEEK_BACKOFF_FIRST;
         let mut attempt = 1;
         loop {
             let consumer = Arc::clone(&self.consumer);
             let tps = self.tps.clone();
             let span = tracing::Span::current();
-            let result = tokio::task::spawn_blocking(move || {
+            let seeking = tokio::task::spawn_blocking(move || {
                 let _span = span.enter();
                 seek_blocking(&consumer, &tps)
-            })
-            .await
-            .map_err(|err| err.to_string())
-            .and_then(|r| r);
-            match result {
-                Ok(()) => return Ok(()),
+            });
+            let Some(result) = self.answering(seeking).await else {
+                return Ok(false);
+            };
+            match result.map_err(|err| err.to_string()).and_then(|r| r) {
+                Ok(()) => return Ok(true),
                 Err(err) if attempt < SEEK_ATTEMPTS => {
                     tracing::warn!(attempt, cause = %err, "seek to the committed offsets failed; retrying");
-                    tokio::time::sleep(backoff).await;
+                    if !self.pause(backoff).await {
+                        return Ok(false);
+                    }
                     backoff = (backoff * 2).min(SEEK_BACKOFF_MAX);
                     attempt += 1;
                 }

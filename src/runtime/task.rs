@@ -329,8 +329,17 @@ pub(crate) async fn run_partition_task(setup: TaskSetup) {
     // is split; one reported before (on the main queue) would be missed and
     // timers would wait for input. Seeking restarts the fetch, so the end is
     // reported again, here.
-    if let Err(err) = life.seek_to_committed().await {
-        tracing::warn!(partition, cause = %err, "cannot seek to the committed offsets at start; due timers wait for input until the partition's end is reported");
+    match life.seek_to_committed().await {
+        Ok(true) => {}
+        // Stopped while seeking: nothing was processed yet.
+        Ok(false) => {
+            processor.close().await;
+            life.readiness.partition_released(partition);
+            return;
+        }
+        Err(err) => {
+            tracing::warn!(partition, cause = %err, "cannot seek to the committed offsets at start; due timers wait for input until the partition's end is reported");
+        }
     }
 
     // Each record or end-of-partition comes tagged with its input's index:
