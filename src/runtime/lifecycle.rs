@@ -274,18 +274,7 @@ impl Lifecycle {
     /// A partition that cannot be restored must not be processed; hold it
     /// (uncommitted, so nothing is lost) until the engine releases it.
     pub async fn wait_for_stop(&mut self) -> Option<PartitionProcessor> {
-        while let Some(command) = self.control.recv().await {
-            match command {
-                Control::Barrier { reply } => {
-                    let _ = reply.send(TaskProgress::idle(self.partition));
-                }
-                Control::Stop { reply } => {
-                    let _ = reply.send(());
-                    return None;
-                }
-                other => self.follow(&other),
-            }
-        }
+        self.answering(std::future::pending::<()>()).await;
         None
     }
 }
